@@ -1,0 +1,344 @@
+"""Configuration: the YAML contract, its defaults and its validation.
+
+Every key has a documented default except ``models``; unknown keys are errors. A
+mistake is reported as one line per problem: the key path, the bad value and what
+was expected (``ConfigError``). Per-feature settings are resolved here, once, from
+``defaults`` -> model -> feature overrides, so the engine never looks things up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+FeatureKind = Literal["numeric", "categorical"]
+
+NUMERIC_METHODS = ("psi", "jensen_shannon", "ks", "wasserstein", "mean_shift")
+CATEGORICAL_METHODS = ("psi", "jensen_shannon")
+DATA_QUALITY_CHECKS = (
+    "missing", "out_of_range", "unseen_categories", "type_violations", "schema", "stuck",
+)
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``lines`` holds one message per problem."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Thresholds(Strict):
+    """Scores at or above ``warning`` warn, at or above ``critical`` are critical."""
+
+    warning: float = Field(ge=0)
+    critical: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Thresholds:
+        if self.critical < self.warning:
+            raise ValueError(f"critical ({self.critical}) must be >= warning ({self.warning})")
+        return self
+
+    def severity(self, value: float) -> int:
+        if value != value:  # nan: nothing to judge
+            return 0
+        if value >= self.critical:
+            return 2
+        if value >= self.warning:
+            return 1
+        return 0
+
+
+class DriftRule(Strict):
+    """Which method's score sets a feature's drift severity, and its thresholds."""
+
+    method: str
+    warning: float = Field(ge=0)
+    critical: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DriftRule:
+        if self.critical < self.warning:
+            raise ValueError(f"critical ({self.critical}) must be >= warning ({self.warning})")
+        return self
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(warning=self.warning, critical=self.critical)
+
+
+class DataQualityThresholds(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    missing: Thresholds = Thresholds(warning=0.05, critical=0.2)
+    out_of_range: Thresholds = Thresholds(warning=0.02, critical=0.1)
+    unseen_categories: Thresholds = Thresholds(warning=0.05, critical=0.2)
+    type_violations: Thresholds = Thresholds(warning=0.01, critical=0.05)
+    # `schema` would shadow a BaseModel attribute, hence the alias
+    schema_: Thresholds = Field(default=Thresholds(warning=0.01, critical=0.1), alias="schema")
+    stuck: Thresholds = Thresholds(warning=1.0, critical=1.0)
+
+    def for_check(self, check: str) -> Thresholds:
+        return self.schema_ if check == "schema" else getattr(self, check)
+
+
+class WindowConfig(Strict):
+    """Tumbling windows: by event count, or by event time with allowed lateness."""
+
+    events: int | None = Field(default=None, gt=0)
+    seconds: float | None = Field(default=None, gt=0)
+    allowed_lateness: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> WindowConfig:
+        if (self.events is None) == (self.seconds is None):
+            raise ValueError("give exactly one of 'events' or 'seconds'")
+        return self
+
+
+class ProfileConfig(Strict):
+    """How reference profiles are built (by `reference build` and from a baseline)."""
+
+    numeric_bins: int = Field(default=50, ge=2, le=1000)
+    max_categories: int = Field(default=1000, ge=1, le=100_000)
+
+
+class AlertingConfig(Strict):
+    fire_after: int = Field(default=1, ge=1)
+    resolve_after: int = Field(default=3, ge=1)
+    group_min_features: int = Field(default=3, ge=2)
+    dataset_drift: Thresholds = Thresholds(warning=0.3, critical=0.5)
+
+
+class Defaults(Strict):
+    window: WindowConfig = WindowConfig(events=10_000)
+    min_events: int = Field(default=200, ge=1)
+    significance: float = Field(default=0.01, gt=0, lt=1)
+    numeric: DriftRule = DriftRule(method="psi", warning=0.1, critical=0.25)
+    categorical: DriftRule = DriftRule(method="psi", warning=0.1, critical=0.25)
+    data_quality: DataQualityThresholds = DataQualityThresholds()
+    profile: ProfileConfig = ProfileConfig()
+    alerting: AlertingConfig = AlertingConfig()
+
+
+class FeatureOverride(Strict):
+    kind: FeatureKind | None = None
+    drift: DriftRule | None = None
+    data_quality: DataQualityThresholds | None = None
+    ignore: bool = False
+
+
+class BaselineConfig(Strict):
+    events: int = Field(gt=0, le=10_000_000)
+
+
+class ModelConfig(Strict):
+    reference: Path | None = None
+    baseline: BaselineConfig | None = None
+    window: WindowConfig | None = None
+    min_events: int | None = Field(default=None, ge=1)
+    numeric: DriftRule | None = None
+    categorical: DriftRule | None = None
+    data_quality: DataQualityThresholds | None = None
+    alerting: AlertingConfig | None = None
+    features: dict[str, FeatureOverride] = {}
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.reference is None) == (self.baseline is None):
+            raise ValueError("give exactly one of 'reference' (a file) or 'baseline' ({events: N})")
+        return self
+
+
+class FieldMapping(Strict):
+    """Where each part of an inference event lives (top-level keys of the JSON object)."""
+
+    model: str = "model"
+    model_version: str = "model_version"
+    event_id: str = "event_id"
+    ts: str = "ts"
+    features: str = "features"
+    prediction: str = "prediction"
+    scores: str = "scores"
+    label: str = "label"
+    segment: str = "segment"
+
+
+class DecodeConfig(Strict):
+    max_message_bytes: int = Field(default=1_000_000, gt=0)
+    invalid_values: Literal["reject", "missing"] = "reject"
+    fields: FieldMapping = FieldMapping()
+    # events that name no model go to this one (single-model topics)
+    default_model: str | None = None
+
+
+class Topics(Strict):
+    inferences: list[str] = ["inferences"]
+    labels: str | None = None
+    alerts: str = "model-alerts"
+    dead_letter: str = "model-events-dlq"
+
+    @field_validator("inferences", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class HttpConfig(Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(default=9108, ge=0, le=65535)
+
+
+class MetricsConfig(Strict):
+    max_models: int = Field(default=50, ge=1)
+    max_features_per_model: int = Field(default=200, ge=1)
+    max_reasons: int = Field(default=50, ge=1)
+
+
+class ConsumerConfig(Strict):
+    batch_size: int = Field(default=5000, ge=1, le=100_000)
+    poll_timeout: float = Field(default=0.5, gt=0)
+
+
+class AlertmanagerPush(Strict):
+    url: str | None = None  # e.g. http://localhost:9093 ; off when absent
+    timeout: float = Field(default=5.0, gt=0)
+
+
+class Config(Strict):
+    kafka: dict[str, str | int | float | bool] = {
+        "bootstrap.servers": "localhost:9092",
+        "group.id": "stream-monitor",
+    }
+    topics: Topics = Topics()
+    http: HttpConfig = HttpConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    consumer: ConsumerConfig = ConsumerConfig()
+    decode: DecodeConfig = DecodeConfig()
+    alertmanager: AlertmanagerPush = AlertmanagerPush()
+    defaults: Defaults = Defaults()
+    models: dict[str, ModelConfig] = Field(min_length=1)
+
+    # Filled by load_config: references are resolved relative to the config file.
+    base_dir: Path = Path(".")
+
+
+def _format_errors(err: ValidationError, source: str) -> list[str]:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-")) or "<top>"
+        value = e.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not part of the config schema)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+            shown = ""
+        lines.append(f"{source}: {path}: {msg}" + (f" (got {shown})" if shown else ""))
+    return lines
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate a parsed YAML document; raises ConfigError with one line per problem."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: <top>: expected a mapping with at least 'models'"])
+    if "base_dir" in data:
+        raise ConfigError([f"{source}: base_dir: unknown key (not part of the config schema)"])
+    try:
+        cfg = Config.model_validate({**data, "base_dir": base_dir or Path(".")})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    problems = []
+    for name, m in cfg.models.items():
+        for fname, fo in m.features.items():
+            if fo.drift is None:
+                continue
+            allowed = CATEGORICAL_METHODS if fo.kind == "categorical" else NUMERIC_METHODS
+            if fo.drift.method not in allowed:
+                problems.append(
+                    f"{source}: models.{name}.features.{fname}.drift.method: unknown method "
+                    f"{fo.drift.method!r} (expected one of {', '.join(allowed)})"
+                )
+        for key, allowed in (("numeric", NUMERIC_METHODS), ("categorical", CATEGORICAL_METHODS)):
+            for where, rule in ((f"models.{name}.{key}", getattr(m, key)),
+                                (f"defaults.{key}", getattr(cfg.defaults, key))):
+                if rule is not None and rule.method not in allowed:
+                    problems.append(f"{source}: {where}.method: unknown method {rule.method!r} "
+                                    f"(expected one of {', '.join(allowed)})")
+    if problems:
+        raise ConfigError(sorted(set(problems)))
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file; references resolve relative to it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    return parse_config(data, str(path), path.parent)
+
+
+class FeatureSettings(BaseModel):
+    """Resolved settings of one feature of one model."""
+
+    model_config = ConfigDict(frozen=True)
+    kind: FeatureKind
+    drift: DriftRule
+    data_quality: DataQualityThresholds
+
+
+class ModelSettings(BaseModel):
+    """Resolved settings of one model (features are resolved against its reference)."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    window: WindowConfig
+    min_events: int
+    significance: float
+    numeric: DriftRule
+    categorical: DriftRule
+    data_quality: DataQualityThresholds
+    alerting: AlertingConfig
+    profile: ProfileConfig
+    overrides: dict[str, FeatureOverride]
+
+    def feature(self, name: str, kind: FeatureKind) -> FeatureSettings:
+        o = self.overrides.get(name)
+        kind = (o.kind if o and o.kind else kind)
+        drift = (o.drift if o and o.drift else (self.numeric if kind == "numeric" else self.categorical))
+        dq = o.data_quality if o and o.data_quality else self.data_quality
+        return FeatureSettings(kind=kind, drift=drift, data_quality=dq)
+
+
+def model_settings(cfg: Config, name: str) -> ModelSettings:
+    m, d = cfg.models[name], cfg.defaults
+    return ModelSettings(
+        name=name,
+        window=m.window or d.window,
+        min_events=m.min_events or d.min_events,
+        significance=d.significance,
+        numeric=m.numeric or d.numeric,
+        categorical=m.categorical or d.categorical,
+        data_quality=m.data_quality or d.data_quality,
+        alerting=m.alerting or d.alerting,
+        profile=d.profile,
+        overrides=m.features,
+    )

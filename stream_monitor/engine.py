@@ -1,0 +1,337 @@
+"""Engine: per model, tumbling windows of mergeable per-feature statistics.
+
+A `WindowAccumulator` holds everything a closed window is judged on: binned counts
+against the reference's edges, standardised moments, range, missing and out-of-range
+counts, category counts. Updates are numpy operations over a whole batch (one
+`bincount` per column group, no per-event loop); memory depends on the number of
+features and bins only. Two accumulators of the same window merge exactly (counts and
+sums add), which is what lets several instances share one model's traffic.
+`ModelWindows` cuts a model's stream into tumbling count or event-time windows.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import WindowConfig
+from .decode import ModelBatch
+from .reference import CategoricalProfile, NumericProfile
+
+_MAX_NAMES = 50
+
+
+class NumericColumns:
+    """Layout of a group of numeric columns: bins per column side by side in one array.
+
+    Column j owns slots offsets[j] .. offsets[j+1]-1: its reference bins, then one slot
+    for missing values.
+    """
+
+    def __init__(self, profiles: list[NumericProfile]):
+        self.profiles = profiles
+        self.edges = [p.edges for p in profiles]
+        widths = np.array([p.edges.size + 2 for p in profiles], np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+        self.size = int(self.offsets[-1])
+        self.shift = np.array([p.mean for p in profiles], np.float64)
+        self.scale = np.array([p.std if p.std > 0 else 1.0 for p in profiles], np.float64)
+        self.lo = np.array([p.min for p in profiles], np.float64)
+        self.hi = np.array([p.max for p in profiles], np.float64)
+
+    def __len__(self) -> int:
+        return len(self.profiles)
+
+
+class CategoricalColumns:
+    """Layout of categorical columns: categories, then 'unseen', then 'missing' slots."""
+
+    def __init__(self, profiles: list[CategoricalProfile]):
+        self.profiles = profiles
+        widths = np.array([len(p.categories) + 2 for p in profiles], np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+        self.size = int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return len(self.profiles)
+
+
+@dataclass
+class NumericState:
+    """Mergeable statistics of numeric columns over one window."""
+
+    counts: np.ndarray          # (layout.size,) binned counts incl. missing slot
+    n: np.ndarray               # non-missing values per column
+    s1: np.ndarray              # sum of standardised values
+    s2: np.ndarray              # sum of squared standardised values
+    min: np.ndarray
+    max: np.ndarray
+    out_of_range: np.ndarray
+
+    @classmethod
+    def empty(cls, layout: NumericColumns) -> NumericState:
+        k = len(layout)
+        return cls(np.zeros(layout.size, np.int64), np.zeros(k, np.int64), np.zeros(k),
+                   np.zeros(k), np.full(k, np.inf), np.full(k, -np.inf), np.zeros(k, np.int64))
+
+    def update(self, layout: NumericColumns, x: np.ndarray) -> None:
+        if x.shape[0] == 0 or len(layout) == 0:
+            return
+        missing = np.isnan(x)
+        slots = np.empty(x.shape, np.int64)
+        for j, edges in enumerate(layout.edges):
+            col = x[:, j]
+            slots[:, j] = np.searchsorted(edges, col, side="right")
+            slots[missing[:, j], j] = edges.size + 1
+        slots += layout.offsets[:-1]
+        self.counts += np.bincount(slots.ravel(), minlength=layout.size)
+        z = (x - layout.shift) / layout.scale
+        z[missing] = 0.0
+        self.n += x.shape[0] - missing.sum(axis=0)
+        self.s1 += z.sum(axis=0)
+        self.s2 += np.einsum("ij,ij->j", z, z)
+        self.min = np.fmin(self.min, np.fmin.reduce(x, axis=0))
+        self.max = np.fmax(self.max, np.fmax.reduce(x, axis=0))
+        with np.errstate(invalid="ignore"):
+            self.out_of_range += ((x < layout.lo) | (x > layout.hi)).sum(axis=0)
+
+    def merge(self, other: NumericState) -> NumericState:
+        return NumericState(self.counts + other.counts, self.n + other.n, self.s1 + other.s1,
+                            self.s2 + other.s2, np.fmin(self.min, other.min),
+                            np.fmax(self.max, other.max), self.out_of_range + other.out_of_range)
+
+
+@dataclass
+class CategoricalState:
+    counts: np.ndarray          # (layout.size,) per category, unseen and missing slots
+
+    @classmethod
+    def empty(cls, layout: CategoricalColumns) -> CategoricalState:
+        return cls(np.zeros(layout.size, np.int64))
+
+    def update(self, layout: CategoricalColumns, codes: np.ndarray) -> None:
+        if codes.shape[0] == 0 or len(layout) == 0:
+            return
+        self.counts += np.bincount((codes + layout.offsets[:-1]).ravel(), minlength=layout.size)
+
+    def merge(self, other: CategoricalState) -> CategoricalState:
+        return CategoricalState(self.counts + other.counts)
+
+
+class ModelLayout:
+    """The column layouts of one model: features, prediction and label."""
+
+    def __init__(self, numeric: list[NumericProfile], categorical: list[CategoricalProfile],
+                 prediction: NumericProfile | CategoricalProfile | None,
+                 label: NumericProfile | CategoricalProfile | None):
+        self.numeric = NumericColumns(numeric)
+        self.categorical = CategoricalColumns(categorical)
+        self.prediction = _single(prediction)
+        self.label = _single(label)
+
+
+def _single(profile):
+    if profile is None:
+        return None
+    if isinstance(profile, CategoricalProfile):
+        return CategoricalColumns([profile])
+    return NumericColumns([profile])
+
+
+def _empty_state(layout):
+    if layout is None:
+        return None
+    if isinstance(layout, NumericColumns):
+        return NumericState.empty(layout)
+    return CategoricalState.empty(layout)
+
+
+def _merge_optional(a, b):
+    return None if a is None else a.merge(b)
+
+
+@dataclass
+class WindowAccumulator:
+    """All statistics of one model over one window; `merge` is exact."""
+
+    numeric: NumericState
+    categorical: CategoricalState
+    prediction: NumericState | CategoricalState | None
+    label: NumericState | CategoricalState | None
+    absent: np.ndarray                  # per feature: events whose key was absent
+    type_violations: np.ndarray         # per feature: values of the wrong type
+    events: int = 0
+    unexpected_events: int = 0
+    unexpected_names: Counter = field(default_factory=Counter)
+    ts_min: float = np.inf
+    ts_max: float = -np.inf
+    first_position: int | None = None
+    last_position: int | None = None
+    model_version: str | None = None
+
+    @classmethod
+    def empty(cls, layout: ModelLayout) -> WindowAccumulator:
+        n_features = len(layout.numeric) + len(layout.categorical)
+        return cls(NumericState.empty(layout.numeric),
+                   CategoricalState.empty(layout.categorical),
+                   _empty_state(layout.prediction), _empty_state(layout.label),
+                   np.zeros(n_features, np.int64), np.zeros(n_features, np.int64))
+
+    def update(self, layout: ModelLayout, batch: ModelBatch) -> None:
+        n = len(batch)
+        if n:
+            self.numeric.update(layout.numeric, batch.numeric)
+            self.categorical.update(layout.categorical, batch.categorical)
+            if self.prediction is not None and batch.prediction is not None:
+                self.prediction.update(layout.prediction, batch.prediction.reshape(-1, 1))
+            if self.label is not None and batch.label is not None:
+                self.label.update(layout.label, batch.label.reshape(-1, 1))
+            self.events += n
+            ts = batch.ts
+            if ts.size and not np.isnan(ts).all():
+                self.ts_min = min(self.ts_min, float(np.nanmin(ts)))
+                self.ts_max = max(self.ts_max, float(np.nanmax(ts)))
+            first, last = int(batch.positions.min()), int(batch.positions.max())
+            self.first_position = first if self.first_position is None else min(
+                self.first_position, first)
+            self.last_position = last if self.last_position is None else max(
+                self.last_position, last)
+            if batch.model_version is not None:
+                self.model_version = batch.model_version
+        self.add_quality(batch)
+
+    def add_quality(self, batch: ModelBatch) -> None:
+        """Per-batch data-quality counters (once per decoded batch, not per window piece)."""
+        if batch.absent is not None:
+            self.absent += batch.absent
+        if batch.type_violations is not None:
+            self.type_violations += batch.type_violations
+        self.unexpected_events += batch.unexpected_events
+        for name, c in batch.unexpected_names.items():
+            if name in self.unexpected_names or len(self.unexpected_names) < _MAX_NAMES:
+                self.unexpected_names[name] += c
+
+    def merge(self, other: WindowAccumulator) -> WindowAccumulator:
+        names = Counter(self.unexpected_names)
+        for k, c in other.unexpected_names.items():
+            if k in names or len(names) < _MAX_NAMES:
+                names[k] += c
+        positions = [p for p in (self.first_position, other.first_position) if p is not None]
+        lasts = [p for p in (self.last_position, other.last_position) if p is not None]
+        return WindowAccumulator(
+            numeric=self.numeric.merge(other.numeric),
+            categorical=self.categorical.merge(other.categorical),
+            prediction=_merge_optional(self.prediction, other.prediction),
+            label=_merge_optional(self.label, other.label),
+            absent=self.absent + other.absent,
+            type_violations=self.type_violations + other.type_violations,
+            events=self.events + other.events,
+            unexpected_events=self.unexpected_events + other.unexpected_events,
+            unexpected_names=names,
+            ts_min=min(self.ts_min, other.ts_min), ts_max=max(self.ts_max, other.ts_max),
+            first_position=min(positions) if positions else None,
+            last_position=max(lasts) if lasts else None,
+            model_version=other.model_version or self.model_version,
+        )
+
+
+@dataclass
+class ClosedWindow:
+    model: str
+    index: int                          # sequence number (count) or start bucket (time)
+    accumulator: WindowAccumulator
+    complete: bool = True
+    start: float | None = None          # event-time bounds for time windows
+    end: float | None = None
+
+
+class ModelWindows:
+    """Tumbling windows of one model, by event count or by event time."""
+
+    def __init__(self, model: str, layout: ModelLayout, window: WindowConfig):
+        self.model = model
+        self.layout = layout
+        self.window = window
+        self.closed_count = 0
+        self.late_events = 0
+        self._open: dict[int, WindowAccumulator] = {}
+        self._watermark = -np.inf
+        if window.events is not None:
+            self._open[0] = WindowAccumulator.empty(layout)
+
+    @property
+    def open_events(self) -> int:
+        return sum(acc.events for acc in self._open.values())
+
+    def add(self, batch: ModelBatch) -> tuple[list[ClosedWindow], np.ndarray]:
+        """Apply a batch; returns the windows it closed and the indices of late events."""
+        if self.window.events is not None:
+            return self._add_by_count(batch), np.empty(0, np.int64)
+        return self._add_by_time(batch)
+
+    def _add_by_count(self, batch: ModelBatch) -> list[ClosedWindow]:
+        size = self.window.events
+        closed = []
+        start, n = 0, len(batch)
+        (index, acc), = self._open.items()
+        acc.add_quality(batch)
+        while start < n:
+            take = min(n - start, size - acc.events)
+            piece = batch.take(slice(start, start + take))
+            acc.update(self.layout, piece)
+            start += take
+            if acc.events >= size:
+                closed.append(ClosedWindow(self.model, index, acc))
+                self.closed_count += 1
+                index += 1
+                acc = WindowAccumulator.empty(self.layout)
+        self._open = {index: acc}
+        return closed
+
+    def _add_by_time(self, batch: ModelBatch) -> tuple[list[ClosedWindow], np.ndarray]:
+        size, lateness = self.window.seconds, self.window.allowed_lateness
+        bucket = np.floor(batch.ts / size)
+        late_mask = (bucket + 1) * size + lateness <= self._watermark
+        late_mask |= np.isnan(batch.ts)
+        first_piece = True
+        for b in np.unique(bucket[~late_mask]):
+            idx = np.flatnonzero((bucket == b) & ~late_mask)
+            acc = self._open.get(int(b))
+            if acc is None:
+                acc = self._open[int(b)] = WindowAccumulator.empty(self.layout)
+            acc.update(self.layout, batch.take(idx))
+            if first_piece:
+                acc.add_quality(batch)
+                first_piece = False
+        late = np.flatnonzero(late_mask)
+        self.late_events += late.size
+        ts_ok = batch.ts[~np.isnan(batch.ts)]
+        if ts_ok.size:
+            self._watermark = max(self._watermark, float(ts_ok.max()))
+        closed = []
+        for b in sorted(self._open):
+            if (b + 1) * size + lateness <= self._watermark:
+                closed.append(ClosedWindow(self.model, b, self._open.pop(b),
+                                           start=b * size, end=(b + 1) * size))
+                self.closed_count += 1
+        return closed, late
+
+    def flush(self) -> list[ClosedWindow]:
+        """Close what is open (end of a replay); count windows are marked incomplete."""
+        out = []
+        for b in sorted(self._open):
+            acc = self._open[b]
+            if acc.events == 0:
+                continue
+            if self.window.events is not None:
+                out.append(ClosedWindow(self.model, b, acc, complete=False))
+            else:
+                out.append(ClosedWindow(self.model, b, acc, start=b * self.window.seconds,
+                                        end=(b + 1) * self.window.seconds))
+        self.closed_count += len(out)
+        self._open = {}
+        if self.window.events is not None:
+            self._open[0] = WindowAccumulator.empty(self.layout)
+        return out

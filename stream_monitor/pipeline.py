@@ -1,0 +1,156 @@
+"""Pipeline: decode -> engine -> evaluate -> policy for every model, one batch at a time.
+
+`Monitor` is the one object `replay`, `run` and `demo` drive; it does no I/O of its
+own, so the same code path is measured by the benchmarks and exercised by the tests.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, model_settings
+from .decode import BAD_FEATURES, LATE, DecodedBatch, Decoder, ModelSchema, Reject
+from .engine import ClosedWindow, ModelWindows
+from .evaluate import WindowEvaluator
+from .policy import AlertPolicy
+from .reference import Reference, ReferenceBuilder, ReferenceError
+
+
+@dataclass
+class BatchResult:
+    """What one batch produced: rejects to keep, closed-window reports, alert events."""
+
+    messages: int = 0
+    events: Counter = field(default_factory=Counter)        # per model, counted in stats
+    rejects: list[Reject] = field(default_factory=list)
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+
+    def extend(self, other: BatchResult) -> None:
+        self.messages += other.messages
+        self.events.update(other.events)
+        self.rejects += other.rejects
+        self.reports += other.reports
+        self.alerts += other.alerts
+
+
+class ModelPipeline:
+    """Windows and evaluator of one model, once its reference is known."""
+
+    def __init__(self, name: str, config: Config, reference: Reference):
+        self.name = name
+        self.settings = model_settings(config, name)
+        overrides = config.models[name].features
+        unknown = sorted(set(overrides) - set(reference.features))
+        if unknown:
+            raise ConfigError([f"models.{name}.features.{u}: not a feature of the reference "
+                               f"(known: {', '.join(sorted(reference.features)[:20])})"
+                               for u in unknown])
+        kinds = {n: o.kind for n, o in overrides.items() if o.kind}
+        ignored = {n for n, o in overrides.items() if o.ignore}
+        self.reference = reference
+        self.schema = ModelSchema(name, reference, kinds, ignored)
+        self.evaluator = WindowEvaluator(self.settings, reference, self.schema.numeric,
+                                         self.schema.categorical)
+        self.windows = ModelWindows(name, self.evaluator.layout, self.settings.window)
+
+
+class Monitor:
+    """All models of a config; `process` applies one batch of raw messages."""
+
+    def __init__(self, config: Config, references: dict[str, Reference] | None = None):
+        self.config = config
+        self.models: dict[str, ModelPipeline] = {}
+        self.baselines: dict[str, tuple[ReferenceBuilder, int]] = {}
+        references = references or {}
+        for name, m in config.models.items():
+            if name in references:
+                self.models[name] = ModelPipeline(name, config, references[name])
+            elif m.reference is not None:
+                path = m.reference if m.reference.is_absolute() else config.base_dir / m.reference
+                try:
+                    ref = Reference.load(path)
+                except ReferenceError as exc:
+                    raise ConfigError([f"models.{name}.reference: {exc}"]) from None
+                self.models[name] = ModelPipeline(name, config, ref)
+            else:
+                kinds = {n: o.kind for n, o in m.features.items() if o.kind}
+                self.baselines[name] = (ReferenceBuilder(name, config.defaults.profile, kinds),
+                                        m.baseline.events)
+        self.decoder = Decoder({n: p.schema for n, p in self.models.items()}, config.decode)
+        self.decoder.pending = set(self.baselines)
+        self.policy = AlertPolicy({n: model_settings(config, n).alerting for n in config.models})
+
+    def process(self, messages: Sequence[bytes], positions: Sequence[int]) -> BatchResult:
+        decoded = self.decoder.decode(messages, positions)
+        result = BatchResult(messages=len(messages), rejects=decoded.rejects)
+        if decoded.pending:
+            self._collect_baselines(decoded, result)
+        for model, batch in decoded.models.items():
+            pipe = self.models[model]
+            closed, late = pipe.windows.add(batch)
+            result.events[model] += len(batch) - late.size
+            for i in late:
+                result.rejects.append(Reject(int(batch.positions[i]), LATE, batch.raw[i],
+                                             model=model, detail="event time behind the "
+                                             "watermark by more than allowed_lateness"))
+            self._close(pipe, closed, result)
+        return result
+
+    def flush(self) -> BatchResult:
+        """Close every open window (end of input)."""
+        result = BatchResult()
+        for pipe in self.models.values():
+            self._close(pipe, pipe.windows.flush(), result)
+        return result
+
+    def _close(self, pipe: ModelPipeline, closed: list[ClosedWindow], result: BatchResult) -> None:
+        for window in closed:
+            report = pipe.evaluator.evaluate(window)
+            result.reports.append(report)
+            result.alerts += self.policy.evaluate(report)
+
+    def _collect_baselines(self, decoded: DecodedBatch, result: BatchResult) -> None:
+        fields = self.config.decode.fields
+        for model, group in decoded.pending.items():
+            builder, target = self.baselines[model]
+            leftover = []
+            for pos, ev, raw in group:
+                if builder.rows >= target:
+                    leftover.append((pos, raw))
+                    continue
+                feats = ev.get(fields.features)
+                if type(feats) is not dict:
+                    result.rejects.append(Reject(pos, BAD_FEATURES, raw, model=model,
+                                                 detail=f"'{fields.features}' is not an object"))
+                    continue
+                builder.add(feats, ev.get(fields.prediction), ev.get(fields.label))
+                result.events[model] += 1
+            if builder.rows >= target:
+                self._activate(model, builder)
+                if leftover:
+                    rest = self.process([r for _, r in leftover], [p for p, _ in leftover])
+                    result.extend(rest)
+                    result.messages -= rest.messages  # already counted once
+
+    def _activate(self, model: str, builder: ReferenceBuilder) -> None:
+        reference = builder.build(source="baseline")
+        pipe = ModelPipeline(model, self.config, reference)
+        self.models[model] = pipe
+        del self.baselines[model]
+        self.decoder.schemas[model] = pipe.schema
+        self.decoder.pending.discard(model)
+
+    def save_baselines(self, directory: Path) -> list[Path]:
+        """Write references built from baselines (so a restart can reuse them)."""
+        out = []
+        for name, pipe in self.models.items():
+            if pipe.reference.source == "baseline":
+                path = directory / f"{name}.reference.json"
+                pipe.reference.save(path)
+                out.append(path)
+        return out

@@ -1,0 +1,322 @@
+"""Policy: window findings -> alert events (hysteresis, grouping, diagnosis).
+
+A finding fires after `fire_after` consecutive windows at warning or above and
+resolves after `resolve_after` consecutive windows back at ok; it escalates to
+critical at once and steps back down only after `resolve_after` windows below
+critical, so a score hovering at a threshold cannot flap. Each state change is one
+alert event with a stable fingerprint (model, feature, kind). When
+`group_min_features` or more features of a model drift, one model-level alert lists
+them ranked by score instead of paging once per feature. `diagnose` names the most
+likely cause: data drift, a pipeline fault that looks like drift, or label shift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .config import AlertingConfig
+from .evaluate import SEVERITY_NAMES
+
+# kind -> (alertname, data-quality check or None)
+KINDS: dict[str, tuple[str, str | None]] = {
+    "feature_drift": ("FeatureDrift", None),
+    "dataset_drift": ("DatasetDrift", None),
+    "prediction_drift": ("PredictionDrift", None),
+    "label_shift": ("LabelShift", None),
+    "missing_values": ("DataQuality", "missing"),
+    "out_of_range": ("DataQuality", "out_of_range"),
+    "stuck_feature": ("DataQuality", "stuck"),
+    "unseen_categories": ("DataQuality", "unseen_categories"),
+    "type_violations": ("DataQuality", "type_violations"),
+    "schema_change": ("DataQuality", "schema"),
+}
+CHECK_KIND = {check: kind for kind, (_, check) in KINDS.items() if check}
+
+_SUMMARY = {
+    "feature_drift": "Feature {feature} of model {model} drifted ({method} {value:.3g})",
+    "dataset_drift": "{value:.0%} of the features of model {model} drifted",
+    "prediction_drift": "Predictions of model {model} drifted ({method} {value:.3g})",
+    "label_shift": "Label distribution of model {model} shifted ({method} {value:.3g})",
+    "missing_values": "Feature {feature} of model {model} is missing more often (+{value:.1%})",
+    "out_of_range": "{value:.1%} of feature {feature} of model {model} outside the reference range",
+    "stuck_feature": "Feature {feature} of model {model} is stuck at one value",
+    "unseen_categories": "Feature {feature} of model {model} has unseen categories (+{value:.1%})",
+    "type_violations": "{value:.1%} of values of feature {feature} of model {model} have a wrong type",
+    "schema_change": "Schema of model {model} changed at {feature} ({value:.1%} of events)",
+}
+_ACTION = {
+    "feature_drift": "Compare the feature's current distribution with the reference "
+                     "(stream_monitor_feature_drift_score); if inputs really changed, "
+                     "check performance before retraining.",
+    "dataset_drift": "Many inputs changed at once: look for an upstream change or a new "
+                     "population before retraining.",
+    "prediction_drift": "The model's outputs changed; check the feature alerts of the same "
+                        "model to see which inputs drive it.",
+    "label_shift": "The base rate changed; recalibrate thresholds or retrain with the new prior.",
+    "missing_values": "Check the upstream producer of this feature (outage, join failure).",
+    "out_of_range": "Check for a unit or scale change in the feature pipeline.",
+    "stuck_feature": "The feature is frozen: check for a stale cache or a default value "
+                     "filling in for a failed lookup.",
+    "unseen_categories": "New categories reach the model: check for a new upstream "
+                         "vocabulary or a spelling change.",
+    "type_violations": "The producer sends values of the wrong type: check the serving "
+                       "schema against the model's reference.",
+    "schema_change": "Fields appeared or disappeared: check the serving schema.",
+}
+
+
+def fingerprint(model: str, feature: str | None, kind: str) -> str:
+    """Stable across restarts and instances: the same finding always maps to one key."""
+    return hashlib.sha256(f"{model}\x1f{feature or ''}\x1f{kind}".encode()).hexdigest()[:16]
+
+
+def iso_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Finding:
+    kind: str
+    model: str
+    feature: str | None
+    severity: int
+    method: str
+    value: float
+    threshold: float
+
+
+def findings(report: dict[str, Any], dq_min_events: int = 1) -> list[Finding]:
+    """Everything a window report says, as findings (ok ones included, for resolving)."""
+    model = report["model"]
+    out = []
+    sev = SEVERITY_NAMES.index
+    for name, f in report["features"].items():
+        out.append(Finding("feature_drift", model, name, sev(f["severity"]), f["method"],
+                           f["value"] or 0.0, f["threshold"]))
+        for check, q in f["data_quality"].items():
+            out.append(Finding(CHECK_KIND[check], model, name, sev(q["severity"]), check,
+                               q["value"] or 0.0, 0.0))
+    ds = report["dataset"]
+    out.append(Finding("dataset_drift", model, None, sev(ds["severity"]), "drifted_share",
+                       ds["drifted_share"], 0.0))
+    for key, kind in (("prediction", "prediction_drift"), ("label", "label_shift")):
+        if key in report:
+            p = report[key]
+            out.append(Finding(kind, model, None, sev(p["severity"]), p["method"],
+                               p["value"] or 0.0, p["threshold"]))
+    return out
+
+
+def diagnose(report: dict[str, Any], first_window: bool = False) -> dict[str, Any] | None:
+    """The most likely cause of what a window shows, with the features behind it."""
+    feats = report["features"]
+
+    def with_check(check: str) -> list[str]:
+        return [n for n, f in feats.items() if f["data_quality"][check]["severity"] != "ok"]
+
+    drifted = report["dataset"]["drifted_features"]
+    pred = report.get("prediction", {}).get("severity", "ok") != "ok"
+    label = report.get("label", {}).get("severity", "ok") != "ok"
+    if report["schema"]["unexpected_events"] or with_check("schema"):
+        cause, top = "schema_change", with_check("schema") or list(report["schema"][
+            "unexpected_fields"])
+        why = "fields appeared in or disappeared from the events; fix the producer, do not retrain"
+    elif with_check("missing"):
+        cause, top = "feature_unavailable", with_check("missing")
+        why = "values are missing far more often than in the reference: an upstream outage"
+    elif with_check("stuck"):
+        cause, top = "stale_feature", with_check("stuck")
+        why = "a feature that varies in the reference is frozen at one value"
+    elif with_check("type_violations"):
+        cause, top = "schema_change", with_check("type_violations")
+        why = "values arrive with a different type than in the reference"
+    elif recal := [n for n in drifted if _looks_rescaled(feats[n])]:
+        cause, top = "feature_recalibration", recal
+        why = ("the feature's scale changed (variance ratio or range far from the reference): "
+               "a unit or normalisation change upstream, not a new population")
+    elif drifted and first_window:
+        cause, top = "training_serving_skew", drifted
+        why = ("drift is present from the first window the monitor saw: compare how serving "
+               "computes these features with how training did")
+    elif drifted:
+        cause, top = "data_drift", drifted
+        why = ("input distributions changed" + (" and the predictions followed"
+               if pred else "; predictions are stable so far"))
+    elif label:
+        cause, top = "label_shift", []
+        why = "the base rate of the target changed while inputs did not"
+    elif pred:
+        cause, top = "prediction_drift", []
+        why = "predictions changed without a monitored input drifting: concept change or an " \
+              "input the monitor does not see"
+    else:
+        return None
+    return {"root_cause": cause, "explanation": why, "top_features": top[:10]}
+
+
+def _looks_rescaled(f: dict[str, Any]) -> bool:
+    if f["kind"] != "numeric":
+        return False
+    vr = f["scores"].get("variance_ratio")
+    oor = f["data_quality"]["out_of_range"]["severity"] != "ok"
+    return oor or (vr is not None and (vr > 9.0 or vr < 1 / 9.0))
+
+
+@dataclass
+class _State:
+    severity: int = 0           # current alert severity, 0 = not firing
+    over: int = 0               # consecutive windows at warning or above
+    under: int = 0              # consecutive windows back at ok
+    below_critical: int = 0     # consecutive windows below critical while critical
+    started: str = ""
+
+
+@dataclass
+class AlertPolicy:
+    """Hysteresis and grouping over the findings of successive windows of each model."""
+
+    config: dict[str, AlertingConfig]          # per model
+    states: dict[tuple, _State] = field(default_factory=dict)
+    windows_seen: dict[str, int] = field(default_factory=dict)
+
+    def _step(self, key: tuple, severity: int, cfg: AlertingConfig) -> str | None:
+        """Advance one finding by one window; returns 'firing', 'resolved' or None."""
+        st = self.states.get(key)
+        if st is None:
+            if severity == 0:
+                return None  # nothing to remember for findings that never fired
+            st = self.states[key] = _State()
+        if st.severity == 0:
+            st.over = st.over + 1 if severity else 0
+            if severity and st.over >= cfg.fire_after:
+                st.severity, st.under, st.below_critical = severity, 0, 0
+                return "firing"
+            if not severity:
+                del self.states[key]
+            return None
+        if severity == 0:
+            st.under += 1
+            if st.under >= cfg.resolve_after:
+                del self.states[key]
+                return "resolved"
+            return None
+        st.under = 0
+        if severity > st.severity:
+            st.severity, st.below_critical = severity, 0
+            return "firing"
+        if severity < st.severity:
+            st.below_critical += 1
+            if st.below_critical >= cfg.resolve_after:
+                st.severity, st.below_critical = severity, 0
+                return "firing"
+        else:
+            st.below_critical = 0
+        return None
+
+    def evaluate(self, report: dict[str, Any]) -> list[dict[str, Any]]:
+        """Alert events (firing / resolved state changes) for one window report."""
+        model = report["model"]
+        cfg = self.config[model]
+        seen = self.windows_seen.get(model, 0)
+        self.windows_seen[model] = seen + 1
+        diagnosis = diagnose(report, first_window=seen == 0)
+        events = []
+        drift_changes = []
+        for f in findings(report):
+            key = (f.model, f.feature, f.kind)
+            change = self._step(key, f.severity, cfg)
+            if change is None:
+                continue
+            if f.kind == "feature_drift":
+                drift_changes.append((f, change))
+            else:
+                events.append(self._event(f, change, report, diagnosis))
+        events = self._grouped(report, cfg, drift_changes, diagnosis) + events
+        return events
+
+    def _grouped(self, report: dict[str, Any], cfg: AlertingConfig,
+                 changes: list[tuple[Finding, str]], diagnosis) -> list[dict[str, Any]]:
+        model = report["model"]
+        firing = [k[1] for k, st in self.states.items()
+                  if k[0] == model and k[2] == "feature_drift" and k[1] is not None
+                  and st.severity]
+        gkey = (model, None, "feature_drift")
+        group = self.states.get(gkey)
+        if group is None and len(firing) < cfg.group_min_features:
+            return [self._event(f, change, report, diagnosis) for f, change in changes]
+        feats = report["features"]
+        ranked = sorted(firing, key=lambda n: -(feats[n]["value"] or 0.0))
+        listed = [{"feature": n, "method": feats[n]["method"], "value": feats[n]["value"],
+                   "threshold": feats[n]["threshold"],
+                   "severity": SEVERITY_NAMES[self.states[(model, n, "feature_drift")].severity]}
+                  for n in ranked]
+        severity = max((self.states[(model, n, "feature_drift")].severity for n in firing),
+                       default=0)
+        top = listed[0] if listed else {"method": "", "value": 0.0, "threshold": 0.0}
+        gf = Finding("feature_drift", model, None, severity, top["method"], top["value"] or 0.0,
+                     top["threshold"])
+        if group is None:
+            self.states[gkey] = _State(severity=severity, started=_window_end(report))
+            return [self._event(gf, "firing", report, diagnosis, listed)]
+        if not firing:
+            del self.states[gkey]
+            return [self._event(gf, "resolved", report, diagnosis, listed, group.started)]
+        if severity != group.severity:
+            group.severity = severity
+            return [self._event(gf, "firing", report, diagnosis, listed, group.started)]
+        return []
+
+    def _event(self, f: Finding, status: str, report: dict[str, Any], diagnosis,
+               features: list[dict[str, Any]] | None = None,
+               started: str | None = None) -> dict[str, Any]:
+        alertname, check = KINDS[f.kind]
+        key = (f.model, f.feature, f.kind)
+        st = self.states.get(key)
+        now = _window_end(report)
+        if st is not None and not st.started:
+            st.started = now
+        starts = started or (st.started if st else now)
+        severity = SEVERITY_NAMES[max(f.severity, 1)]
+        labels = {"alertname": alertname, "model": f.model, "severity": severity}
+        if f.feature is not None:
+            labels["feature"] = f.feature
+        if check:
+            labels["check"] = check
+        if f.kind == "feature_drift" and f.feature is None:
+            names = ", ".join(x["feature"] for x in (features or [])[:5])
+            summary = f"{len(features or [])} features of model {f.model} drifted ({names})"
+        else:
+            summary = _SUMMARY[f.kind].format(model=f.model, feature=f.feature,
+                                              method=f.method, value=f.value)
+        if status == "resolved":
+            summary = "Resolved: " + summary
+        desc = _ACTION[f.kind]
+        if diagnosis and status == "firing":
+            desc = f"Likely cause: {diagnosis['root_cause']} ({diagnosis['explanation']}). {desc}"
+        win = report["window"]
+        event = {
+            "labels": labels,
+            "annotations": {"summary": summary, "description": desc},
+            "startsAt": starts,
+            "endsAt": now if status == "resolved" else None,
+            "status": status,
+            "fingerprint": fingerprint(f.model, f.feature, f.kind),
+            "kind": f.kind,
+            "method": f.method,
+            "value": f.value,
+            "threshold": f.threshold,
+            "window": {k: win[k] for k in ("start", "end", "events", "first_line", "last_line")
+                       if k in win},
+        }
+        if features is not None:
+            event["features"] = features
+        if diagnosis and status == "firing":
+            event["diagnosis"] = diagnosis
+        return event
+
+
+def _window_end(report: dict[str, Any]) -> str:
+    return report["window"].get("end") or iso_now()
