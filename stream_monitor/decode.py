@@ -16,13 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import chain
-from operator import itemgetter
-from typing import Any
+from operator import attrgetter, itemgetter
+from typing import Any, Union
 
+import msgspec
 import numpy as np
 import orjson
 
-from .config import DecodeConfig
+from .config import DecodeConfig, FieldMapping
 from .reference import CategoricalProfile, Reference, category_key
 
 # Reject reasons (also the `reason` label of stream_monitor_rejects_total).
@@ -97,6 +98,41 @@ class ModelSchema:
         self.label = _column("label", reference.label)
         self._num_get = _getter(self.numeric)
         self._cat_get = _getter(self.categorical)
+        for codes in self.cat_codes:
+            codes[msgspec.UNSET] = codes.missing
+
+    def event_type(self, fields: FieldMapping) -> type:
+        """A msgspec Struct that decodes this model's well-formed events in one C call.
+
+        Unknown feature names are refused (so such events take the slow path, which
+        records them as a schema change); absent features decode as UNSET.
+        """
+        unset = msgspec.UnsetType
+        spec = [(f"n{i}", float | None | unset, msgspec.UNSET) for i in range(len(self.numeric))]
+        spec += [(f"c{i}", str | None | unset, msgspec.UNSET)
+                 for i in range(len(self.categorical))]
+        spec += [(f"i{i}", Any, msgspec.UNSET) for i in range(len(self.expected) - len(spec))]
+        names = self.numeric + self.categorical + sorted(
+            self.expected - set(self.numeric) - set(self.categorical))
+        features = msgspec.defstruct(
+            f"{self.model}_features", spec, rename=dict(zip([f[0] for f in spec], names,
+                                                            strict=True)),
+            forbid_unknown_fields=True, gc=False)
+        types = {"numeric": float | None, "categorical": str | None}
+        event = msgspec.defstruct(
+            f"{self.model}_event",
+            [("features", features),
+             ("ts", float | str | None, None),
+             ("prediction", types[self.prediction.kind] if self.prediction else Any, None),
+             ("label", types[self.label.kind] if self.label else Any, None),
+             ("model_version", str | int | None, None)],
+            rename={"features": fields.features, "ts": fields.ts,
+                    "prediction": fields.prediction, "label": fields.label,
+                    "model_version": fields.model_version},
+            tag_field=fields.model, tag=self.model, gc=False)
+        self._num_attr = _attr_getter([f"n{i}" for i in range(len(self.numeric))])
+        self._cat_attr = _attr_getter([f"c{i}" for i in range(len(self.categorical))])
+        return event
 
     @property
     def feature_names(self) -> list[str]:
@@ -109,6 +145,15 @@ def _column(name: str, profile: Any) -> Column | None:
     if isinstance(profile, CategoricalProfile):
         return Column(name, "categorical", CategoryCodes(profile.categories))
     return Column(name, "numeric")
+
+
+def _attr_getter(names: list[str]):
+    if not names:
+        return lambda o: ()
+    if len(names) == 1:
+        name = names[0]
+        return lambda o: (getattr(o, name),)
+    return attrgetter(*names)
 
 
 def _getter(names: list[str]):
@@ -175,7 +220,111 @@ class Decoder:
         self._model_key, self._features_key, self._ts_key = f.model, f.features, f.ts
         self._version_key, self._pred_key, self._label_key = f.model_version, f.prediction, f.label
 
+    def _fast_decoder(self):
+        key = tuple(sorted(self.schemas))
+        if getattr(self, "_fast_key", None) != key:
+            types = {self.schemas[m].event_type(self.config.fields): m for m in key}
+            union = next(iter(types)) if len(types) == 1 else Union[tuple(types)]  # noqa: UP007
+            self._fast = msgspec.json.Decoder(union).decode
+            self._fast_types, self._fast_key = types, key
+        return self._fast, self._fast_types
+
     def decode(self, messages: Sequence[bytes], positions: Sequence[int]) -> DecodedBatch:
+        """Decode a batch: typed C decoding for well-formed events, the rest one by one."""
+        if not self.schemas:
+            return self._decode_slow(messages, positions)
+        fast, types = self._fast_decoder()
+        max_bytes = self.config.max_message_bytes
+        by_type = {t: ([], [], []) for t in types}
+        slow_msgs, slow_pos = [], []
+        errors = (msgspec.ValidationError, msgspec.DecodeError)
+        for pos, raw in zip(positions, messages, strict=True):
+            try:
+                if len(raw) > max_bytes:
+                    raise msgspec.DecodeError
+                ev = fast(raw)
+            except errors:
+                slow_msgs.append(raw)
+                slow_pos.append(pos)
+                continue
+            p, e, r = by_type[type(ev)]
+            p.append(pos)
+            e.append(ev)
+            r.append(raw)
+        out = self._decode_slow(slow_msgs, slow_pos) if slow_msgs else DecodedBatch(
+            {}, [], 0)
+        for t, (pos, evs, raws) in by_type.items():
+            if not evs:
+                continue
+            model = types[t]
+            batch = self._struct_columns(self.schemas[model], pos, evs, raws, out.rejects)
+            if batch is None:
+                continue
+            other = out.models.get(model)
+            out.models[model] = batch if other is None else _concat(batch, other)
+        out.messages = len(messages)
+        return out
+
+    def _struct_columns(self, schema: ModelSchema, positions: list[int], evs: list,
+                        raws: list[bytes], rejects: list[Reject]) -> ModelBatch | None:
+        n = len(evs)
+        n_num, n_cat = len(schema.numeric), len(schema.categorical)
+        feats = [e.features for e in evs]
+        bad = np.zeros(n, dtype=bool)
+        reasons: dict[int, tuple[str, str]] = {}
+        absent = np.zeros(n_num + n_cat, np.int64)
+        violations = np.zeros(n_num + n_cat, np.int64)
+        num_rows = list(map(schema._num_attr, feats))
+        try:
+            numeric = np.fromiter(chain.from_iterable(num_rows), np.float64,
+                                  n * n_num).reshape(n, n_num)
+        except TypeError:  # None (missing) or UNSET (absent) somewhere
+            numeric = np.empty((n, n_num), np.float64)
+            for j, col in enumerate(zip(*num_rows, strict=True)):
+                absent[j] = col.count(msgspec.UNSET)
+                numeric[:, j] = [np.nan if v is None or v is msgspec.UNSET else v for v in col]
+        if n_num and np.isinf(numeric).any():
+            for i, j in zip(*np.nonzero(np.isinf(numeric)), strict=True):
+                self._invalid(int(i), NON_FINITE, f"{schema.numeric[j]}: {numeric[i, j]}", bad,
+                              reasons)
+                numeric[i, j] = np.nan
+        categorical = np.empty((n, n_cat), np.int32)
+        if n_cat:
+            cols = zip(*map(schema._cat_attr, feats), strict=True)
+            for j, (col, codes) in enumerate(zip(cols, schema.cat_codes, strict=True)):
+                categorical[:, j] = np.fromiter(map(codes.__getitem__, col), np.int32, n)
+                absent[n_num + j] = col.count(msgspec.UNSET)
+        prediction = self._struct_optional(schema.prediction, [e.prediction for e in evs])
+        label = self._struct_optional(schema.label, [e.label for e in evs])
+        ts = self._timestamps([e.ts for e in evs], bad, reasons)
+        version = evs[-1].model_version
+        pos = np.array(positions, np.int64)
+        if bad.any():
+            keep = ~bad
+            for i in np.flatnonzero(bad):
+                reason, detail = reasons[int(i)]
+                rejects.append(Reject(positions[i], reason, raws[i], model=schema.model,
+                                      feature=detail.split(":", 1)[0], detail=detail))
+            numeric, categorical, ts, pos = numeric[keep], categorical[keep], ts[keep], pos[keep]
+            prediction = None if prediction is None else prediction[keep]
+            label = None if label is None else label[keep]
+            raws = [r for r, k in zip(raws, keep, strict=True) if k]
+        if pos.size == 0:
+            return None
+        return ModelBatch(model=schema.model, positions=pos, ts=ts, numeric=numeric,
+                          categorical=categorical, prediction=prediction, label=label,
+                          absent=absent, type_violations=violations,
+                          model_version=None if version is None else str(version), raw=raws)
+
+    @staticmethod
+    def _struct_optional(column: Column | None, values: list) -> np.ndarray | None:
+        if column is None:
+            return None
+        if column.kind == "numeric":
+            return np.array(values, dtype=np.float64)
+        return np.fromiter(map(column.codes.__getitem__, values), np.int32, len(values))
+
+    def _decode_slow(self, messages: Sequence[bytes], positions: Sequence[int]) -> DecodedBatch:
         rejects: list[Reject] = []
         groups: dict[str, list[tuple[int, dict, bytes]]] = {}
         loads, max_bytes = orjson.loads, self.config.max_message_bytes
@@ -394,6 +543,25 @@ class Decoder:
                 if self.config.invalid_values == "missing":
                     out[i] = np.nan
         return out
+
+
+def _concat(a: ModelBatch, b: ModelBatch) -> ModelBatch:
+    """Join the fast and slow parts of a model's batch, back in input order."""
+    positions = np.concatenate([a.positions, b.positions])
+    order = np.argsort(positions, kind="stable")
+
+    def cat(x, y):
+        return None if x is None or y is None else np.concatenate([x, y])[order]
+
+    raw = a.raw + b.raw
+    return ModelBatch(
+        model=a.model, positions=positions[order], ts=cat(a.ts, b.ts),
+        numeric=cat(a.numeric, b.numeric), categorical=cat(a.categorical, b.categorical),
+        prediction=cat(a.prediction, b.prediction), label=cat(a.label, b.label),
+        absent=a.absent + b.absent, type_violations=a.type_violations + b.type_violations,
+        unexpected_events=a.unexpected_events + b.unexpected_events,
+        unexpected_names=a.unexpected_names + b.unexpected_names,
+        model_version=b.model_version or a.model_version, raw=[raw[i] for i in order])
 
 
 def parse_timestamp(v: Any) -> float:
