@@ -182,39 +182,43 @@ class AlertPolicy:
     states: dict[tuple, _State] = field(default_factory=dict)
     windows_seen: dict[str, int] = field(default_factory=dict)
 
-    def _step(self, key: tuple, severity: int, cfg: AlertingConfig) -> str | None:
-        """Advance one finding by one window; returns 'firing', 'resolved' or None."""
+    def _step(self, key: tuple, severity: int, cfg: AlertingConfig, now: str
+              ) -> tuple[str | None, str]:
+        """Advance one finding by one window.
+
+        Returns the state change ('firing', 'resolved' or None) and when the alert started.
+        """
         st = self.states.get(key)
         if st is None:
             if severity == 0:
-                return None  # nothing to remember for findings that never fired
+                return None, ""  # nothing to remember for findings that never fired
             st = self.states[key] = _State()
         if st.severity == 0:
             st.over = st.over + 1 if severity else 0
             if severity and st.over >= cfg.fire_after:
-                st.severity, st.under, st.below_critical = severity, 0, 0
-                return "firing"
+                st.severity, st.under, st.below_critical, st.started = severity, 0, 0, now
+                return "firing", st.started
             if not severity:
                 del self.states[key]
-            return None
+            return None, ""
         if severity == 0:
             st.under += 1
             if st.under >= cfg.resolve_after:
                 del self.states[key]
-                return "resolved"
-            return None
+                return "resolved", st.started
+            return None, st.started
         st.under = 0
         if severity > st.severity:
             st.severity, st.below_critical = severity, 0
-            return "firing"
+            return "firing", st.started
         if severity < st.severity:
             st.below_critical += 1
             if st.below_critical >= cfg.resolve_after:
                 st.severity, st.below_critical = severity, 0
-                return "firing"
+                return "firing", st.started
         else:
             st.below_critical = 0
-        return None
+        return None, st.started
 
     def evaluate(self, report: dict[str, Any]) -> list[dict[str, Any]]:
         """Alert events (firing / resolved state changes) for one window report."""
@@ -225,20 +229,21 @@ class AlertPolicy:
         diagnosis = diagnose(report, first_window=seen == 0)
         events = []
         drift_changes = []
+        now = _window_end(report)
         for f in findings(report):
             key = (f.model, f.feature, f.kind)
-            change = self._step(key, f.severity, cfg)
+            change, started = self._step(key, f.severity, cfg, now)
             if change is None:
                 continue
             if f.kind == "feature_drift":
-                drift_changes.append((f, change))
+                drift_changes.append((f, change, started))
             else:
-                events.append(self._event(f, change, report, diagnosis))
+                events.append(self._event(f, change, report, diagnosis, started=started))
         events = self._grouped(report, cfg, drift_changes, diagnosis) + events
         return events
 
     def _grouped(self, report: dict[str, Any], cfg: AlertingConfig,
-                 changes: list[tuple[Finding, str]], diagnosis) -> list[dict[str, Any]]:
+                 changes: list[tuple[Finding, str, str]], diagnosis) -> list[dict[str, Any]]:
         model = report["model"]
         firing = [k[1] for k, st in self.states.items()
                   if k[0] == model and k[2] == "feature_drift" and k[1] is not None
@@ -246,7 +251,8 @@ class AlertPolicy:
         gkey = (model, None, "feature_drift")
         group = self.states.get(gkey)
         if group is None and len(firing) < cfg.group_min_features:
-            return [self._event(f, change, report, diagnosis) for f, change in changes]
+            return [self._event(f, change, report, diagnosis, started=started)
+                    for f, change, started in changes]
         feats = report["features"]
         ranked = sorted(firing, key=lambda n: -(feats[n]["value"] or 0.0))
         listed = [{"feature": n, "method": feats[n]["method"], "value": feats[n]["value"],
@@ -273,12 +279,8 @@ class AlertPolicy:
                features: list[dict[str, Any]] | None = None,
                started: str | None = None) -> dict[str, Any]:
         alertname, check = KINDS[f.kind]
-        key = (f.model, f.feature, f.kind)
-        st = self.states.get(key)
         now = _window_end(report)
-        if st is not None and not st.started:
-            st.started = now
-        starts = started or (st.started if st else now)
+        starts = started or now
         severity = SEVERITY_NAMES[max(f.severity, 1)]
         labels = {"alertname": alertname, "model": f.model, "severity": severity}
         if f.feature is not None:

@@ -1,0 +1,125 @@
+"""Window accumulators: exact merges, statistics against numpy, window cutting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream_monitor import synthetic
+from stream_monitor.config import parse_config
+from stream_monitor.engine import ModelWindows, WindowAccumulator
+from stream_monitor.pipeline import ModelPipeline
+from stream_monitor.reference import Reference
+
+
+@pytest.fixture(scope="module")
+def pipe(churn_reference_file) -> ModelPipeline:
+    cfg = parse_config({"models": {"churn": {"reference": str(churn_reference_file)}}})
+    return ModelPipeline("churn", cfg, Reference.load(churn_reference_file))
+
+
+@pytest.fixture(scope="module")
+def batch(pipe):
+    from stream_monitor.config import DecodeConfig
+    from stream_monitor.decode import Decoder
+    lines = next(synthetic.generate(600, seed=11, drift=synthetic.Drift(
+        at=300, missing={"f03": 0.3}, mean_shift={"f01": 1.0})))
+    decoded = Decoder({"churn": pipe.schema}, DecodeConfig()).decode(lines, range(1, 601))
+    assert not decoded.rejects
+    return decoded.models["churn"]
+
+
+def _assert_same(a: WindowAccumulator, b: WindowAccumulator) -> None:
+    assert np.array_equal(a.numeric.counts, b.numeric.counts)
+    assert np.array_equal(a.numeric.n, b.numeric.n)
+    assert np.array_equal(a.numeric.out_of_range, b.numeric.out_of_range)
+    assert np.array_equal(a.numeric.min, b.numeric.min)
+    assert np.array_equal(a.numeric.max, b.numeric.max)
+    np.testing.assert_allclose(a.numeric.s1, b.numeric.s1, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(a.numeric.s2, b.numeric.s2, rtol=1e-12, atol=1e-9)
+    assert np.array_equal(a.categorical.counts, b.categorical.counts)
+    assert np.array_equal(a.prediction.counts, b.prediction.counts)
+    assert (a.events, a.first_position, a.last_position) == (
+        b.events, b.first_position, b.last_position)
+    assert (a.ts_min, a.ts_max) == (b.ts_min, b.ts_max)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(0, 600), min_size=1, max_size=5))
+def test_partial_windows_merge_exactly(pipe, batch, cuts):
+    layout = pipe.evaluator.layout
+    whole = WindowAccumulator.empty(layout)
+    whole.update(layout, batch)
+    bounds = [0, *sorted(cuts), 600]
+    parts = []
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        acc = WindowAccumulator.empty(layout)
+        acc.update(layout, batch.take(slice(lo, hi)))
+        parts.append(acc)
+    merged = parts[0]
+    for p in parts[1:]:
+        merged = merged.merge(p)
+    _assert_same(merged, whole)
+    # merge order does not matter either
+    rev = parts[-1]
+    for p in reversed(parts[:-1]):
+        rev = rev.merge(p)
+    _assert_same(rev, whole)
+
+
+def test_statistics_against_numpy(pipe, batch):
+    layout = pipe.evaluator.layout
+    acc = WindowAccumulator.empty(layout)
+    acc.update(layout, batch)
+    x = batch.numeric
+    for j, name in enumerate(pipe.schema.numeric):
+        col = x[:, j]
+        present = col[~np.isnan(col)]
+        prof = pipe.reference.features[name]
+        a, b = layout.numeric.offsets[j], layout.numeric.offsets[j + 1]
+        expected = np.histogram(present, bins=np.concatenate(
+            [[-np.inf], prof.edges, [np.inf]]))[0]
+        # np.histogram bins are closed on the left like searchsorted(side="right")
+        assert np.array_equal(acc.numeric.counts[a:b - 1], expected), name
+        assert acc.numeric.counts[b - 1] == np.isnan(col).sum()
+        assert acc.numeric.n[j] == present.size
+        assert acc.numeric.min[j] == present.min() and acc.numeric.max[j] == present.max()
+        assert acc.numeric.out_of_range[j] == ((present < prof.min) | (present > prof.max)).sum()
+    for j, name in enumerate(pipe.schema.categorical):
+        a, b = layout.categorical.offsets[j], layout.categorical.offsets[j + 1]
+        assert np.array_equal(acc.categorical.counts[a:b],
+                              np.bincount(batch.categorical[:, j], minlength=b - a))
+
+
+def test_missing_values_are_missing_not_zero(pipe, batch):
+    j = pipe.schema.numeric.index("f03")
+    col = batch.numeric[:, j]
+    assert np.isnan(col[300:]).sum() > 50
+    assert not np.isnan(col[:300]).any()
+    assert (col == 0).sum() == 0
+
+
+def test_count_windows_cut_batches_exactly(pipe, batch):
+    from stream_monitor.config import WindowConfig
+    windows = ModelWindows("churn", pipe.evaluator.layout, WindowConfig(events=100))
+    closed = []
+    for lo in range(0, 600, 37):
+        got, late = windows.add(batch.take(slice(lo, min(lo + 37, 600))))
+        assert late.size == 0
+        closed += got
+    assert [w.accumulator.events for w in closed] == [100] * 6
+    assert [(w.accumulator.first_position, w.accumulator.last_position) for w in closed] == [
+        (1 + 100 * i, 100 * (i + 1)) for i in range(6)]
+    assert windows.open_events == 0
+
+
+def test_memory_is_bounded_by_configuration(pipe, batch):
+    layout = pipe.evaluator.layout
+    acc = WindowAccumulator.empty(layout)
+    before = acc.numeric.counts.nbytes + acc.categorical.counts.nbytes
+    for _ in range(20):
+        acc.update(layout, batch)
+    assert acc.numeric.counts.nbytes + acc.categorical.counts.nbytes == before
+    assert acc.events == 20 * 600

@@ -1,0 +1,136 @@
+"""`replay` end to end on generated streams: detection, false alarms, nothing lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from stream_monitor import synthetic
+from stream_monitor.cli import main
+from stream_monitor.config import load_config
+from stream_monitor.replay import replay
+
+DRIFTED = {"f01", "f04", "f09", "f12", "plan"}
+
+
+def _read(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def _flagged(report: dict) -> set[str]:
+    return {n for n, f in report["features"].items() if f["severity"] != "ok"}
+
+
+def test_drift_flags_exactly_the_shifted_features_in_first_full_window(
+        minimal_config: Path, tmp_path: Path):
+    events = synthetic.write_jsonl(tmp_path / "events.jsonl", 500_000, seed=2,
+                                   drift=synthetic.default_drift(250_000))
+    out = tmp_path / "out"
+    assert main(["replay", "--config", str(minimal_config), "--input", str(events),
+                 "--out", str(out), "--quiet"]) == 0
+    windows = _read(out / "windows.jsonl")
+    assert len(windows) == 50
+    for w in windows:
+        first = w["window"]["first_line"]
+        if w["window"]["last_line"] <= 250_000:
+            assert _flagged(w) == set(), f"false alarm before the change in {w['window']}"
+        else:
+            assert first > 250_000  # windows are aligned on 10,000 lines here
+            assert _flagged(w) == DRIFTED, w["window"]
+        assert all(q["severity"] == "ok" for f in w["features"].values()
+                   for q in f["data_quality"].values())
+    alerts = _read(out / "alerts.jsonl")
+    firing = [a for a in alerts if a["status"] == "firing"]
+    # one grouped model-level alert, raised by the first full window after the change
+    assert len(firing) == 1
+    alert = firing[0]
+    assert "feature" not in alert["labels"]
+    assert {f["feature"] for f in alert["features"]} == DRIFTED
+    assert alert["window"]["first_line"] == 250_001
+    assert alert["window"]["last_line"] == 260_000
+    values = [f["value"] for f in alert["features"]]
+    assert values == sorted(values, reverse=True)
+    assert alert["diagnosis"]["root_cause"] == "data_drift"
+    assert alert["labels"]["alertname"] == "FeatureDrift"
+    for key in ("labels", "annotations", "startsAt", "endsAt", "status", "fingerprint",
+                "kind", "method", "value", "threshold", "window"):
+        assert key in alert
+
+
+@pytest.mark.slow
+def test_one_million_stationary_events_raise_no_alert(minimal_config: Path, tmp_path: Path):
+    events = synthetic.write_jsonl(tmp_path / "events.jsonl", 1_000_000, seed=3)
+    cfg = load_config(minimal_config)
+    summary = replay(cfg, events, tmp_path / "out", progress=False)
+    assert summary.counted == 1_000_000
+    assert summary.windows == 100
+    assert summary.alerts == 0
+    assert (tmp_path / "out" / "alerts.jsonl").read_bytes() == b""
+    for w in _read(tmp_path / "out" / "windows.jsonl"):
+        assert _flagged(w) == set()
+        assert w["dataset"]["severity"] == "ok"
+
+
+def test_malformed_lines_are_kept_with_line_numbers(minimal_config: Path, tmp_path: Path):
+    lines = [line for chunk in synthetic.generate(30_000, seed=4) for line in chunk]
+    lines[12_344] = b'{"model": "churn", "features": {"f01": '         # truncated JSON
+    lines[20_000] = b'["not", "an", "object"]'
+    lines[25_000] = lines[25_000].replace(b'"f02":', b'"f02":"oops","x":')  # wrong type
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n\n")
+    out = tmp_path / "out"
+    summary = replay(load_config(minimal_config), path, out, progress=False)
+    rejects = _read(out / "rejects.jsonl")
+    assert [(r["line"], r["reason"]) for r in rejects] == [
+        (12_345, "not_json"), (20_001, "not_object"), (25_001, "wrong_type")]
+    assert rejects[0]["raw"] == lines[12_344].decode()
+    assert rejects[2]["feature"] == "f02"
+    assert summary.lines == 30_000 == summary.counted + len(rejects)
+    windows = _read(out / "windows.jsonl")
+    assert sum(w["window"]["events"] for w in windows) == summary.counted
+    assert windows[-1]["window"]["complete"] is False
+
+
+def test_time_windows_and_late_events(minimal_config: Path, tmp_path: Path):
+    cfg_path = tmp_path / "time.yaml"
+    ref = load_config(minimal_config).models["churn"].reference
+    cfg_path.write_text(f"defaults:\n  window: {{seconds: 60, allowed_lateness: 5}}\n"
+                        f"models:\n  churn:\n    reference: {ref}\n")
+    lines = [line for chunk in synthetic.generate(20_000, seed=5, rate=100.0) for line in chunk]
+    late = orjson.loads(lines[10])
+    lines.append(orjson.dumps(late))  # 10 s of event time into the past of the stream end
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    summary = replay(load_config(cfg_path), path, tmp_path / "out", progress=False)
+    windows = _read(tmp_path / "out" / "windows.jsonl")
+    # 200 s of events at 100/s from t0 = 1_790_000_000 (20 s into a 60 s bucket):
+    # windows [t0-20, t0+40), [+40, +100), [+100, +160) and [+160, +220) flushed at the end
+    assert [w["window"]["events"] for w in windows] == [4000, 6000, 6000, 4000]
+    assert windows[1]["window"]["start"] == "2026-09-21T14:14:00Z"
+    assert summary.rejects["late_event"] == 1
+    rejects = _read(tmp_path / "out" / "rejects.jsonl")
+    assert rejects[0]["line"] == 20_001
+
+
+def test_baseline_from_the_stream(tmp_path: Path):
+    cfg_path = tmp_path / "baseline.yaml"
+    cfg_path.write_text("models:\n  churn:\n    baseline: {events: 50000}\n")
+    events = synthetic.write_jsonl(tmp_path / "events.jsonl", 150_000, seed=6,
+                                   drift=synthetic.default_drift(100_000))
+    summary = replay(load_config(cfg_path), events, tmp_path / "out", progress=False)
+    assert summary.counted == 150_000
+    windows = _read(tmp_path / "out" / "windows.jsonl")
+    assert [w["window"]["first_line"] for w in windows] == list(range(50_001, 150_001, 10_000))
+    assert all(_flagged(w) == set() for w in windows[:5])
+    assert all(_flagged(w) == DRIFTED for w in windows[5:])
+
+
+def test_diagnose_command(minimal_config: Path, tmp_path: Path, capsys):
+    drift = synthetic.Drift(at=10_000, missing={"f03": 0.5})
+    events = synthetic.write_jsonl(tmp_path / "events.jsonl", 20_000, seed=7, drift=drift)
+    replay(load_config(minimal_config), events, tmp_path / "out", progress=False)
+    assert main(["diagnose", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "feature_unavailable" in text and "f03" in text
