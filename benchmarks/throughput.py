@@ -1,0 +1,85 @@
+"""Engine throughput against bare orjson.loads on the same messages, one core.
+
+Prints, measured side by side in one run (best of --rounds, interleaved):
+  * orjson.loads with each result thrown away,
+  * orjson.loads of batches of 10,000 whose results are kept for the batch (the
+    baseline any consumer that decodes a batch pays),
+  * the engine: decode + update + evaluate, the code path of `replay` and `run`
+    (windows of 10,000 events, so every batch also closes and evaluates a window),
+and on the last line the ratio of the engine to the batch baseline.
+
+    python benchmarks/throughput.py [--events 200000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import orjson
+
+from common import monitor, workload
+
+BATCH = 10_000
+
+
+def parse_discard(msgs: list[bytes]) -> float:
+    loads = orjson.loads
+    t = time.perf_counter()
+    for m in msgs:
+        loads(m)
+    return time.perf_counter() - t
+
+
+def parse_batches(msgs: list[bytes]) -> float:
+    loads = orjson.loads
+    t = time.perf_counter()
+    for i in range(0, len(msgs), BATCH):
+        kept = [loads(m) for m in msgs[i:i + BATCH]]
+        del kept
+    return time.perf_counter() - t
+
+
+def engine(msgs: list[bytes]) -> float:
+    mon = monitor_factory()
+    t = time.perf_counter()
+    for i in range(0, len(msgs), BATCH):
+        mon.process(msgs[i:i + BATCH], range(i, i + BATCH))
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    global monitor_factory
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    msgs = workload(args.events)
+    size = sum(map(len, msgs)) / len(msgs)
+    base = monitor()
+    monitor_factory = lambda: monitor_from(base)  # noqa: E731
+    print(f"workload: {len(msgs)} events, {size:.0f} bytes/event, 20 numeric + 5 categorical")
+    best = {"discard": float("inf"), "batch": float("inf"), "engine": float("inf")}
+    for _ in range(args.rounds):
+        for name, fn in (("discard", parse_discard), ("batch", parse_batches),
+                         ("engine", engine)):
+            gc.collect()
+            best[name] = min(best[name], fn(msgs))
+    rate = {k: len(msgs) / v for k, v in best.items()}
+    print(f"orjson.loads, results thrown away : {rate['discard']:>10,.0f} events/s")
+    print(f"orjson.loads, batches of {BATCH:,} kept: {rate['batch']:>10,.0f} events/s")
+    print(f"engine decode+update+evaluate     : {rate['engine']:>10,.0f} events/s")
+    print(f"ratio engine/orjson-discard: {rate['engine'] / rate['discard']:.2f}")
+    print(f"ratio engine/orjson: {rate['engine'] / rate['batch']:.2f}")
+
+
+def monitor_from(base):
+    from stream_monitor.pipeline import Monitor
+    return Monitor(base.config, {n: p.reference for n, p in base.models.items()})
+
+
+monitor_factory = None
+
+if __name__ == "__main__":
+    main()
