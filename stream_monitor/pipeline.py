@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .config import Config, ConfigError, model_settings
 from .decode import BAD_FEATURES, LATE, DecodedBatch, Decoder, ModelSchema, Reject
 from .engine import ClosedWindow, ModelWindows
@@ -84,6 +86,7 @@ class Monitor:
         self.decoder = Decoder({n: p.schema for n, p in self.models.items()}, config.decode)
         self.decoder.pending = set(self.baselines)
         self.policy = AlertPolicy({n: model_settings(config, n).alerting for n in config.models})
+        self.newest_event: dict[str, float] = {}  # newest event time per model (epoch s)
 
     def process(self, messages: Sequence[bytes], positions: Sequence[int]) -> BatchResult:
         decoded = self.decoder.decode(messages, positions)
@@ -92,6 +95,9 @@ class Monitor:
             self._collect_baselines(decoded, result)
         for model, batch in decoded.models.items():
             pipe = self.models[model]
+            if batch.ts.size and not np.isnan(batch.ts).all():
+                self.newest_event[model] = max(self.newest_event.get(model, -np.inf),
+                                               float(np.nanmax(batch.ts)))
             closed, late = pipe.windows.add(batch)
             result.events[model] += len(batch) - late.size
             for i in late:

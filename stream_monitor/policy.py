@@ -182,6 +182,11 @@ class AlertPolicy:
     states: dict[tuple, _State] = field(default_factory=dict)
     windows_seen: dict[str, int] = field(default_factory=dict)
 
+    def severity(self, model: str, feature: str | None, kind: str) -> int:
+        """Current alert severity of a finding (0 when not firing)."""
+        st = self.states.get((model, feature, kind))
+        return st.severity if st else 0
+
     def _step(self, key: tuple, severity: int, cfg: AlertingConfig, now: str
               ) -> tuple[str | None, str]:
         """Advance one finding by one window.

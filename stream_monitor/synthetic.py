@@ -109,7 +109,7 @@ def generate(n: int, *, seed: int = 0, model: str = "churn", drift: Drift | None
                 x[after, NUMERIC.index(name)] += s * _reference_sd(name)
             for name, factor in drift.rescale.items():
                 x[after, NUMERIC.index(name)] *= factor
-        score = 1 / (1 + np.exp(-((x - _MEANS) / _SDS) @ _COEF))
+        score = 1 / (1 + np.exp(-np.clip(((x - _MEANS) / _SDS) @ _COEF, -30, 30)))
         missing = rng.random((m, 20))
         xs = np.round(x, 9).tolist()
         scores = np.round(score, 6).tolist()

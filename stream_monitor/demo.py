@@ -1,0 +1,245 @@
+"""`stream-monitor demo`: a real broker, synthetic traffic with drift, the live monitor.
+
+Starts the embedded Kafka-protocol broker (or uses --bootstrap-servers), creates the
+topics, builds references for two models from synthetic training data, produces
+inference traffic for both, injects drift after a while (a covariate shift in
+`churn`, a feature going missing in `fraud`) and runs the sidecar loop with a live
+terminal view of throughput, windows, drifting features and published alerts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+
+from . import synthetic
+from .config import ProfileConfig, parse_config
+from .reference import build_reference
+
+MODELS = ("churn", "fraud")
+
+
+def _drift(model: str, at: int) -> synthetic.Drift:
+    if model == "churn":
+        return synthetic.Drift(at=at, mean_shift={"f01": 0.8, "f04": 0.8, "f09": 0.8},
+                               categorical={"plan": synthetic.SHIFTED_PLAN})
+    return synthetic.Drift(at=at, missing={"f07": 0.7})
+
+
+class Traffic(threading.Thread):
+    """Produces inference events for both models at a steady rate."""
+
+    def __init__(self, bootstrap: str, topic: str, rate: float, drift_after: float):
+        super().__init__(name="traffic", daemon=True)
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
+                                  "log.connection.close": False})
+        self.topic, self.rate, self.drift_after = topic, rate, drift_after
+        self.stop = threading.Event()
+        self.sent = 0
+
+    def run(self) -> None:
+        per_model = self.rate / len(MODELS)
+        at = int(per_model * self.drift_after)
+        gens = [synthetic.generate(10**9, seed=100 + i, model=m, drift=_drift(m, at),
+                                   start_ts=time.time(), rate=per_model, chunk=500)
+                for i, m in enumerate(MODELS)]
+        started = time.monotonic()
+        while not self.stop.is_set():
+            for gen in gens:
+                for value in next(gen):
+                    while True:
+                        try:
+                            self.producer.produce(self.topic, value)
+                            break
+                        except BufferError:
+                            self.producer.poll(0.1)
+                    self.sent += 1
+            self.producer.poll(0)
+            ahead = self.sent / self.rate - (time.monotonic() - started)
+            if ahead > 0:
+                self.stop.wait(ahead)
+        self.producer.flush(5)
+
+
+class LiveView:
+    """What the demo shows: rates, windows, drifting features, alerts."""
+
+    def __init__(self, sidecar, traffic: Traffic, metrics_url: str):
+        self.sidecar, self.traffic, self.url = sidecar, traffic, metrics_url
+        self.alerts: deque[dict[str, Any]] = deque(maxlen=12)
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.windows = 0
+        self.started = time.monotonic()
+        self._last = (self.started, 0)
+        self.rate = 0.0
+
+    def on_batch(self, result) -> None:
+        for report in result.reports:
+            self.latest[report["model"]] = report
+            self.windows += 1
+
+    def on_alert(self, alert: dict[str, Any]) -> None:
+        self.alerts.append(alert)
+
+    def tick(self) -> None:
+        now, counted = time.monotonic(), sum(self.sidecar.applied.values())
+        t0, c0 = self._last
+        if now - t0 >= 1.0:
+            self.rate = (counted - c0) / (now - t0)
+            self._last = (now, counted)
+
+    def render(self):
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+        ready, why = self.sidecar.readiness()
+        head = Text.assemble(
+            ("stream-monitor demo", "bold"), f"  {time.monotonic() - self.started:5.0f}s  ",
+            f"produced {self.traffic.sent:,}  counted {sum(self.sidecar.applied.values()):,}  ",
+            f"{self.rate:,.0f} events/s  windows {self.windows}  ",
+            ("ready" if ready else f"not ready ({why})", "green" if ready else "yellow"),
+            f"\nmetrics: {self.url}")
+        models = Table(title="latest window per model", expand=True)
+        for col in ("model", "window", "drifting features (method score)", "data quality"):
+            models.add_column(col)
+        for name, r in sorted(self.latest.items()):
+            feats = r["features"]
+            drifting = ", ".join(f"{n} ({feats[n]['method']} {feats[n]['value']:.2f})"
+                                 for n in r["dataset"]["drifted_features"][:6]) or "none"
+            dq = ", ".join(f"{n}: {c} {q['value']:.0%}" for n, f in feats.items()
+                           for c, q in f["data_quality"].items() if q["severity"] != "ok")
+            models.add_row(name, f"#{r['window']['index']} ({r['window']['events']} events)",
+                           drifting, dq or "ok")
+        alerts = Table(title="alerts published to the alert topic", expand=True)
+        for col in ("status", "severity", "alert", "model", "about", "cause"):
+            alerts.add_column(col)
+        for a in self.alerts:
+            about = a["labels"].get("feature") or ", ".join(
+                f["feature"] for f in a.get("features", [])[:6]) or "-"
+            alerts.add_row(a["status"], a["labels"]["severity"], a["labels"]["alertname"],
+                           a["labels"]["model"], about,
+                           (a.get("diagnosis") or {}).get("root_cause", ""))
+        return Group(head, models, alerts)
+
+    def line(self) -> str:
+        return (f"{time.monotonic() - self.started:5.0f}s produced {self.traffic.sent} "
+                f"counted {sum(self.sidecar.applied.values())} windows {self.windows} "
+                f"alerts {len(self.alerts)}")
+
+
+def _references(directory: Path) -> dict[str, Path]:
+    out = {}
+    for i, model in enumerate(MODELS):
+        train = synthetic.write_jsonl(directory / f"{model}-train.jsonl", 30_000, seed=10 + i,
+                                      model=model)
+        path = directory / f"{model}.json"
+        build_reference(train, model, ProfileConfig()).save(path)
+        out[model] = path
+    return out
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .runtime import KafkaSidecar, install_signal_handlers
+    logging.basicConfig(level=logging.ERROR)
+    console = Console(stderr=False)
+    broker = None
+    bootstrap = args.bootstrap_servers
+    if not bootstrap:
+        from .broker import EmbeddedBroker
+        broker = EmbeddedBroker()
+        console.print("starting the embedded Kafka-protocol broker (Tansu)...")
+        broker.start()
+        bootstrap = broker.bootstrap_servers
+    topics = {"inferences": "inferences", "alerts": "model-alerts",
+              "dead_letter": "model-events-dlq"}
+    try:
+        if broker is not None:
+            broker.create_topics({"inferences": 2, "model-alerts": 1, "model-events-dlq": 1})
+        work = Path(tempfile.mkdtemp(prefix="stream-monitor-demo-"))
+        console.print(f"building references for {', '.join(MODELS)} in {work} ...")
+        refs = _references(work)
+        cfg = parse_config({
+            "kafka": {"bootstrap.servers": bootstrap, "group.id": "stream-monitor-demo",
+                      "session.timeout.ms": 6000, "log.connection.close": False},
+            "topics": {"inferences": [topics["inferences"]], "alerts": topics["alerts"],
+                       "dead_letter": topics["dead_letter"]},
+            "http": {"host": "127.0.0.1", "port": args.port},
+            "defaults": {"window": {"events": args.window}},
+            "models": {m: {"reference": str(p)} for m, p in refs.items()},
+        })
+        sidecar = KafkaSidecar(cfg)
+        try:
+            http = sidecar.serve_http()
+        except OSError:  # the port is taken (another monitor?): any free port will do
+            sidecar.config = cfg = cfg.model_copy(update={"http": cfg.http.model_copy(
+                update={"port": 0})})
+            http = sidecar.serve_http()
+        url = f"http://127.0.0.1:{http.port}/metrics"
+        traffic = Traffic(bootstrap, topics["inferences"], args.rate, args.drift_after)
+        view = LiveView(sidecar, traffic, url)
+        sidecar.on_batch, sidecar.on_alert = view.on_batch, view.on_alert
+        console.print(f"Kafka at {bootstrap}; serving metrics at {url}")
+        console.print(f"producing {args.rate:,.0f} events/s for {', '.join(MODELS)}; drift "
+                      f"starts after {args.drift_after:.0f}s. Ctrl-C to stop.")
+        install_signal_handlers(sidecar)
+        sidecar.subscribe()
+        traffic.start()
+        deadline = time.monotonic() + args.duration if args.duration else float("inf")
+        try:
+            if console.is_terminal:
+                from rich.live import Live
+                with Live(view.render(), console=console, refresh_per_second=4) as live:
+                    while not sidecar.stopping.is_set() and time.monotonic() < deadline:
+                        sidecar.poll_once()
+                        view.tick()
+                        live.update(view.render())
+            else:
+                shown, last_line = 0, 0.0
+                while not sidecar.stopping.is_set() and time.monotonic() < deadline:
+                    sidecar.poll_once()
+                    view.tick()
+                    for a in list(view.alerts)[shown:]:
+                        about = a["labels"].get("feature") or ",".join(
+                            f["feature"] for f in a.get("features", []))
+                        print(f"ALERT {a['status']} {a['labels']['severity']} "
+                              f"{a['labels']['alertname']} model={a['labels']['model']} "
+                              f"features={about} cause="
+                              f"{(a.get('diagnosis') or {}).get('root_cause', '')}", flush=True)
+                    shown = len(view.alerts)
+                    if time.monotonic() - last_line > 5:
+                        print(view.line(), flush=True)
+                        last_line = time.monotonic()
+        finally:
+            traffic.stop.set()
+            traffic.join(10)
+            sidecar.close()
+            http.stop()
+        console.print(view.render() if console.is_terminal else view.line())
+        console.print(f"done: {sum(sidecar.applied.values()):,} events counted, "
+                      f"{view.windows} windows, {len(view.alerts)} alert events shown")
+    finally:
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("demo", help="embedded broker + synthetic drifting traffic + live view")
+    d.add_argument("--duration", type=float, default=0,
+                   help="seconds to run (default: until Ctrl-C)")
+    d.add_argument("--bootstrap-servers", help="use this Kafka instead of the embedded broker")
+    d.add_argument("--rate", type=float, default=4000, help="events/s produced (all models)")
+    d.add_argument("--drift-after", type=float, default=20, help="seconds before drift starts")
+    d.add_argument("--window", type=int, default=2000, help="events per window")
+    d.add_argument("--port", type=int, default=9108, help="HTTP port for /metrics (0: any)")
+    d.set_defaults(func=_cmd_demo)
