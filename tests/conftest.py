@@ -31,3 +31,13 @@ def minimal_config(churn_reference_file: Path, tmp_path: Path) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(f"models:\n  churn:\n    reference: {churn_reference_file}\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def kafka_broker():
+    """A real Kafka-protocol broker (Tansu) on a free loopback port, for the session."""
+    from stream_monitor.broker import EmbeddedBroker
+    broker = EmbeddedBroker()
+    broker.start()
+    yield broker
+    broker.stop()
