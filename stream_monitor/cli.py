@@ -93,6 +93,20 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from . import synthetic
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train = synthetic.write_jsonl(out / "train.jsonl", args.train, seed=1, labels=True)
+    drift = synthetic.default_drift(args.drift_at) if args.drift_at else None
+    events = synthetic.write_jsonl(out / "events.jsonl", args.events, seed=2, drift=drift)
+    (out / "config.yaml").write_text("models:\n  churn:\n    reference: churn.json\n")
+    print(f"wrote {train} ({args.train} events), {events} ({args.events} events"
+          + (f", drift from event {args.drift_at}: f01 f04 f09 f12 +0.5 sd, plan frequencies)"
+             if drift else ")") + f" and {out / 'config.yaml'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stream-monitor", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -118,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_replay)
+
+    s = sub.add_parser("sample", help="write a synthetic training file and a drifting stream")
+    s.add_argument("--out", default="samples")
+    s.add_argument("--train", type=int, default=100_000)
+    s.add_argument("--events", type=int, default=200_000)
+    s.add_argument("--drift-at", type=int, default=100_000, help="0 for no drift")
+    s.set_defaults(func=_cmd_sample)
 
     d = sub.add_parser("diagnose", help="explain the latest window of each model")
     d.add_argument("input", help="replay output directory or windows.jsonl")

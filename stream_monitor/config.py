@@ -207,7 +207,9 @@ class ConsumerConfig(Strict):
     poll_timeout: float = Field(default=0.5, gt=0)
 
 
-class AlertmanagerPush(Strict):
+class AlertmanagerConfig(Strict):
+    """Direct push of alert events to Alertmanager's v2 API (off unless `url` is set)."""
+
     url: str | None = None  # e.g. http://localhost:9093 ; off when absent
     timeout: float = Field(default=5.0, gt=0)
 
@@ -222,7 +224,7 @@ class Config(Strict):
     metrics: MetricsConfig = MetricsConfig()
     consumer: ConsumerConfig = ConsumerConfig()
     decode: DecodeConfig = DecodeConfig()
-    alertmanager: AlertmanagerPush = AlertmanagerPush()
+    alertmanager: AlertmanagerConfig = AlertmanagerConfig()
     defaults: Defaults = Defaults()
     models: dict[str, ModelConfig] = Field(min_length=1)
 
@@ -238,7 +240,7 @@ def _format_errors(err: ValidationError, source: str) -> list[str]:
         shown = repr(value) if not isinstance(value, dict) else "{...}"
         if len(shown) > 60:
             shown = shown[:57] + "..."
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not part of the config schema)"
         elif e["type"] == "missing":

@@ -27,6 +27,7 @@ from prometheus_client import make_wsgi_app
 from .config import Config, load_config
 from .metrics import MonitorMetrics
 from .pipeline import BatchResult, Monitor
+from .sinks import AlertmanagerPush
 
 log = logging.getLogger("stream_monitor")
 
@@ -131,6 +132,10 @@ class KafkaSidecar:
         self._last_check = 0.0
         self.applied = Counter()     # events counted per model (for tests and the demo)
         self.http: HttpEndpoints | None = None
+        self.push = None
+        if config.alertmanager.url:
+            self.push = AlertmanagerPush(config.alertmanager.url, config.alertmanager.timeout,
+                                         on_failure=self.metrics.alert_failures.inc)
 
     # -- state the endpoints report ----------------------------------------------------
 
@@ -290,6 +295,8 @@ class KafkaSidecar:
             {n: p.windows.open_events for n, p in self.monitor.models.items()},
             self.monitor.newest_event)
         self.applied.update(result.events)
+        if self.push is not None and (result.alerts or self.push.pending):
+            self.push.send(result.alerts)
         if self._flush(30.0):
             self._commit()
         if self.on_batch is not None:
