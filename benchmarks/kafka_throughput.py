@@ -14,9 +14,9 @@ import argparse
 import threading
 import time
 
+from common import monitor, workload
 from confluent_kafka import Producer
 
-from common import monitor, workload
 from stream_monitor.broker import EmbeddedBroker
 from stream_monitor.config import parse_config
 from stream_monitor.pipeline import Monitor

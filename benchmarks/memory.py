@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from rich.progress import Progress
-
 from common import monitor, workload
+from rich.progress import Progress
 
 BATCH = 10_000
 

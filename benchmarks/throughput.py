@@ -18,7 +18,6 @@ import gc
 import time
 
 import orjson
-
 from common import monitor, workload
 
 BATCH = 10_000

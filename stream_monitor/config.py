@@ -294,7 +294,8 @@ def load_config(path: str | Path) -> Config:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([f"{path}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
+        problem = getattr(exc, "problem", exc)
+        raise ConfigError([f"{path}:{where}: invalid YAML: {problem}"]) from None
     return parse_config(data, str(path), path.parent)
 
 
@@ -325,7 +326,8 @@ class ModelSettings(BaseModel):
     def feature(self, name: str, kind: FeatureKind) -> FeatureSettings:
         o = self.overrides.get(name)
         kind = (o.kind if o and o.kind else kind)
-        drift = (o.drift if o and o.drift else (self.numeric if kind == "numeric" else self.categorical))
+        default = self.numeric if kind == "numeric" else self.categorical
+        drift = o.drift if o and o.drift else default
         dq = o.data_quality if o and o.data_quality else self.data_quality
         return FeatureSettings(kind=kind, drift=drift, data_quality=dq)
 

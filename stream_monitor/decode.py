@@ -332,7 +332,8 @@ class Decoder:
         schemas = self.schemas
         for pos, raw in zip(positions, messages, strict=True):
             if len(raw) > max_bytes:
-                rejects.append(Reject(pos, TOO_LARGE, raw, detail=f"{len(raw)} bytes > {max_bytes}"))
+                rejects.append(Reject(pos, TOO_LARGE, raw,
+                                      detail=f"{len(raw)} bytes > {max_bytes}"))
                 continue
             try:
                 ev = loads(raw)

@@ -44,7 +44,8 @@ _SUMMARY = {
     "out_of_range": "{value:.1%} of feature {feature} of model {model} outside the reference range",
     "stuck_feature": "Feature {feature} of model {model} is stuck at one value",
     "unseen_categories": "Feature {feature} of model {model} has unseen categories (+{value:.1%})",
-    "type_violations": "{value:.1%} of values of feature {feature} of model {model} have a wrong type",
+    "type_violations": "{value:.1%} of values of feature {feature} of model {model} "
+                       "have a wrong type",
     "schema_change": "Schema of model {model} changed at {feature} ({value:.1%} of events)",
 }
 _ACTION = {

@@ -83,7 +83,8 @@ class NumericProfile:
         edges = np.asarray(d["edges"], dtype=np.float64)
         counts = np.asarray(d["counts"], dtype=np.int64)
         if counts.size != edges.size + 1 or np.any(np.diff(edges) <= 0):
-            raise ReferenceError("numeric profile needs increasing edges and len(counts) = len(edges)+1")
+            raise ReferenceError(
+                "numeric profile needs increasing edges and len(counts) = len(edges)+1")
         return cls(edges=edges, counts=counts, mean=float(d["mean"]), variance=float(d["variance"]),
                    min=float(d["min"]), max=float(d["max"]), count=int(d["count"]),
                    missing_rate=float(d["missing_rate"]))
@@ -103,7 +104,8 @@ class CategoricalProfile:
         return self.other / self.count if self.count else 0.0
 
     @classmethod
-    def from_counter(cls, counter: Counter, missing: int, max_categories: int) -> CategoricalProfile:
+    def from_counter(cls, counter: Counter, missing: int,
+                     max_categories: int) -> CategoricalProfile:
         total = sum(counter.values())
         if total == 0:
             raise ReferenceError("no non-missing values to profile")
@@ -180,7 +182,8 @@ class Reference:
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ReferenceError(
-                f"{source}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+                f"{source}: schema_version {version!r} is not supported "
+                f"(expected {SCHEMA_VERSION})")
         try:
             feats = {str(k): _profile_from_json(v) for k, v in d["features"].items()}
             pred = _profile_from_json(d["prediction"]) if d.get("prediction") else None

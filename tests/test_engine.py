@@ -87,7 +87,7 @@ def test_statistics_against_numpy(pipe, batch):
         assert acc.numeric.n[j] == present.size
         assert acc.numeric.min[j] == present.min() and acc.numeric.max[j] == present.max()
         assert acc.numeric.out_of_range[j] == ((present < prof.min) | (present > prof.max)).sum()
-    for j, name in enumerate(pipe.schema.categorical):
+    for j in range(len(pipe.schema.categorical)):
         a, b = layout.categorical.offsets[j], layout.categorical.offsets[j + 1]
         assert np.array_equal(acc.categorical.counts[a:b],
                               np.bincount(batch.categorical[:, j], minlength=b - a))
