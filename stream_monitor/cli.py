@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import orjson
+from pydantic import ValidationError
 
 from .config import ConfigError, FieldMapping, ProfileConfig, load_config
 from .reference import ReferenceError, build_reference
@@ -34,15 +35,23 @@ def _cmd_reference_build(args: argparse.Namespace) -> int:
         profile, fields = cfg.defaults.profile, cfg.decode.fields
         if args.model in cfg.models:
             kinds = {n: o.kind for n, o in cfg.models[args.model].features.items() if o.kind}
-    if args.bins:
-        profile = profile.model_copy(update={"numeric_bins": args.bins})
-    if args.max_categories:
-        profile = profile.model_copy(update={"max_categories": args.max_categories})
+    update = {k: v for k, v in (("numeric_bins", args.bins),
+                                ("max_categories", args.max_categories)) if v is not None}
+    try:
+        profile = ProfileConfig.model_validate({**profile.model_dump(), **update})
+    except ValidationError as err:
+        e = err.errors()[0]
+        flag = {"numeric_bins": "--bins", "max_categories": "--max-categories"}[e["loc"][0]]
+        raise UsageError(f"{flag}: {e['msg']} (got {e['input']})") from None
     path = Path(args.input)
     if not path.exists():
         raise UsageError(f"{path}: input file not found")
     ref = build_reference(path, args.model, profile, fields, kinds)
-    ref.save(args.out)
+    try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        ref.save(args.out)
+    except OSError as exc:
+        raise UsageError(f"{args.out}: cannot write the reference: {exc.strerror}") from None
     kinds_seen = {}
     for p in ref.features.values():
         kinds_seen[p.kind] = kinds_seen.get(p.kind, 0) + 1

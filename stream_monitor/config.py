@@ -180,7 +180,7 @@ class DecodeConfig(Strict):
 
 
 class Topics(Strict):
-    inferences: list[str] = ["inferences"]
+    inferences: list[str] = Field(default=["inferences"], min_length=1)
     labels: str | None = None
     alerts: str = "model-alerts"
     dead_letter: str = "model-events-dlq"
@@ -265,11 +265,12 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         for fname, fo in m.features.items():
             if fo.drift is None:
                 continue
-            allowed = CATEGORICAL_METHODS if fo.kind == "categorical" else NUMERIC_METHODS
+            allowed = {"categorical": CATEGORICAL_METHODS, "numeric": NUMERIC_METHODS}.get(
+                fo.kind or "", NUMERIC_METHODS + CATEGORICAL_METHODS)
             if fo.drift.method not in allowed:
                 problems.append(
                     f"{source}: models.{name}.features.{fname}.drift.method: unknown method "
-                    f"{fo.drift.method!r} (expected one of {', '.join(allowed)})"
+                    f"{fo.drift.method!r} (expected one of {', '.join(dict.fromkeys(allowed))})"
                 )
         for key, allowed in (("numeric", NUMERIC_METHODS), ("categorical", CATEGORICAL_METHODS)):
             for where, rule in ((f"models.{name}.{key}", getattr(m, key)),
@@ -328,8 +329,21 @@ class ModelSettings(BaseModel):
         kind = (o.kind if o and o.kind else kind)
         default = self.numeric if kind == "numeric" else self.categorical
         drift = o.drift if o and o.drift else default
-        dq = o.data_quality if o and o.data_quality else self.data_quality
+        dq = overlay(self.data_quality, o.data_quality if o else None)
         return FeatureSettings(kind=kind, drift=drift, data_quality=dq)
+
+
+def overlay(base: BaseModel, override: BaseModel | None) -> BaseModel:
+    """`base` with the keys `override` sets explicitly: overrides add to defaults."""
+    if override is None:
+        return base
+    update = {}
+    for name in override.model_fields_set:
+        value = getattr(override, name)
+        inner = getattr(base, name)
+        update[name] = overlay(inner, value) if isinstance(inner, Strict) and isinstance(
+            value, Strict) and not isinstance(inner, Thresholds) else value
+    return base.model_copy(update=update)
 
 
 def model_settings(cfg: Config, name: str) -> ModelSettings:
@@ -341,8 +355,8 @@ def model_settings(cfg: Config, name: str) -> ModelSettings:
         significance=d.significance,
         numeric=m.numeric or d.numeric,
         categorical=m.categorical or d.categorical,
-        data_quality=m.data_quality or d.data_quality,
-        alerting=m.alerting or d.alerting,
+        data_quality=overlay(d.data_quality, m.data_quality),
+        alerting=overlay(d.alerting, m.alerting),
         profile=d.profile,
         overrides=m.features,
     )

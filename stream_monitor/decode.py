@@ -224,7 +224,11 @@ class Decoder:
         key = tuple(sorted(self.schemas))
         if getattr(self, "_fast_key", None) != key:
             types = {self.schemas[m].event_type(self.config.fields): m for m in key}
-            union = next(iter(types)) if len(types) == 1 else Union[tuple(types)]  # noqa: UP007
+            # msgspec treats the tag of a lone tagged struct as optional; in a union it is
+            # required, so a never-matching member keeps events without a model out
+            never = msgspec.defstruct("_no_model", [], tag_field=self.config.fields.model,
+                                      tag="\x00never")
+            union = Union[(*types, never)]  # noqa: UP007
             self._fast = msgspec.json.Decoder(union).decode
             self._fast_types, self._fast_key = types, key
         return self._fast, self._fast_types
@@ -247,7 +251,12 @@ class Decoder:
                 slow_msgs.append(raw)
                 slow_pos.append(pos)
                 continue
-            p, e, r = by_type[type(ev)]
+            bucket = by_type.get(type(ev))
+            if bucket is None:  # the never-matching union member
+                slow_msgs.append(raw)
+                slow_pos.append(pos)
+                continue
+            p, e, r = bucket
             p.append(pos)
             e.append(ev)
             r.append(raw)
@@ -275,13 +284,15 @@ class Decoder:
         absent = np.zeros(n_num + n_cat, np.int64)
         violations = np.zeros(n_num + n_cat, np.int64)
         num_rows = list(map(schema._num_attr, feats))
+        unset_cols: list[tuple[int, tuple]] = []  # columns with absent keys
         try:
             numeric = np.fromiter(chain.from_iterable(num_rows), np.float64,
                                   n * n_num).reshape(n, n_num)
         except TypeError:  # None (missing) or UNSET (absent) somewhere
             numeric = np.empty((n, n_num), np.float64)
             for j, col in enumerate(zip(*num_rows, strict=True)):
-                absent[j] = col.count(msgspec.UNSET)
+                if msgspec.UNSET in col:
+                    unset_cols.append((j, col))
                 numeric[:, j] = [np.nan if v is None or v is msgspec.UNSET else v for v in col]
         if n_num and np.isinf(numeric).any():
             for i, j in zip(*np.nonzero(np.isinf(numeric)), strict=True):
@@ -293,10 +304,14 @@ class Decoder:
             cols = zip(*map(schema._cat_attr, feats), strict=True)
             for j, (col, codes) in enumerate(zip(cols, schema.cat_codes, strict=True)):
                 categorical[:, j] = np.fromiter(map(codes.__getitem__, col), np.int32, n)
-                absent[n_num + j] = col.count(msgspec.UNSET)
+                if msgspec.UNSET in col:
+                    unset_cols.append((n_num + j, col))
         prediction = self._struct_optional(schema.prediction, [e.prediction for e in evs])
         label = self._struct_optional(schema.label, [e.label for e in evs])
         ts = self._timestamps([e.ts for e in evs], bad, reasons)
+        for j, col in unset_cols:
+            absent[j] = sum(1 for v, b in zip(col, bad, strict=True)
+                            if v is msgspec.UNSET and not b)
         version = evs[-1].model_version
         pos = np.array(positions, np.int64)
         if bad.any():
@@ -384,8 +399,7 @@ class Decoder:
         if not group:
             return None
         n_num, n_cat = len(schema.numeric), len(schema.categorical)
-        absent = np.zeros(n_num + n_cat, np.int64)
-        num_rows, cat_rows = self._rows(schema, feats, absent)
+        num_rows, cat_rows, some_absent = self._rows(schema, feats)
 
         bad = np.zeros(len(group), dtype=bool)     # rows to reject
         reasons: dict[int, tuple[str, str]] = {}
@@ -404,14 +418,18 @@ class Decoder:
         label = self._optional(schema.label, group, self._label_key, bad, reasons)
         ts = self._timestamps([g[1].get(self._ts_key) for g in group], bad, reasons)
 
+        # Schema counters cover the events that are kept, not the rejected ones.
+        absent = np.zeros(n_num + n_cat, np.int64)
+        kept = [f for f, b in zip(feats, bad, strict=True) if not b]
+        if some_absent:
+            for j, k in enumerate(schema.feature_names):
+                absent[j] = sum(1 for f in kept if k not in f)
+        # This is the slow path (the typed decoder refuses unknown fields), so every kept
+        # event is checked for fields the reference does not know.
         unexpected_events, unexpected_names = 0, Counter()
         expected = schema.expected
-        lens = np.fromiter(map(len, feats), np.int64, len(feats))
-        # Only events with more keys than expected (or a batch with absent keys, where
-        # an extra key can hide behind a missing one) can carry unexpected fields.
-        suspects = np.arange(len(feats)) if absent.any() else np.flatnonzero(lens > len(expected))
-        for i in suspects:
-            extra = feats[i].keys() - expected
+        for f in kept:
+            extra = f.keys() - expected
             if extra:
                 unexpected_events += 1
                 if len(unexpected_names) < _MAX_UNEXPECTED_NAMES:
@@ -441,19 +459,17 @@ class Decoder:
                           model_version=None if version is None else str(version), raw=raw)
 
     @staticmethod
-    def _rows(schema: ModelSchema, feats: list[dict], absent: np.ndarray):
-        """Feature tuples per event; the slow path runs only when a key is absent."""
+    def _rows(schema: ModelSchema, feats: list[dict]) -> tuple[list, list, bool]:
+        """Feature tuples per event, and whether some key was absent (the slower path)."""
         try:
-            return list(map(schema._num_get, feats)), list(map(schema._cat_get, feats))
+            return list(map(schema._num_get, feats)), list(map(schema._cat_get, feats)), False
         except KeyError:
             pass
         num_rows, cat_rows = [], []
         for f in feats:
             num_rows.append(tuple(f.get(k) for k in schema.numeric))
             cat_rows.append(tuple(f.get(k) for k in schema.categorical))
-        for j, k in enumerate(schema.feature_names):
-            absent[j] = sum(1 for f in feats if k not in f)
-        return num_rows, cat_rows
+        return num_rows, cat_rows, True
 
     def _numeric_matrix(self, names: list[str], rows: list[tuple], n: int, bad: np.ndarray,
                         reasons: dict, violations: np.ndarray, offset: int) -> np.ndarray:
@@ -529,11 +545,12 @@ class Decoder:
         types = set(map(type, col))
         if types <= _NUMBER_TYPES:
             return np.array(col, dtype=np.float64)
-        if types == {str}:
+        if types == {str} and min(map(len, col)) >= 19:  # full date and time
             try:
                 stamps = np.array([s[:-1] if s[-1:] == "Z" else s for s in col],
                                   dtype="datetime64[us]")
-                return stamps.astype(np.int64) / 1e6
+                if not np.isnat(stamps).any():
+                    return stamps.astype(np.int64) / 1e6
             except ValueError:
                 pass  # offsets like +02:00 or odd spellings: parse one by one below
         out = np.empty(len(col), np.float64)

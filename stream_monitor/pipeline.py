@@ -14,7 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config, ConfigError, model_settings
+from .config import (
+    CATEGORICAL_METHODS,
+    NUMERIC_METHODS,
+    Config,
+    ConfigError,
+    model_settings,
+)
 from .decode import BAD_FEATURES, LATE, DecodedBatch, Decoder, ModelSchema, Reject
 from .engine import ClosedWindow, ModelWindows
 from .evaluate import WindowEvaluator
@@ -52,6 +58,20 @@ class ModelPipeline:
             raise ConfigError([f"models.{name}.features.{u}: not a feature of the reference "
                                f"(known: {', '.join(sorted(reference.features)[:20])})"
                                for u in unknown])
+        problems = []
+        for fname, o in overrides.items():
+            ref_kind = reference.features[fname].kind
+            where = f"models.{name}.features.{fname}"
+            if o.kind and o.kind != ref_kind:
+                problems.append(f"{where}.kind: {o.kind!r} contradicts the reference, which "
+                                f"profiles it as {ref_kind} (rebuild the reference with "
+                                f"this kind)")
+            allowed = CATEGORICAL_METHODS if ref_kind == "categorical" else NUMERIC_METHODS
+            if o.drift is not None and o.drift.method not in allowed:
+                problems.append(f"{where}.drift.method: {o.drift.method!r} does not apply to "
+                                f"a {ref_kind} feature (expected one of {', '.join(allowed)})")
+        if problems:
+            raise ConfigError(problems)
         kinds = {n: o.kind for n, o in overrides.items() if o.kind}
         ignored = {n for n, o in overrides.items() if o.ignore}
         self.reference = reference

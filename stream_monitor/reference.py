@@ -144,6 +144,8 @@ Profile = NumericProfile | CategoricalProfile
 
 
 def _profile_from_json(d: dict[str, Any]) -> Profile:
+    if not isinstance(d, dict):
+        raise ReferenceError(f"a profile must be an object, got {type(d).__name__}")
     if d.get("kind") == "numeric":
         return NumericProfile.from_json(d)
     if d.get("kind") == "categorical":
@@ -185,10 +187,12 @@ class Reference:
                 f"{source}: schema_version {version!r} is not supported "
                 f"(expected {SCHEMA_VERSION})")
         try:
+            if not isinstance(d.get("features"), dict):
+                raise ReferenceError("'features' must be an object of profiles")
             feats = {str(k): _profile_from_json(v) for k, v in d["features"].items()}
             pred = _profile_from_json(d["prediction"]) if d.get("prediction") else None
             label = _profile_from_json(d["label"]) if d.get("label") else None
-        except (KeyError, TypeError, ValueError, ReferenceError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, ReferenceError) as exc:
             raise ReferenceError(f"{source}: malformed profile: {exc}") from None
         if not feats:
             raise ReferenceError(f"{source}: no features")
@@ -307,6 +311,9 @@ def iter_training_rows(path: Path, model: str, fields: FieldMapping
         if suffix == ".csv":
             reader = csv.DictReader(fh)
             for row in reader:
+                if None in row:
+                    raise ReferenceError(f"{path}:{reader.line_num}: more cells than the "
+                                         f"header has columns")
                 feats = {k: _csv_value(v) for k, v in row.items()
                          if k not in (fields.prediction, fields.label)}
                 yield (feats, _csv_value(row.get(fields.prediction)),
