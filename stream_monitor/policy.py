@@ -13,7 +13,7 @@ likely cause: data drift, a pipeline fault that looks like drift, or label shift
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -182,6 +182,7 @@ class AlertPolicy:
     config: dict[str, AlertingConfig]          # per model
     states: dict[tuple, _State] = field(default_factory=dict)
     windows_seen: dict[str, int] = field(default_factory=dict)
+    _resolved_severity: int = 0
 
     def severity(self, model: str, feature: str | None, kind: str) -> int:
         """Current alert severity of a finding (0 when not firing)."""
@@ -211,6 +212,7 @@ class AlertPolicy:
             st.under += 1
             if st.under >= cfg.resolve_after:
                 del self.states[key]
+                self._resolved_severity = st.severity
                 return "resolved", st.started
             return None, st.started
         st.under = 0
@@ -241,6 +243,8 @@ class AlertPolicy:
             change, started = self._step(key, f.severity, cfg, now)
             if change is None:
                 continue
+            if change == "resolved":  # a resolved alert keeps the labels it fired with
+                f = replace(f, severity=self._resolved_severity)
             if f.kind == "feature_drift":
                 drift_changes.append((f, change, started))
             else:
@@ -275,6 +279,7 @@ class AlertPolicy:
             return [self._event(gf, "firing", report, diagnosis, listed)]
         if not firing:
             del self.states[gkey]
+            gf = replace(gf, severity=group.severity)
             return [self._event(gf, "resolved", report, diagnosis, listed, group.started)]
         if severity != group.severity:
             group.severity = severity

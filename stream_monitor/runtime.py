@@ -268,6 +268,8 @@ class KafkaSidecar:
         """Consume, apply and deliver one batch; returns the number of messages."""
         cfg = self.config.consumer
         self._service_checks()
+        if self.push is not None and self.push.due():
+            self.push.send([])
         if self._retry or self._undelivered:
             if self._flush(5.0):
                 self._commit()
@@ -295,7 +297,7 @@ class KafkaSidecar:
             {n: p.windows.open_events for n, p in self.monitor.models.items()},
             self.monitor.newest_event)
         self.applied.update(result.events)
-        if self.push is not None and (result.alerts or self.push.pending):
+        if self.push is not None and (result.alerts or self.push.due()):
             self.push.send(result.alerts)
         if self._flush(30.0):
             self._commit()

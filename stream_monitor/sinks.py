@@ -62,12 +62,18 @@ class ReplayFiles:
             sink.close()
 
 
-def alertmanager_payload(alert: dict[str, Any]) -> dict[str, Any]:
-    """An alert event as Alertmanager's v2 API takes it (resolved ones carry endsAt)."""
+def alertmanager_payload(alert: dict[str, Any], now: str | None = None) -> dict[str, Any]:
+    """An alert event as Alertmanager's v2 API takes it.
+
+    Alertmanager works in wall-clock time while alert events carry event time, which
+    may run ahead of the clock: startsAt is capped at now, and a resolved alert ends now.
+    """
+    from .policy import iso_now
+    now = now or iso_now()
     payload = {"labels": alert["labels"], "annotations": alert["annotations"],
-               "startsAt": alert["startsAt"]}
-    if alert.get("endsAt"):
-        payload["endsAt"] = alert["endsAt"]
+               "startsAt": min(alert["startsAt"], now)}
+    if alert["status"] == "resolved":
+        payload["endsAt"] = now
     if alert.get("generatorURL"):
         payload["generatorURL"] = alert["generatorURL"]
     return payload
@@ -78,19 +84,48 @@ class AlertmanagerPush:
 
     For setups where an alert should not wait for a scrape and a rule evaluation. A
     failed post is retried with the next batch and counted; it never blocks the loop
-    for longer than the configured timeout.
+    for longer than the configured timeout. Firing alerts are re-sent every
+    `resend_interval` seconds, as Prometheus does, because Alertmanager resolves an
+    alert it has not heard of for `resolve_timeout`.
     """
 
-    def __init__(self, url: str, timeout: float, on_failure=None):
+    def __init__(self, url: str, timeout: float, on_failure=None,
+                 resend_interval: float = 60.0):
         self.endpoint = url.rstrip("/") + "/api/v2/alerts"
         self.timeout = timeout
         self.on_failure = on_failure
+        self.resend_interval = resend_interval
         self.pending: list[dict[str, Any]] = []
+        self.active: dict[str, dict[str, Any]] = {}   # fingerprint -> firing payload
+        self.last_sent = 0.0
+
+    def due(self) -> bool:
+        import time
+        return bool(self.pending) or (
+            bool(self.active) and time.monotonic() - self.last_sent >= self.resend_interval)
 
     def send(self, alerts: list[dict[str, Any]]) -> bool:
+        """Post these alert events (plus anything that failed before, and a refresh of
+        the firing ones when due)."""
+        import time
         import urllib.error
         import urllib.request
-        self.pending += [alertmanager_payload(a) for a in alerts]
+        for a in alerts:
+            payload = alertmanager_payload(a)
+            previous = self.active.pop(a["fingerprint"], None)
+            if previous is not None and previous["labels"] != payload["labels"]:
+                # an escalation changes the severity label, which makes it another alert
+                # for Alertmanager: end the old one
+                from .policy import iso_now
+                self.pending.append({**previous, "endsAt": iso_now()})
+            if a["status"] == "firing":
+                self.active[a["fingerprint"]] = payload
+            self.pending.append(payload)
+        if not self.pending and not self.due():
+            return True
+        if time.monotonic() - self.last_sent >= self.resend_interval:
+            sent = {id(p) for p in self.pending}
+            self.pending += [p for p in self.active.values() if id(p) not in sent]
         if not self.pending:
             return True
         req = urllib.request.Request(self.endpoint, data=orjson.dumps(self.pending),
@@ -103,6 +138,7 @@ class AlertmanagerPush:
             ok = False
         if ok:
             self.pending = []
+            self.last_sent = time.monotonic()
         elif self.on_failure is not None:
             self.on_failure()
         return ok
