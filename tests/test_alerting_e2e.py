@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import wait_until
 
 from stream_monitor import synthetic
 from stream_monitor.config import parse_config
@@ -52,13 +53,6 @@ def _get(url: str) -> tuple[int, str]:
         return getattr(exc, "code", 0) or 0, str(exc)
 
 
-def _wait(cond, timeout: float, what: str, diagnostics=lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}\n{diagnostics()}")
 
 
 class Webhook:
@@ -95,7 +89,7 @@ class Service:
     def __init__(self, cmd: list[str], port: int, log: Path):
         self.port, self.log = port, log
         self.proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-        _wait(lambda: _get(f"http://127.0.0.1:{port}/-/ready")[0] == 200, 60,
+        wait_until(lambda: _get(f"http://127.0.0.1:{port}/-/ready")[0] == 200, 60,
               f"{cmd[0]} ready", lambda: log.read_text()[-3000:])
 
     def url(self, path: str) -> str:
@@ -209,7 +203,7 @@ def test_drift_alert_routed_through_prometheus_and_alertmanager(
     try:
         drifting, normal = _drifting_then_normal(time.time())
         _produce(kafka_broker, topic, drifting)
-        _wait(lambda: f01("firing"), 90, "the firing FeatureDrift notification", diagnostics)
+        wait_until(lambda: f01("firing"), 90, "the firing FeatureDrift notification", diagnostics)
         alert = f01("firing")[0]
         assert alert["labels"]["model"] == "churn"
         assert alert["labels"]["severity"] in ("warning", "critical")
@@ -219,7 +213,7 @@ def test_drift_alert_routed_through_prometheus_and_alertmanager(
         assert {a["labels"].get("feature") for a in webhook.alerts("firing")
                 if a["labels"]["alertname"] == "FeatureDrift"} == {"f01"}
         _produce(kafka_broker, topic, normal)
-        _wait(lambda: f01("resolved"), 90, "the resolved notification", diagnostics)
+        wait_until(lambda: f01("resolved"), 90, "the resolved notification", diagnostics)
         assert f01("resolved")[0]["labels"]["model"] == "churn"
     finally:
         prom.stop()
@@ -243,17 +237,17 @@ def test_direct_push_to_alertmanager(kafka_broker, churn_reference_file, alertma
     try:
         drifting, normal = _drifting_then_normal(time.time())
         _produce(kafka_broker, topic, drifting)
-        _wait(lambda: active(), 60, "the pushed alert in Alertmanager",
+        wait_until(lambda: active(), 60, "the pushed alert in Alertmanager",
               lambda: _get(alertmanager.url("/api/v2/alerts"))[1][:2000])
         labels = active()[0]["labels"]
         assert labels["alertname"] == "FeatureDrift" and labels["model"] == "churn"
         assert labels["severity"] in ("warning", "critical")
-        _wait(lambda: any(a["labels"].get("feature") == "f01"
+        wait_until(lambda: any(a["labels"].get("feature") == "f01"
                           for a in webhook.alerts("firing")), 30, "the firing notification")
         _produce(kafka_broker, topic, normal)
-        _wait(lambda: not active(), 60, "the alert resolved in Alertmanager",
+        wait_until(lambda: not active(), 60, "the alert resolved in Alertmanager",
               lambda: _get(alertmanager.url("/api/v2/alerts"))[1][:2000])
-        _wait(lambda: any(a["labels"].get("feature") == "f01"
+        wait_until(lambda: any(a["labels"].get("feature") == "f01"
                           for a in webhook.alerts("resolved")), 30, "the resolved notification")
     finally:
         sidecar.stop()

@@ -16,6 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from helpers import wait_until
 
 from stream_monitor import synthetic
 from stream_monitor.config import parse_config
@@ -89,13 +90,6 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def _wait(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_drift_alerts_dead_letters_and_metrics(kafka_broker, churn_reference_file):
@@ -115,10 +109,10 @@ def test_drift_alerts_dead_letters_and_metrics(kafka_broker, churn_reference_fil
         # one partition holds the stream in order, so windows are exactly 5000 events each
         _produce(kafka_broker.bootstrap_servers, names["inferences"], messages[:15_000] + bad
                  + messages[15_000:])
-        _wait(lambda: sum(sidecar.applied.values()) >= 30_000, 90, "all events applied")
+        wait_until(lambda: sum(sidecar.applied.values()) >= 30_000, 90, "all events applied")
         alerts = _read_all(kafka_broker.bootstrap_servers, names["alerts"], 1)
         dlq = _read_all(kafka_broker.bootstrap_servers, names["dead_letter"], 3)
-        _wait(lambda: _metric(_scrape(http.port)[1], "stream_monitor_dead_letters_total") == 3,
+        wait_until(lambda: _metric(_scrape(http.port)[1], "stream_monitor_dead_letters_total") == 3,
               20, "dead letters counted")
         status, text = _scrape(http.port)
     finally:
@@ -184,7 +178,7 @@ def test_sigterm_commits_what_was_applied(kafka_broker, churn_reference_file, tm
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
-        _wait(lambda: any("assigned" in line for line in lines), 60, "partition assignment")
+        wait_until(lambda: any("assigned" in line for line in lines), 60, "partition assignment")
         time.sleep(1.0)  # mid-stream: some batches applied, maybe not all
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, "".join(lines)
@@ -206,7 +200,7 @@ def test_sigterm_commits_what_was_applied(kafka_broker, churn_reference_file, tm
     thread = threading.Thread(target=sidecar.run, daemon=True)
     thread.start()
     try:
-        _wait(lambda: sum(sidecar.applied.values()) >= 12_000 - total, 60, "the rest applied")
+        wait_until(lambda: sum(sidecar.applied.values()) >= 12_000 - total, 60, "the rest applied")
         time.sleep(1.0)
     finally:
         sidecar.stop()
@@ -230,18 +224,18 @@ def test_broker_outage_unready_then_ready(churn_reference_file):
         thread.start()
         messages = [m for chunk in synthetic.generate(3000, seed=23) for m in chunk]
         _produce(broker.bootstrap_servers, names["inferences"], messages[:1500])
-        _wait(lambda: _scrape(http.port, "/readyz")[0] == 200, 60, "ready")
-        _wait(lambda: sum(sidecar.applied.values()) == 1500, 30, "first events")
+        wait_until(lambda: _scrape(http.port, "/readyz")[0] == 200, 60, "ready")
+        wait_until(lambda: sum(sidecar.applied.values()) == 1500, 30, "first events")
         assert _scrape(http.port, "/healthz")[0] == 200
         broker.stop()
-        _wait(lambda: _scrape(http.port, "/readyz")[0] == 503, 30, "unready while down")
+        wait_until(lambda: _scrape(http.port, "/readyz")[0] == 503, 30, "unready while down")
         assert "ready 0" in _scrape(http.port)[1].replace("stream_monitor_ready 0.0", "ready 0")
         assert thread.is_alive()
         broker.start()  # same port, empty broker: topics come back, the group rejoins
         broker.create_topics(topics)
-        _wait(lambda: _scrape(http.port, "/readyz")[0] == 200, 90, "ready again")
+        wait_until(lambda: _scrape(http.port, "/readyz")[0] == 200, 90, "ready again")
         _produce(broker.bootstrap_servers, names["inferences"], messages[1500:])
-        _wait(lambda: sum(sidecar.applied.values()) == 3000, 60, "events after the outage")
+        wait_until(lambda: sum(sidecar.applied.values()) == 3000, 60, "events after the outage")
         assert _scrape(http.port, "/healthz")[0] == 200
         sidecar.stop()
         thread.join(30)
