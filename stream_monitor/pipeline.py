@@ -21,7 +21,7 @@ from .config import (
     ConfigError,
     model_settings,
 )
-from .decode import BAD_FEATURES, LATE, DecodedBatch, Decoder, ModelSchema, Reject
+from .decode import BAD_FEATURES, BAD_TIMESTAMP, LATE, DecodedBatch, Decoder, ModelSchema, Reject
 from .engine import ClosedWindow, ModelWindows
 from .evaluate import WindowEvaluator
 from .policy import AlertPolicy
@@ -121,9 +121,13 @@ class Monitor:
             closed, late = pipe.windows.add(batch)
             result.events[model] += len(batch) - late.size
             for i in late:
-                result.rejects.append(Reject(int(batch.positions[i]), LATE, batch.raw[i],
-                                             model=model, detail="event time behind the "
-                                             "watermark by more than allowed_lateness"))
+                if np.isnan(batch.ts[i]):
+                    reason, detail = BAD_TIMESTAMP, "ts: required for event-time windows"
+                else:
+                    reason, detail = LATE, ("event time behind the watermark by more than "
+                                            "allowed_lateness")
+                result.rejects.append(Reject(int(batch.positions[i]), reason, batch.raw[i],
+                                             model=model, detail=detail))
             self._close(pipe, closed, result)
         return result
 

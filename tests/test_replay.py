@@ -101,6 +101,8 @@ def test_time_windows_and_late_events(minimal_config: Path, tmp_path: Path):
     lines = [line for chunk in synthetic.generate(20_000, seed=5, rate=100.0) for line in chunk]
     late = orjson.loads(lines[10])
     lines.append(orjson.dumps(late))  # 10 s of event time into the past of the stream end
+    del late["ts"]
+    lines.append(orjson.dumps(late))  # no event time at all
     path = tmp_path / "events.jsonl"
     path.write_bytes(b"\n".join(lines))
     summary = replay(load_config(cfg_path), path, tmp_path / "out", progress=False)
@@ -109,9 +111,10 @@ def test_time_windows_and_late_events(minimal_config: Path, tmp_path: Path):
     # windows [t0-20, t0+40), [+40, +100), [+100, +160) and [+160, +220) flushed at the end
     assert [w["window"]["events"] for w in windows] == [4000, 6000, 6000, 4000]
     assert windows[1]["window"]["start"] == "2026-09-21T14:14:00Z"
-    assert summary.rejects["late_event"] == 1
+    assert summary.rejects["late_event"] == 1 and summary.rejects["bad_timestamp"] == 1
     rejects = _read(tmp_path / "out" / "rejects.jsonl")
-    assert rejects[0]["line"] == 20_001
+    assert [(r["line"], r["reason"]) for r in rejects] == [
+        (20_001, "late_event"), (20_002, "bad_timestamp")]
 
 
 def test_baseline_from_the_stream(tmp_path: Path):
