@@ -179,7 +179,14 @@ def test_sigterm_commits_what_was_applied(kafka_broker, churn_reference_file, tm
     reader.start()
     try:
         wait_until(lambda: any("assigned" in line for line in lines), 60, "partition assignment")
-        time.sleep(1.0)  # mid-stream: some batches applied, maybe not all
+        port = int(next(line for line in lines if "serving /metrics" in line).rsplit(":", 1)[1])
+
+        def applied() -> float:
+            status, text = _scrape(port)
+            return _metric(text, "stream_monitor_events_total", model="churn") if (
+                status == 200 and "stream_monitor_events_total{" in text) else 0.0
+
+        wait_until(lambda: applied() > 0, 60, "a first batch applied")  # then stop mid-stream
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, "".join(lines)
     finally:
