@@ -136,6 +136,7 @@ class KafkaSidecar:
         if config.alertmanager.url:
             self.push = AlertmanagerPush(config.alertmanager.url, config.alertmanager.timeout,
                                          on_failure=self.metrics.alert_failures.inc)
+            # (the failure counter counts each failed alert once, not each retry)
 
     # -- state the endpoints report ----------------------------------------------------
 
@@ -298,7 +299,10 @@ class KafkaSidecar:
             self.monitor.newest_event)
         self.applied.update(result.events)
         if self.push is not None and (result.alerts or self.push.due()):
-            self.push.send(result.alerts)
+            if self.push.due() or not self.push.pending:
+                self.push.send(result.alerts)
+            else:  # backing off: queue them for the next attempt
+                self.push.queue(result.alerts)
         if self._flush(30.0):
             self._commit()
         if self.on_batch is not None:
@@ -321,6 +325,11 @@ class KafkaSidecar:
     def close(self) -> None:
         """Publish pending alerts, flush, commit what was applied, leave the group."""
         delivered = self._flush(30.0)
+        if self.push is not None and self.push.pending:
+            self.push.retry_at = 0.0  # one last attempt before exiting
+            if not self.push.send([]):
+                log.error("shutting down with %d alert(s) not pushed to Alertmanager",
+                          len(self.push.pending))
         if delivered:
             self._commit()
         else:

@@ -98,18 +98,20 @@ class AlertmanagerPush:
         self.pending: list[dict[str, Any]] = []
         self.active: dict[str, dict[str, Any]] = {}   # fingerprint -> firing payload
         self.last_sent = 0.0
+        self.retry_at = 0.0          # back off while Alertmanager does not answer
+        self._backoff = 1.0
+        self._counted: set[int] = set()  # failed payloads already counted once
 
     def due(self) -> bool:
         import time
+        now = time.monotonic()
+        if now < self.retry_at:
+            return False
         return bool(self.pending) or (
-            bool(self.active) and time.monotonic() - self.last_sent >= self.resend_interval)
+            bool(self.active) and now - self.last_sent >= self.resend_interval)
 
-    def send(self, alerts: list[dict[str, Any]]) -> bool:
-        """Post these alert events (plus anything that failed before, and a refresh of
-        the firing ones when due)."""
-        import time
-        import urllib.error
-        import urllib.request
+    def queue(self, alerts: list[dict[str, Any]]) -> None:
+        """Add alert events to what the next post carries."""
         for a in alerts:
             payload = alertmanager_payload(a)
             previous = self.active.pop(a["fingerprint"], None)
@@ -121,6 +123,14 @@ class AlertmanagerPush:
             if a["status"] == "firing":
                 self.active[a["fingerprint"]] = payload
             self.pending.append(payload)
+
+    def send(self, alerts: list[dict[str, Any]]) -> bool:
+        """Post these alert events (plus anything that failed before, and a refresh of
+        the firing ones when due)."""
+        import time
+        import urllib.error
+        import urllib.request
+        self.queue(alerts)
         if not self.pending and not self.due():
             return True
         if time.monotonic() - self.last_sent >= self.resend_interval:
@@ -139,6 +149,13 @@ class AlertmanagerPush:
         if ok:
             self.pending = []
             self.last_sent = time.monotonic()
-        elif self.on_failure is not None:
-            self.on_failure()
-        return ok
+            self.retry_at, self._backoff, self._counted = 0.0, 1.0, set()
+            return True
+        # a failed alert is counted once, however often it is retried
+        new = [p for p in self.pending if id(p) not in self._counted]
+        self._counted.update(id(p) for p in new)
+        if new and self.on_failure is not None:
+            self.on_failure(len(new))
+        self.retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, self.resend_interval)
+        return False
