@@ -57,6 +57,9 @@ _TANSU_ENV_VARS = (
 # a short grace keeps restarts and fixture teardown fast.
 _STOP_GRACE_SECONDS = 2.0
 
+# Printed by Tansu (e.g. "ready in 3ms") after its listener socket is bound.
+_READY_MARKER = b"ready in "
+
 
 def is_available() -> bool:
     """Return True when the broker binary can be located.
@@ -140,6 +143,7 @@ class EmbeddedBroker:
         with open(self._log_path, "ab") as log:
             log.write(f"\n=== {' '.join(cmd)}\n".encode())
             log.flush()
+            log_offset = log.tell()
             self._proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
@@ -154,40 +158,50 @@ class EmbeddedBroker:
         self._finalizer = weakref.finalize(self, _terminate, self._proc)
 
         try:
-            self._wait_ready(timeout)
+            self._wait_ready(timeout, log_offset)
         except BaseException:
             self.stop()
             raise
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, timeout: float, log_offset: int) -> None:
         deadline = time.monotonic() + timeout
-        last_error: object = None
-        while time.monotonic() < deadline:
-            assert self._proc is not None
+        assert self._proc is not None and self._log_path is not None
+        # Wait for Tansu's own "ready" line, printed only once the listener is bound.
+        # A bare connect/metadata probe is not enough: if the port is already taken
+        # (e.g. by another broker), Tansu panics and exits 0, while the probe happily
+        # gets answers from whoever owns the port.
+        while True:
             if self._proc.poll() is not None:
                 raise RuntimeError(
-                    f"Tansu broker exited with code {self._proc.returncode} during startup"
-                    f"{self._log_tail_for_error()}"
+                    f"Tansu broker exited with code {self._proc.returncode} during startup "
+                    f"(port {self.port} in use?){self._log_tail_for_error()}"
                 )
-            # Probe TCP first: librdkafka logs every refused connection to stderr,
-            # which would spam the terminal while the broker is still booting.
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    pass
-            except OSError as exc:
-                last_error = exc
-                time.sleep(0.05)
-                continue
+            with open(self._log_path, "rb") as log:
+                log.seek(log_offset)
+                if _READY_MARKER in log.read():
+                    break
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"Tansu broker on {self.bootstrap_servers} did not report ready after "
+                    f"{timeout:.1f}s{self._log_tail_for_error()}"
+                )
+            time.sleep(0.02)
+
+        last_error: object = None
+        while time.monotonic() < deadline:
             try:
                 remaining = max(0.5, min(5.0, deadline - time.monotonic()))
                 self.admin.list_topics(timeout=remaining)
-                return
             except KafkaException as exc:
                 last_error = exc
                 time.sleep(0.1)
+                continue
+            if self._proc.poll() is None:
+                return
+            break
         raise RuntimeError(
-            f"Tansu broker on {self.bootstrap_servers} not ready after {timeout:.1f}s "
-            f"(last error: {last_error}){self._log_tail_for_error()}"
+            f"Tansu broker on {self.bootstrap_servers} not answering metadata after "
+            f"{timeout:.1f}s (last error: {last_error}){self._log_tail_for_error()}"
         )
 
     def stop(self) -> None:

@@ -210,6 +210,16 @@ def test_transactional_offsets_and_read_committed(embedded_broker: EmbeddedBroke
     assert [m.value() for m in out] == [b"out-v0", b"out-v1", b"out-v2", b"out-v3"]
 
 
+def test_port_clash_fails_loudly(embedded_broker: EmbeddedBroker) -> None:
+    # Tansu panics and exits 0 on "Address in use"; start() must not mistake the
+    # broker already owning the port for the one it launched.
+    clash = EmbeddedBroker(port=embedded_broker.port)
+    with pytest.raises(RuntimeError, match="Address in use"):
+        clash.start(timeout=10)
+    assert not clash.is_running
+    assert embedded_broker.admin.list_topics(timeout=10).brokers
+
+
 def test_restart_on_same_port_and_client_reconnects() -> None:
     # A private broker: restarting the shared one would wipe other tests' topics.
     with EmbeddedBroker() as broker:
