@@ -130,8 +130,8 @@ class ModelSchema:
                     "prediction": fields.prediction, "label": fields.label,
                     "model_version": fields.model_version},
             tag_field=fields.model, tag=self.model, gc=False)
-        self._num_attr = _attr_getter([f"n{i}" for i in range(len(self.numeric))])
-        self._cat_attr = _attr_getter([f"c{i}" for i in range(len(self.categorical))])
+        self._num_attr = _getter([f"n{i}" for i in range(len(self.numeric))], attrgetter)
+        self._cat_attr = _getter([f"c{i}" for i in range(len(self.categorical))], attrgetter)
         return event
 
     @property
@@ -147,22 +147,14 @@ def _column(name: str, profile: Any) -> Column | None:
     return Column(name, "numeric")
 
 
-def _attr_getter(names: list[str]):
+def _getter(names: list[str], get=itemgetter):
+    """A C-level getter returning a tuple of the named items (or attributes) in order."""
     if not names:
-        return lambda o: ()
+        return lambda obj: ()
     if len(names) == 1:
-        name = names[0]
-        return lambda o: (getattr(o, name),)
-    return attrgetter(*names)
-
-
-def _getter(names: list[str]):
-    if not names:
-        return lambda d: ()
-    if len(names) == 1:
-        name = names[0]
-        return lambda d: (d[name],)
-    return itemgetter(*names)
+        one = get(names[0])
+        return lambda obj: (one(obj),)
+    return get(*names)
 
 
 @dataclass

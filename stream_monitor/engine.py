@@ -19,6 +19,7 @@ import numpy as np
 from .config import WindowConfig
 from .decode import ModelBatch
 from .reference import CategoricalProfile, NumericProfile
+from .stats import bin_index
 
 _MAX_NAMES = 50
 
@@ -83,7 +84,7 @@ class NumericState:
         slots = np.empty(x.shape, np.int64)
         for j, edges in enumerate(layout.edges):
             col = x[:, j]
-            slots[:, j] = np.searchsorted(edges, col, side="right")
+            slots[:, j] = bin_index(edges, col)
             slots[missing[:, j], j] = edges.size + 1
         slots += layout.offsets[:-1]
         self.counts += np.bincount(slots.ravel(), minlength=layout.size)

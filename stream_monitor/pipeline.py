@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -174,13 +173,3 @@ class Monitor:
         del self.baselines[model]
         self.decoder.schemas[model] = pipe.schema
         self.decoder.pending.discard(model)
-
-    def save_baselines(self, directory: Path) -> list[Path]:
-        """Write references built from baselines (so a restart can reuse them)."""
-        out = []
-        for name, pipe in self.models.items():
-            if pipe.reference.source == "baseline":
-                path = directory / f"{name}.reference.json"
-                pipe.reference.save(path)
-                out.append(path)
-        return out

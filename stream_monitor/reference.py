@@ -22,7 +22,7 @@ import numpy as np
 import orjson
 
 from .config import FieldMapping, ProfileConfig
-from .stats import quantile_edges
+from .stats import bin_index, quantile_edges
 
 SCHEMA_VERSION = 1
 
@@ -66,8 +66,7 @@ class NumericProfile:
         if n == 0:
             raise ReferenceError("no non-missing values to profile")
         edges = quantile_edges(present, bins)
-        counts = np.bincount(np.searchsorted(edges, present, side="right"),
-                             minlength=edges.size + 1)
+        counts = np.bincount(bin_index(edges, present), minlength=edges.size + 1)
         return cls(edges=edges, counts=counts.astype(np.int64), mean=float(present.mean()),
                    variance=float(present.var()), min=float(present.min()),
                    max=float(present.max()), count=int(n),
