@@ -59,13 +59,26 @@ def test_numeric_profile_matches_numpy(bins):
     assert p.missing_rate == pytest.approx(200 / 4000)
 
 
-def test_numeric_profile_of_discrete_data_collapses_tied_edges():
+def test_numeric_profile_of_discrete_data_gives_each_atom_its_own_bin():
     values = np.repeat(np.arange(5.0), [50, 10, 10, 10, 20])   # heavy ties at 0
     p = NumericProfile.from_values(values, bins=10)
     assert np.all(np.diff(p.edges) > 0)
-    np.testing.assert_array_equal(p.edges, np.unique(np.quantile(values, np.arange(1, 10) / 10)))
-    assert p.counts.tolist() == _numpy_bins(values, p.edges)
+    # every value holds >= 5% (half a quantile bin): one bin per value, none empty
+    assert p.counts.tolist() == _numpy_bins(values, p.edges) == [50, 10, 10, 10, 20]
     assert p.counts.sum() == 100 and p.missing_rate == 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_zero_inflated_profile_keeps_the_atom_apart(seed):
+    rng = np.random.default_rng(seed)
+    values = np.where(rng.random(20_000) < 0.7, 0.0, rng.exponential(3.0, 20_000))
+    p = NumericProfile.from_values(values, bins=50)
+    zero_bin = int(np.searchsorted(p.edges, 0.0, side="right"))
+    assert p.counts[zero_bin] == (values == 0).sum()       # the zeros and nothing else
+    assert p.counts.tolist() == _numpy_bins(values, p.edges)
+    assert (p.counts > 0).all()
+    # the positive part still gets about 50 * 30% quantile bins of ~2% each
+    assert 12 <= p.counts.size - 1 <= 18
 
 
 def test_constant_numeric_feature_has_one_bin():
@@ -173,11 +186,47 @@ def test_save_load_round_trip_is_exact(tmp_path: Path):
     assert isinstance(loaded.prediction, NumericProfile)
     assert isinstance(loaded.label, CategoricalProfile)      # few integer values: classes
     assert sorted(loaded.label.categories) == ["0", "1"]
-    assert orjson.loads(path.read_bytes())["schema_version"] == 1
+    assert orjson.loads(path.read_bytes())["schema_version"] == 2
+    # v2: absent keys and nulls recorded apart, the membership filter survives the trip
+    for name in ("plan", "rare"):
+        assert loaded.features[name].absent_rate == ref.features[name].absent_rate
+    assert loaded.features["plan"].seen is not None
+    assert all(c in loaded.features["plan"].seen for c in ("basic", "pro", "team", "edu",
+                                                           "gov", "x"))
+
+
+def test_version_1_reference_still_loads_and_is_judged_as_before(tmp_path: Path):
+    data = _full_reference().to_json()
+    data["schema_version"] = 1
+    for prof in data["features"].values():     # what a v1 file had
+        for key in ("absent_rate", "null_rate", "seen", "singletons"):
+            prof.pop(key, None)
+    path = tmp_path / "v1.json"
+    path.write_bytes(orjson.dumps(data))
+    ref = Reference.load(path)
+    plan = ref.features["plan"]
+    assert plan.seen is None and plan.absent_rate == 0.0
+    assert plan.unseen_rate == plan.other_share      # everything outside the top K
+    assert ref.features["rare"].null_rate == ref.features["rare"].missing_rate
+
+
+def test_absent_keys_and_nulls_are_recorded_apart():
+    b = ReferenceBuilder("m", ProfileConfig())
+    for i in range(1000):
+        feats = {"x": None if i % 25 == 0 else float(i), "c": "a" if i % 2 else None}
+        if i % 50 == 1:
+            del feats["x"]          # absent in 2% of the rows
+        if i % 10 == 3:
+            del feats["c"]
+        b.add(feats)
+    ref = b.build()
+    x, c = ref.features["x"], ref.features["c"]
+    assert (x.absent_rate, x.null_rate, x.missing_rate) == pytest.approx((0.02, 0.04, 0.06))
+    assert (c.absent_rate, c.null_rate) == pytest.approx((0.1, 0.5))
 
 
 @pytest.mark.parametrize(("mutate", "expected"), [
-    (lambda d: d.update(schema_version=2), "schema_version 2 is not supported"),
+    (lambda d: d.update(schema_version=3), "schema_version 3 is not supported"),
     (lambda d: d.pop("schema_version"), "schema_version None is not supported"),
     (lambda d: d.update(features={}), "no features"),
     (lambda d: d["features"]["age"].update(counts=[1, 2]), "malformed profile"),
@@ -187,7 +236,7 @@ def test_save_load_round_trip_is_exact(tmp_path: Path):
      "malformed profile"),
     (lambda d: d["features"]["age"].pop("mean"), "malformed profile"),
     (lambda d: d["features"]["age"].update(kind="text"), "malformed profile"),
-], ids=["version-2", "no-version", "no-features", "counts-length", "edges-decreasing",
+], ids=["version-3", "no-version", "no-features", "counts-length", "edges-decreasing",
         "duplicate-categories", "missing-mean", "unknown-kind"])
 def test_load_rejects_bad_reference_with_one_line(tmp_path: Path, mutate, expected):
     data = _full_reference().to_json()
