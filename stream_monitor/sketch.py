@@ -22,7 +22,7 @@ import numpy as np
 
 TARGET_FPR = 1e-3
 MAX_BITS = 1 << 23
-_MIN_BITS = 64
+_MIN_BITS = 1024
 
 
 def _positions(key: str, m: int, k: int) -> list[int]:
@@ -50,9 +50,10 @@ class BloomFilter:
                      ) -> BloomFilter:
         """Sized for ``n`` keys at false-positive rate ``fpr`` (capped at ``max_bits``)."""
         n = max(int(n), 1)
-        m = math.ceil(-n * math.log(fpr) / math.log(2) ** 2)
-        m = min(max(m, _MIN_BITS), max_bits)
-        k = max(1, round(m / n * math.log(2)))
+        need = math.ceil(-n * math.log(fpr) / math.log(2) ** 2)
+        # a power of two: with an odd second hash, the k positions of a key are distinct
+        m = min(max(1 << (need - 1).bit_length(), _MIN_BITS), max_bits)
+        k = max(1, round(need / n * math.log(2)))
         return cls(m, min(k, 30))
 
     @classmethod

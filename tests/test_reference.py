@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -434,3 +435,51 @@ def test_reference_build_invalid_bins_is_one_line(tmp_path: Path, capsys):
     code, _, err = _run(["reference", "build", "--model", "churn", "--input", str(src),
                          "--out", str(tmp_path / "r.json"), "--bins", "-5"], capsys)
     assert code == 2 and len(err) == 1 and "bins" in err[0]
+
+
+# -- membership filter of training categories ---------------------------------------------
+
+
+@pytest.mark.parametrize("n", [10, 5000, 200_000])
+def test_bloom_filter_has_no_false_negatives_and_the_documented_fpr(n):
+    from stream_monitor.sketch import TARGET_FPR, BloomFilter
+    keys = [f"k{i}" for i in range(n)]
+    bf = BloomFilter.of(keys)
+    assert all(k in bf for k in keys)                      # never a false negative
+    probes = [f"other-{i}" for i in range(100_000)]        # disjoint from the keys
+    measured = sum(p in bf for p in probes) / len(probes)
+    # within 3 binomial sds (plus one in 100,000) of the designed rate, and the rate
+    # the filter reports from its own fill agrees with what was measured
+    sd = math.sqrt(TARGET_FPR * (1 - TARGET_FPR) / len(probes))
+    assert measured <= TARGET_FPR + 3 * sd + 1e-5
+    assert bf.false_positive_rate <= 1.5 * TARGET_FPR
+    assert abs(measured - bf.false_positive_rate) <= 3 * sd + 1e-5
+    again = BloomFilter.from_json(orjson.loads(orjson.dumps(bf.to_json())))
+    assert np.array_equal(again.bits, bf.bits) and (again.m, again.k) == (bf.m, bf.k)
+
+
+def test_bloom_filters_merge_exactly():
+    from stream_monitor.sketch import BloomFilter
+    a, b, both = (BloomFilter.for_capacity(2000) for _ in range(3))
+    a.update(f"a{i}" for i in range(1000))
+    b.update(f"b{i}" for i in range(1000))
+    both.update([*(f"a{i}" for i in range(1000)), *(f"b{i}" for i in range(1000))])
+    merged = a.merge(b)
+    assert np.array_equal(merged.bits, both.bits)
+    with pytest.raises(ValueError):
+        a.merge(BloomFilter.for_capacity(10))
+
+
+def test_categorical_reference_keeps_other_apart_from_never_seen():
+    rng = np.random.default_rng(3)
+    w = 1.0 / np.arange(1, 5001) ** 1.1
+    values = [f"c{i}" for i in rng.choice(5000, 50_000, p=w / w.sum())]
+    p = CategoricalProfile.from_values(values, max_categories=1000)
+    counts = Counter(values)
+    assert p.other == sum(c for k, c in counts.items() if k not in set(p.categories))
+    assert all(k in p.seen for k in counts)
+    assert p.singletons == sum(1 for c in counts.values() if c == 1)
+    assert p.unseen_rate == pytest.approx(p.singletons / 50_000)   # Good-Turing
+    # a categorical feature with every category in the top K needs no filter
+    small = CategoricalProfile.from_values(["a", "b", "a"], max_categories=10)
+    assert small.seen is None and small.other == 0
