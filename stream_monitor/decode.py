@@ -58,16 +58,33 @@ class Reject:
 
 
 class CategoryCodes(dict):
-    """category -> code; unknown categories get the 'unseen' code, None the missing one."""
+    """category -> code: the reference's top categories 0..K-1, then 'other' (seen in
+    training outside the top K, per the reference's membership filter), 'unseen' (never
+    seen) and 'missing' (None).
 
-    def __init__(self, categories: Sequence[str]):
+    A value outside the top K is looked up in the filter once and remembered (up to
+    `_MEMO` values, so memory stays bounded), so repeats are plain dict hits.
+    """
+
+    _MEMO = 65_536
+
+    def __init__(self, categories: Sequence[str], seen: Any = None):
         super().__init__((c, i) for i, c in enumerate(categories))
-        self.unseen = len(categories)
-        self.missing = len(categories) + 1
+        self.other = len(categories)
+        self.unseen = len(categories) + 1
+        self.missing = len(categories) + 2
+        self.seen = seen
+        self._memo = 0
         self[None] = self.missing
 
     def __missing__(self, key: Any) -> int:
-        return self.unseen
+        if self.seen is None or type(key) is not str:
+            return self.unseen
+        code = self.other if key in self.seen else self.unseen
+        if self._memo < self._MEMO:
+            self[key] = code
+            self._memo += 1
+        return code
 
 
 @dataclass
@@ -92,7 +109,8 @@ class ModelSchema:
         for n in self.categorical:
             if not isinstance(reference.features[n], CategoricalProfile):
                 raise ValueError(f"feature {n!r} is numeric in the reference of {model!r}")
-        self.cat_codes = [CategoryCodes(reference.features[n].categories) for n in self.categorical]
+        self.cat_codes = [CategoryCodes(reference.features[n].categories,
+                                        reference.features[n].seen) for n in self.categorical]
         self.expected = frozenset(reference.features)  # ignored features are expected too
         self.prediction = _column("prediction", reference.prediction)
         self.label = _column("label", reference.label)
@@ -143,7 +161,7 @@ def _column(name: str, profile: Any) -> Column | None:
     if profile is None:
         return None
     if isinstance(profile, CategoricalProfile):
-        return Column(name, "categorical", CategoryCodes(profile.categories))
+        return Column(name, "categorical", CategoryCodes(profile.categories, profile.seen))
     return Column(name, "numeric")
 
 

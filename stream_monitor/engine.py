@@ -4,8 +4,11 @@ A `WindowAccumulator` holds everything a closed window is judged on: binned coun
 against the reference's edges, standardised moments, range, missing and out-of-range
 counts, category counts. Updates are numpy operations over a whole batch (one
 `bincount` per column group, no per-event loop); memory depends on the number of
-features and bins only. Two accumulators of the same window merge exactly (counts and
-sums add), which is what lets several instances share one model's traffic.
+features and bins only. Two accumulators of the same window merge exactly, bit for
+bit: counts are integers, min/max are order-free, and sums of standardised values are
+kept as integers on a fixed-point grid (`stats.fixed_point_sums`), so the same events
+give the same window whatever batches or partial windows they came in. That is what
+lets several instances share one model's traffic and compare results.
 `ModelWindows` cuts a model's stream into tumbling count or event-time windows.
 """
 
@@ -19,7 +22,7 @@ import numpy as np
 from .config import WindowConfig
 from .decode import ModelBatch
 from .reference import CategoricalProfile, NumericProfile
-from .stats import bin_index
+from .stats import bin_index, fixed_point_sums
 
 _MAX_NAMES = 50
 
@@ -47,11 +50,12 @@ class NumericColumns:
 
 
 class CategoricalColumns:
-    """Layout of categorical columns: categories, then 'unseen', then 'missing' slots."""
+    """Layout of categorical columns: categories, then 'other' (seen in training outside
+    the top K), 'unseen' (never seen) and 'missing' slots (`decode.CategoryCodes`)."""
 
     def __init__(self, profiles: list[CategoricalProfile]):
         self.profiles = profiles
-        widths = np.array([len(p.categories) + 2 for p in profiles], np.int64)
+        widths = np.array([len(p.categories) + 3 for p in profiles], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
         self.size = int(self.offsets[-1])
 
@@ -65,8 +69,8 @@ class NumericState:
 
     counts: np.ndarray          # (layout.size,) binned counts incl. missing slot
     n: np.ndarray               # non-missing values per column
-    s1: np.ndarray              # sum of standardised values
-    s2: np.ndarray              # sum of squared standardised values
+    s1: np.ndarray              # sum of standardised values (Python ints, 2**-32 units)
+    s2: np.ndarray              # sum of squared standardised values (same)
     min: np.ndarray
     max: np.ndarray
     out_of_range: np.ndarray
@@ -74,8 +78,9 @@ class NumericState:
     @classmethod
     def empty(cls, layout: NumericColumns) -> NumericState:
         k = len(layout)
-        return cls(np.zeros(layout.size, np.int64), np.zeros(k, np.int64), np.zeros(k),
-                   np.zeros(k), np.full(k, np.inf), np.full(k, -np.inf), np.zeros(k, np.int64))
+        return cls(np.zeros(layout.size, np.int64), np.zeros(k, np.int64), np.zeros(k, object),
+                   np.zeros(k, object), np.full(k, np.inf), np.full(k, -np.inf),
+                   np.zeros(k, np.int64))
 
     def update(self, layout: NumericColumns, x: np.ndarray) -> None:
         if x.shape[0] == 0 or len(layout) == 0:
@@ -91,8 +96,10 @@ class NumericState:
         z = (x - layout.shift) / layout.scale
         z[missing] = 0.0
         self.n += x.shape[0] - missing.sum(axis=0)
-        self.s1 += z.sum(axis=0)
-        self.s2 += np.einsum("ij,ij->j", z, z)
+        # exact fixed-point sums: the result cannot depend on where windows are cut
+        self.s1 += np.array(fixed_point_sums(z), dtype=object)
+        z *= z
+        self.s2 += np.array(fixed_point_sums(z), dtype=object)
         self.min = np.fmin(self.min, np.fmin.reduce(x, axis=0))
         self.max = np.fmax(self.max, np.fmax.reduce(x, axis=0))
         with np.errstate(invalid="ignore"):

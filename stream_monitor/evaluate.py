@@ -1,16 +1,22 @@
 """Evaluate: a closed window against the reference -> findings with severities.
 
-Per numeric feature: PSI, Jensen-Shannon distance, KS statistic and p-value,
-Wasserstein distance in reference standard deviations, mean shift in reference
-standard deviations, variance ratio. Per categorical feature: chi-square p-value,
-PSI, Jensen-Shannon distance, share of unseen categories. Data quality per feature,
-prediction drift, label shift, and the share of drifted features.
+Per numeric feature: PSI, Jensen-Shannon distance, KS statistic and p-value, mean
+shift in reference standard deviations, variance ratio. Per categorical feature:
+chi-square p-value, PSI, Jensen-Shannon distance, share of never-seen categories.
+Data quality per feature, prediction drift, label shift, and the share of drifted
+features.
 
 False alarms across many features are controlled twice: a feature drifts only when
 its effect size (the configured method, PSI by default) crosses the threshold AND its
 two-sample test is significant at a Bonferroni-corrected level (family-wise
 `significance` over the model's features). The effect size keeps huge windows from
 flagging negligible changes; the test keeps small windows from flagging noise.
+
+The data-quality rates (missing, schema, out_of_range, unseen_categories,
+type_violations) follow the same rule: each is judged as an increase over the rate
+the reference itself showed, flagged only when the increase crosses its threshold,
+a one-sided binomial test against the reference rate is significant at the same
+corrected level, and the window holds at least `min_events` trials for that check.
 """
 
 from __future__ import annotations
@@ -52,30 +58,30 @@ class ColumnInput:
 
 
 def numeric_scores(profile: NumericProfile, counts: np.ndarray, n: int, s1: float, s2: float,
-                   lo: float, hi: float, shift: float, scale: float) -> dict[str, float]:
+                   shift: float, scale: float) -> dict[str, float]:
     """All drift scores of one numeric column; counts are over the reference bins."""
     ref = profile.counts
     d, p = stats.ks_from_counts(ref, counts)
     mean, var = stats.moments(n, s1, s2, shift=shift, scale=scale)
-    ref_std = profile.std
-    w = (stats.wasserstein_from_counts(profile.edges, ref, counts,
-                                       lo=min(profile.min, lo), hi=max(profile.max, hi))
-         / ref_std) if ref_std > 0 and n else math.nan
     return {
         "psi": stats.psi(ref, counts),
         "jensen_shannon": stats.js_distance(ref, counts),
         "ks": d, "ks_pvalue": p,
-        "wasserstein": w,
-        "mean_shift": stats.mean_shift(profile.mean, ref_std, mean),
+        "mean_shift": stats.mean_shift(profile.mean, profile.std, mean),
         "variance_ratio": stats.variance_ratio(profile.variance, var),
     }
 
 
-def categorical_scores(profile: CategoricalProfile, counts: np.ndarray,
+def categorical_scores(profile: CategoricalProfile, counts: np.ndarray, other: int,
                        unseen: int) -> dict[str, float]:
-    """Drift scores of one categorical column; counts per reference category."""
+    """Drift scores of one categorical column; counts per reference category.
+
+    Values outside the top K, whether seen in training ("other") or not ("unseen"),
+    are compared with the reference's "other" bucket; `unseen_share` counts only the
+    values the reference never saw.
+    """
     ref = np.append(profile.counts, profile.other)
-    cur = np.append(counts, unseen)
+    cur = np.append(counts, other + unseen)
     chi2, p = stats.chi_square_from_counts(ref, cur)
     ref_m, cur_m = stats.merge_sparse_cells(ref, cur)
     total = cur.sum()
@@ -87,20 +93,59 @@ def categorical_scores(profile: CategoricalProfile, counts: np.ndarray,
     }
 
 
+@dataclass(frozen=True)
+class RateCheck:
+    """A data-quality rate: ``hits`` of ``trials`` against the reference's ``expected``.
+
+    ``value`` is what the thresholds judge (and what is reported): the increase over
+    the reference rate for missing / schema / unseen_categories, the share itself for
+    out_of_range / type_violations (whose reference rate is ~0).
+    """
+
+    hits: int
+    trials: int
+    expected: float
+    excess: bool = True
+
+    @property
+    def value(self) -> float:
+        if self.trials <= 0:
+            return math.nan
+        share = self.hits / self.trials
+        return share - self.expected if self.excess else share
+
+    def pvalue(self) -> float:
+        return stats.binomial_excess_pvalue(self.hits, self.trials, self.expected)
+
+
+def judge_quality(dq: DataQualityThresholds, checks: dict[str, RateCheck | float],
+                  alpha: float, min_events: int) -> dict[str, Any]:
+    """Severity of each data-quality check: threshold AND significance AND enough trials.
+
+    A `RateCheck` is flagged only when its value crosses the threshold, its one-sided
+    binomial p-value against the reference rate is below ``alpha`` (the corrected
+    level drift uses) and it has at least ``min_events`` trials; a plain float (the
+    `stuck` indicator, which applies its own minimum) is judged by threshold alone.
+    """
+    out = {}
+    for check, c in checks.items():
+        th: Thresholds = dq.for_check(check)
+        if isinstance(c, RateCheck):
+            value, p = c.value, c.pvalue()
+            sev = th.severity(value) if c.trials >= min_events and p < alpha else 0
+            out[check] = {"value": _num(value), "severity": SEVERITY_NAMES[sev],
+                          "pvalue": _num(p)}
+        else:
+            sev = th.severity(c) if c == c else 0
+            out[check] = {"value": _num(c), "severity": SEVERITY_NAMES[sev]}
+    return out
+
+
 def _severity_of(rule: DriftRule, scores: dict[str, float]) -> tuple[int, float]:
     value = scores.get(rule.method, math.nan)
     if rule.method == "mean_shift":
         value = abs(value)
     return rule.thresholds.severity(value), value
-
-
-def _quality(dq: DataQualityThresholds, values: dict[str, float]) -> dict[str, Any]:
-    out = {}
-    for check, value in values.items():
-        th: Thresholds = dq.for_check(check)
-        sev = th.severity(value) if value == value else 0
-        out[check] = {"value": _num(value), "severity": SEVERITY_NAMES[sev]}
-    return out
 
 
 class WindowEvaluator:
@@ -132,21 +177,21 @@ class WindowEvaluator:
         counts, missing = state.counts[a:b - 1], int(state.counts[b - 1])
         n = int(state.n[j])
         lo, hi = float(state.min[j]), float(state.max[j])
-        scores = numeric_scores(profile, counts, n, float(state.s1[j]), float(state.s2[j]),
-                                lo, hi, float(layout.shift[j]), float(layout.scale[j]))
-        mean, var = stats.moments(n, float(state.s1[j]), float(state.s2[j]),
-                                  shift=float(layout.shift[j]), scale=float(layout.scale[j]))
+        s1 = stats.fixed_point_value(state.s1[j])
+        s2 = stats.fixed_point_value(state.s2[j])
+        shift, scale = float(layout.shift[j]), float(layout.scale[j])
+        scores = numeric_scores(profile, counts, n, s1, s2, shift, scale)
+        mean, var = stats.moments(n, s1, s2, shift=shift, scale=scale)
         significant = scores["ks_pvalue"] < self.alpha
         severity, value = _severity_of(settings.drift, scores)
         if not significant or n < self.settings.min_events:
             severity = 0
-        total = n + missing
         quality = {
-            "missing": (missing / total - profile.missing_rate) if total else math.nan,
-            "out_of_range": int(state.out_of_range[j]) / n if n else math.nan,
+            "missing": RateCheck(missing, n + missing, profile.missing_rate),
+            "out_of_range": RateCheck(int(state.out_of_range[j]), n,
+                                      profile.out_of_range_rate, excess=False),
             "stuck": float(n >= self.settings.min_events and lo == hi and profile.variance > 0),
-            "type_violations": violations / (events + violations) if events + violations else 0.0,
-            "schema": absent / events if events else 0.0,
+            **self._schema_checks(profile, absent, violations, events),
         }
         return {
             "kind": "numeric", "severity": SEVERITY_NAMES[severity],
@@ -157,7 +202,18 @@ class WindowEvaluator:
             "stats": {"count": n, "missing": missing, "mean": _num(mean),
                       "std": _num(math.sqrt(var)) if var == var else None,
                       "min": _num(lo), "max": _num(hi)},
-            "data_quality": _quality(settings.data_quality, quality),
+            "data_quality": judge_quality(settings.data_quality, quality, self.alpha,
+                                          self.settings.min_events),
+        }
+
+    @staticmethod
+    def _schema_checks(profile, absent: int, violations: int, events: int
+                       ) -> dict[str, RateCheck]:
+        return {
+            "type_violations": RateCheck(violations, events + violations, 0.0, excess=False),
+            # absent keys are judged against the share the reference saw absent, so a
+            # producer that omits null features (sparse JSON) does not page
+            "schema": RateCheck(min(absent, events), events, profile.absent_rate),
         }
 
     def _categorical_column(self, name: str, profile: CategoricalProfile,
@@ -165,23 +221,22 @@ class WindowEvaluator:
                             settings: FeatureSettings, absent: int, violations: int,
                             events: int) -> dict[str, Any]:
         a, b = layout.offsets[j], layout.offsets[j + 1]
-        counts = state.counts[a:b - 2]
-        unseen, missing = int(state.counts[b - 2]), int(state.counts[b - 1])
-        n = int(counts.sum()) + unseen
-        scores = categorical_scores(profile, counts, unseen)
+        counts = state.counts[a:b - 3]
+        other, unseen, missing = (int(state.counts[b - 3]), int(state.counts[b - 2]),
+                                  int(state.counts[b - 1]))
+        n = int(counts.sum()) + other + unseen
+        scores = categorical_scores(profile, counts, other, unseen)
         significant = scores["chi2_pvalue"] < self.alpha
         severity, value = _severity_of(settings.drift, scores)
         if not significant or n < self.settings.min_events:
             severity = 0
-        total = n + missing
         top = np.argsort(counts)[::-1][:5]
         quality = {
-            "missing": (missing / total - profile.missing_rate) if total else math.nan,
-            "unseen_categories": (unseen / n - profile.other_share) if n else math.nan,
+            "missing": RateCheck(missing, n + missing, profile.missing_rate),
+            "unseen_categories": RateCheck(unseen, n, profile.unseen_rate),
             "stuck": float(n >= self.settings.min_events and len(profile.categories) > 1
-                           and np.count_nonzero(counts) + (unseen > 0) == 1),
-            "type_violations": violations / (events + violations) if events + violations else 0.0,
-            "schema": absent / events if events else 0.0,
+                           and np.count_nonzero(counts) + (other > 0) + (unseen > 0) == 1),
+            **self._schema_checks(profile, absent, violations, events),
         }
         return {
             "kind": "categorical", "severity": SEVERITY_NAMES[severity],
@@ -189,9 +244,10 @@ class WindowEvaluator:
             "threshold": settings.drift.warning if severity < 2 else settings.drift.critical,
             "significant": bool(significant),
             "scores": {k: _num(v) for k, v in scores.items()},
-            "stats": {"count": n, "missing": missing, "unseen": unseen,
+            "stats": {"count": n, "missing": missing, "other": other, "unseen": unseen,
                       "top": {profile.categories[i]: int(counts[i]) for i in top if counts[i]}},
-            "data_quality": _quality(settings.data_quality, quality),
+            "data_quality": judge_quality(settings.data_quality, quality, self.alpha,
+                                          self.settings.min_events),
         }
 
     def _single(self, profile, layout, state, name: str, rule: DriftRule) -> dict[str, Any]:

@@ -6,7 +6,9 @@ critical at once and steps back down only after `resolve_after` windows below
 critical, so a score hovering at a threshold cannot flap. Each state change is one
 alert event with a stable fingerprint (model, feature, kind). When
 `group_min_features` or more features of a model drift, one model-level alert lists
-them ranked by score instead of paging once per feature. `diagnose` names the most
+them ranked by score instead of paging once per feature; when a feature joins or leaves
+that set while it fires, the grouped alert is re-emitted (same fingerprint, the new
+`features` list), at most once per window. `diagnose` names the most
 likely cause: data drift, a pipeline fault that looks like drift, or label shift.
 """
 
@@ -173,6 +175,7 @@ class _State:
     under: int = 0              # consecutive windows back at ok
     below_critical: int = 0     # consecutive windows below critical while critical
     started: str = ""
+    members: frozenset = frozenset()  # grouped alert: the features it was last sent with
 
 
 @dataclass
@@ -275,14 +278,17 @@ class AlertPolicy:
         gf = Finding("feature_drift", model, None, severity, top["method"], top["value"] or 0.0,
                      top["threshold"])
         if group is None:
-            self.states[gkey] = _State(severity=severity, started=_window_end(report))
+            self.states[gkey] = _State(severity=severity, started=_window_end(report),
+                                       members=frozenset(firing))
             return [self._event(gf, "firing", report, diagnosis, listed)]
         if not firing:
             del self.states[gkey]
             gf = replace(gf, severity=group.severity)
             return [self._event(gf, "resolved", report, diagnosis, listed, group.started)]
-        if severity != group.severity:
-            group.severity = severity
+        if severity != group.severity or frozenset(firing) != group.members:
+            # a feature joined or left (or the severity moved): one update per window,
+            # same fingerprint, so the alert topic and Alertmanager list every feature
+            group.severity, group.members = severity, frozenset(firing)
             return [self._event(gf, "firing", report, diagnosis, listed, group.started)]
         return []
 
@@ -298,9 +304,13 @@ class AlertPolicy:
             labels["feature"] = f.feature
         if check:
             labels["check"] = check
+        annotations = {}
         if f.kind == "feature_drift" and f.feature is None:
             names = ", ".join(x["feature"] for x in (features or [])[:5])
             summary = f"{len(features or [])} features of model {f.model} drifted ({names})"
+            # the whole ranked list, so Alertmanager (which only keeps labels and
+            # annotations) shows every feature the grouped alert is about
+            annotations["features"] = ", ".join(x["feature"] for x in features or [])
         else:
             summary = _SUMMARY[f.kind].format(model=f.model, feature=f.feature,
                                               method=f.method, value=f.value)
@@ -312,7 +322,7 @@ class AlertPolicy:
         win = report["window"]
         event = {
             "labels": labels,
-            "annotations": {"summary": summary, "description": desc},
+            "annotations": {"summary": summary, "description": desc, **annotations},
             "startsAt": starts,
             "endsAt": now if status == "resolved" else None,
             "status": status,

@@ -1,10 +1,14 @@
 """Reference profiles: what "normal" looks like for one model.
 
-A profile holds, per numeric feature, quantile bin edges with counts, moments, range
-and missing rate; per categorical feature, the most frequent categories with counts,
-an "other" bucket and the missing rate; the same for the prediction and, when present,
-the label. It is built from training data (`reference build`) or from the first
-events of a stream (baseline), and stored as versioned JSON.
+A profile holds, per numeric feature, quantile bin edges (atoms in bins of their own)
+with counts, moments, range, and the shares of events whose key was absent and whose
+value was null; per categorical feature, the most frequent categories with counts, an
+"other" bucket (seen in training, outside the top K), a Bloom filter of every training
+category, the number of categories seen once (the Good-Turing rate of new values) and
+the same absent / null shares; the same for the prediction and, when present, the
+label. It is built from training data (`reference build`) or from the first events of
+a stream (baseline), and stored as versioned JSON (schema_version 2; version 1 files
+still load, judged as before: no absent share, every value outside the top K unseen).
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import numpy as np
 import orjson
 
 from .config import FieldMapping, ProfileConfig
-from .stats import bin_index, quantile_edges
+from .sketch import BloomFilter
+from .stats import bin_index, profile_edges
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 
 class ReferenceError(Exception):
@@ -51,31 +57,49 @@ class NumericProfile:
     min: float
     max: float
     count: int                 # non-missing values
-    missing_rate: float
+    missing_rate: float        # share of events without a value: key absent or null
+    absent_rate: float = 0.0   # share of events whose key was absent (part of missing_rate)
     kind: str = field(default="numeric", init=False)
 
     @property
     def std(self) -> float:
         return math.sqrt(self.variance)
 
+    @property
+    def null_rate(self) -> float:
+        """Share of events whose key was present with a null value."""
+        return max(self.missing_rate - self.absent_rate, 0.0)
+
+    @property
+    def out_of_range_rate(self) -> float:
+        """Chance that a new value from the reference distribution falls outside its range.
+
+        For N exchangeable values, a new one is below the minimum or above the maximum
+        with probability 2 / (N + 1) (continuous data; less with ties).
+        """
+        return 2.0 / (self.count + 1)
+
     @classmethod
-    def from_values(cls, values: np.ndarray, bins: int) -> NumericProfile:
+    def from_values(cls, values: np.ndarray, bins: int, absent: int = 0) -> NumericProfile:
+        """Profile of ``values`` (NaN = missing); ``absent`` of those had no key at all."""
         values = np.asarray(values, dtype=np.float64)
         present = values[~np.isnan(values)]
         n = present.size
         if n == 0:
             raise ReferenceError("no non-missing values to profile")
-        edges = quantile_edges(present, bins)
+        edges = profile_edges(present, bins)
         counts = np.bincount(bin_index(edges, present), minlength=edges.size + 1)
         return cls(edges=edges, counts=counts.astype(np.int64), mean=float(present.mean()),
                    variance=float(present.var()), min=float(present.min()),
                    max=float(present.max()), count=int(n),
-                   missing_rate=float(1 - n / values.size))
+                   missing_rate=float(1 - n / values.size),
+                   absent_rate=float(absent / values.size))
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": "numeric", "edges": self.edges.tolist(), "counts": self.counts.tolist(),
                 "mean": self.mean, "variance": self.variance, "min": self.min, "max": self.max,
-                "count": self.count, "missing_rate": self.missing_rate}
+                "count": self.count, "missing_rate": self.missing_rate,
+                "absent_rate": self.absent_rate, "null_rate": self.null_rate}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> NumericProfile:
@@ -86,35 +110,61 @@ class NumericProfile:
                 "numeric profile needs increasing edges and len(counts) = len(edges)+1")
         return cls(edges=edges, counts=counts, mean=float(d["mean"]), variance=float(d["variance"]),
                    min=float(d["min"]), max=float(d["max"]), count=int(d["count"]),
-                   missing_rate=float(d["missing_rate"]))
+                   missing_rate=float(d["missing_rate"]),
+                   absent_rate=float(d.get("absent_rate", 0.0)))
 
 
 @dataclass
 class CategoricalProfile:
     categories: list[str]      # most frequent first, at most max_categories
     counts: np.ndarray         # count per category
-    other: int                 # values outside `categories`
+    other: int                 # values outside `categories` (seen in training)
     count: int                 # non-missing values
-    missing_rate: float
+    missing_rate: float        # share of events without a value: key absent or null
+    absent_rate: float = 0.0   # share of events whose key was absent (part of missing_rate)
+    # every training category (None: all of them are in `categories`, or a v1 file)
+    seen: BloomFilter | None = None
+    singletons: int | None = None   # categories seen exactly once (None: v1 file)
     kind: str = field(default="categorical", init=False)
 
     @property
     def other_share(self) -> float:
         return self.other / self.count if self.count else 0.0
 
+    @property
+    def null_rate(self) -> float:
+        return max(self.missing_rate - self.absent_rate, 0.0)
+
+    @property
+    def unseen_rate(self) -> float:
+        """Expected share of values never seen in training, were the stream unchanged.
+
+        Good-Turing: the chance that the next value is new is about the share of training
+        values whose category occurred once. A v1 reference has no membership filter, so
+        every value outside the top K counts as unseen and `other_share` is the baseline.
+        """
+        if self.singletons is None:
+            return self.other_share
+        return self.singletons / self.count if self.count else 0.0
+
     @classmethod
     def from_counter(cls, counter: Counter, missing: int,
-                     max_categories: int) -> CategoricalProfile:
+                     max_categories: int, absent: int = 0) -> CategoricalProfile:
+        """Profile from category counts; ``absent`` of the ``missing`` events had no key."""
         total = sum(counter.values())
         if total == 0:
             raise ReferenceError("no non-missing values to profile")
         top = counter.most_common(max_categories)
         kept = sum(c for _, c in top)
+        seen = BloomFilter.of(counter) if total > kept else None
         return cls(categories=[k for k, _ in top], counts=np.array([c for _, c in top], np.int64),
-                   other=total - kept, count=total, missing_rate=missing / (total + missing))
+                   other=total - kept, count=total, missing_rate=missing / (total + missing),
+                   absent_rate=absent / (total + missing), seen=seen,
+                   singletons=sum(1 for c in counter.values() if c == 1))
 
     @classmethod
-    def from_values(cls, values: Iterable[Any], max_categories: int) -> CategoricalProfile:
+    def from_values(cls, values: Iterable[Any], max_categories: int,
+                    absent: int = 0) -> CategoricalProfile:
         counter: Counter = Counter()
         missing = 0
         for v in values:
@@ -122,12 +172,14 @@ class CategoricalProfile:
                 missing += 1
             else:
                 counter[category_key(v)] += 1
-        return cls.from_counter(counter, missing, max_categories)
+        return cls.from_counter(counter, missing, max_categories, absent)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": "categorical", "categories": self.categories,
                 "counts": self.counts.tolist(), "other": self.other, "count": self.count,
-                "missing_rate": self.missing_rate}
+                "missing_rate": self.missing_rate, "absent_rate": self.absent_rate,
+                "null_rate": self.null_rate, "singletons": self.singletons,
+                "seen": self.seen.to_json() if self.seen is not None else None}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CategoricalProfile:
@@ -135,8 +187,12 @@ class CategoricalProfile:
         counts = np.asarray(d["counts"], dtype=np.int64)
         if counts.size != len(cats) or len(set(cats)) != len(cats):
             raise ReferenceError("categorical profile needs one count per distinct category")
+        seen = BloomFilter.from_json(d["seen"]) if d.get("seen") else None
+        singletons = d.get("singletons")
         return cls(categories=cats, counts=counts, other=int(d["other"]), count=int(d["count"]),
-                   missing_rate=float(d["missing_rate"]))
+                   missing_rate=float(d["missing_rate"]),
+                   absent_rate=float(d.get("absent_rate", 0.0)), seen=seen,
+                   singletons=None if singletons is None else int(singletons))
 
 
 Profile = NumericProfile | CategoricalProfile
@@ -181,10 +237,11 @@ class Reference:
         if not isinstance(d, dict):
             raise ReferenceError(f"{source}: expected a JSON object")
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in _READABLE_VERSIONS:
             raise ReferenceError(
                 f"{source}: schema_version {version!r} is not supported "
-                f"(expected {SCHEMA_VERSION})")
+                f"(expected one of {', '.join(map(str, _READABLE_VERSIONS))}; rebuild it "
+                f"with `stream-monitor reference build`)")
         try:
             if not isinstance(d.get("features"), dict):
                 raise ReferenceError("'features' must be an object of profiles")
@@ -244,6 +301,7 @@ class ReferenceBuilder:
         self.columns: dict[str, list[Any]] = {}
         self.predictions: list[Any] = []
         self.labels: list[Any] = []
+        self.absent: Counter = Counter()    # per feature: rows without its key
         self.rows = 0
 
     def add(self, features: dict[str, Any], prediction: Any = None, label: Any = None) -> None:
@@ -252,20 +310,23 @@ class ReferenceBuilder:
             col = self.columns.get(name)
             if col is None:
                 col = self.columns[name] = [None] * n
+                if n:
+                    self.absent[name] = n
             col.append(value)
         self.rows += 1
-        for col in self.columns.values():
+        for name, col in self.columns.items():
             if len(col) < self.rows:
                 col.append(None)
+                self.absent[name] += 1
         self.predictions.append(prediction)
         self.labels.append(label)
 
-    def _profile(self, values: list[Any], kind: str | None) -> Profile:
+    def _profile(self, values: list[Any], kind: str | None, absent: int = 0) -> Profile:
         kind = kind or infer_kind(values)
         if kind == "numeric":
             arr = np.array([float(v) if _is_number(v) else np.nan for v in values], np.float64)
-            return NumericProfile.from_values(arr, self.profile.numeric_bins)
-        return CategoricalProfile.from_values(values, self.profile.max_categories)
+            return NumericProfile.from_values(arr, self.profile.numeric_bins, absent)
+        return CategoricalProfile.from_values(values, self.profile.max_categories, absent)
 
     def build(self, source: str = "") -> Reference:
         if self.rows == 0:
@@ -273,7 +334,8 @@ class ReferenceBuilder:
         features: dict[str, Profile] = {}
         for name, values in sorted(self.columns.items()):
             try:
-                features[name] = self._profile(values, self.kinds.get(name))
+                features[name] = self._profile(values, self.kinds.get(name),
+                                               self.absent.get(name, 0))
             except ReferenceError as exc:
                 raise ReferenceError(f"feature {name!r}: {exc}") from None
         pred = label = None

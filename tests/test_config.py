@@ -217,7 +217,7 @@ OVERRIDES = {
             "categorical": _rule("jensen_shannon", 0.2, 0.4),
             "alerting": {"fire_after": 2},
             "features": {
-                "age": {"drift": _rule("wasserstein", 0.5, 1.0)},
+                "age": {"drift": _rule("ks", 0.5, 1.0)},
                 "zip": {"kind": "categorical"},
                 "code": {"kind": "categorical", "drift": _rule("psi", 0.3, 0.6)},
                 "notes": {"data_quality": {"missing": {"warning": 0.5, "critical": 0.9}}},
@@ -239,7 +239,7 @@ def test_model_and_feature_overrides_resolve_over_defaults():
     assert (a.categorical.method, b.categorical.method) == ("jensen_shannon", "psi")
 
     age = a.feature("age", "numeric")
-    assert (age.drift.method, age.drift.warning, age.drift.critical) == ("wasserstein", 0.5, 1.0)
+    assert (age.drift.method, age.drift.warning, age.drift.critical) == ("ks", 0.5, 1.0)
     other = a.feature("income", "numeric")
     assert (other.kind, other.drift.method, other.drift.warning) == ("numeric", "ks", 0.1)
     zipf = a.feature("zip", "numeric")                            # kind overridden
@@ -405,6 +405,6 @@ def test_check_config_numeric_method_on_categorical_reference_feature_exits_2(re
 
 def test_reference_written_by_builder_is_valid_json_with_schema_version(ref_dir: Path):
     data = orjson.loads((ref_dir / "m.json").read_bytes())
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     assert {k: v["kind"] for k, v in data["features"].items()} == {
         "age": "numeric", "income": "numeric", "plan": "categorical"}

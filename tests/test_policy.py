@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
 
 from stream_monitor import synthetic
 from stream_monitor.config import AlertingConfig, load_config
@@ -138,3 +139,108 @@ def test_rescaled_feature_is_diagnosed_as_recalibration(minimal_config: Path, tm
     assert {a["kind"] for a in alerts} >= {"feature_drift", "out_of_range"}
     assert all(a["diagnosis"]["root_cause"] == "feature_recalibration" for a in alerts
                if a["status"] == "firing")
+
+
+def test_grouped_alert_is_updated_when_features_join_or_leave():
+    policy = AlertPolicy({"churn": AlertingConfig(resolve_after=2)})
+    first = {"f01": 1, "f02": 1, "f03": 2}
+    later = {**first, "f04": 1, "f05": 1}
+    minus = {k: v for k, v in later.items() if k != "f01"}
+    windows = [report(0, first), report(1, later), report(2, later), report(3, minus),
+               report(4, minus), report(5, minus)] + [report(6 + i, {}) for i in range(2)]
+    per_window = [policy.evaluate(w) for w in windows]
+    grouped = [[e for e in evs if e["kind"] == "feature_drift"] for evs in per_window]
+    assert [len(g) for g in grouped] == [1, 1, 0, 0, 1, 0, 0, 1]   # at most one per window
+    fired, joined, left, resolved = (g[0] for g in grouped if g)
+    assert [e["status"] for e in (fired, joined, left, resolved)] == [
+        "firing", "firing", "firing", "resolved"]
+    assert len({e["fingerprint"] for e in (fired, joined, left, resolved)}) == 1
+    assert {f["feature"] for f in fired["features"]} == {"f01", "f02", "f03"}
+    assert {f["feature"] for f in joined["features"]} == {"f01", "f02", "f03", "f04", "f05"}
+    # f01 went back to ok in window 3 and resolves after resolve_after=2 windows
+    assert {f["feature"] for f in left["features"]} == {"f02", "f03", "f04", "f05"}
+    assert joined["startsAt"] == fired["startsAt"]
+    # Alertmanager keeps only labels and annotations: the full list is an annotation
+    assert joined["annotations"]["features"].split(", ") == [
+        f["feature"] for f in joined["features"]]
+    assert "feature" not in joined["labels"]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_direct_push_resends_the_updated_grouped_alert(tmp_path: Path):
+    """A real Alertmanager shows the features that joined a firing grouped alert."""
+    import shutil
+    import subprocess
+    import time
+    import urllib.request
+
+    from helpers import wait_until
+
+    from stream_monitor.sinks import AlertmanagerPush
+    binary = shutil.which("alertmanager") or shutil.which("prometheus-alertmanager")
+    if binary is None:
+        pytest.fail("alertmanager not on PATH: run `bash .ci/install-system-deps.sh`")
+    port = _free_port()
+    cfg = tmp_path / "am.yml"
+    cfg.write_text("route: {receiver: none}\nreceivers: [{name: none}]\n")
+    log = (tmp_path / "am.log").open("wb")
+    proc = subprocess.Popen([binary, f"--config.file={cfg}",
+                             f"--storage.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}",
+                             "--cluster.listen-address="], stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path: str):
+        try:
+            with urllib.request.urlopen(base + path, timeout=5) as r:
+                status, body = r.status, r.read()
+        except OSError:
+            return 0, None
+        try:
+            return status, orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return status, body
+
+    try:
+        wait_until(lambda: get("/-/ready")[0] == 200, 60, "alertmanager ready",
+                   lambda: (tmp_path / "am.log").read_text()[-2000:])
+        # event times near now: Alertmanager takes startsAt as wall-clock time
+        now = time.time()
+
+        def window(i: int, drift: dict) -> dict:
+            r = report(i, drift)
+            for key, ts in (("start", now - 120 + 60 * i), ("end", now - 61 + 60 * i)):
+                r["window"][key] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+            return r
+
+        policy = AlertPolicy({"churn": AlertingConfig()})
+        push = AlertmanagerPush(base, timeout=5.0)
+        assert push.send(policy.evaluate(window(0, {"f01": 1, "f02": 1, "f03": 1})))
+        assert push.send(policy.evaluate(window(1, {"f01": 1, "f02": 1, "f03": 1,
+                                                     "f04": 1, "f05": 1})))
+
+        def grouped() -> list[dict]:
+            alerts = get("/api/v2/alerts?active=true")[1] or []
+            return [a for a in alerts if a["labels"].get("alertname") == "FeatureDrift"]
+
+        wait_until(lambda: grouped() and "f05" in grouped()[0]["annotations"].get(
+            "features", ""), 30, "the updated grouped alert at Alertmanager",
+            lambda: str(get("/api/v2/alerts")[1])[:2000])
+        alerts = grouped()
+        assert len(alerts) == 1   # one alert, updated in place (same labels)
+        assert sorted(alerts[0]["annotations"]["features"].split(", ")) == [
+            "f01", "f02", "f03", "f04", "f05"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -59,13 +60,26 @@ def test_numeric_profile_matches_numpy(bins):
     assert p.missing_rate == pytest.approx(200 / 4000)
 
 
-def test_numeric_profile_of_discrete_data_collapses_tied_edges():
+def test_numeric_profile_of_discrete_data_gives_each_atom_its_own_bin():
     values = np.repeat(np.arange(5.0), [50, 10, 10, 10, 20])   # heavy ties at 0
     p = NumericProfile.from_values(values, bins=10)
     assert np.all(np.diff(p.edges) > 0)
-    np.testing.assert_array_equal(p.edges, np.unique(np.quantile(values, np.arange(1, 10) / 10)))
-    assert p.counts.tolist() == _numpy_bins(values, p.edges)
+    # every value holds >= 5% (half a quantile bin): one bin per value, none empty
+    assert p.counts.tolist() == _numpy_bins(values, p.edges) == [50, 10, 10, 10, 20]
     assert p.counts.sum() == 100 and p.missing_rate == 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_zero_inflated_profile_keeps_the_atom_apart(seed):
+    rng = np.random.default_rng(seed)
+    values = np.where(rng.random(20_000) < 0.7, 0.0, rng.exponential(3.0, 20_000))
+    p = NumericProfile.from_values(values, bins=50)
+    zero_bin = int(np.searchsorted(p.edges, 0.0, side="right"))
+    assert p.counts[zero_bin] == (values == 0).sum()       # the zeros and nothing else
+    assert p.counts.tolist() == _numpy_bins(values, p.edges)
+    assert (p.counts > 0).all()
+    # the positive part still gets about 50 * 30% quantile bins of ~2% each
+    assert 12 <= p.counts.size - 1 <= 18
 
 
 def test_constant_numeric_feature_has_one_bin():
@@ -173,11 +187,47 @@ def test_save_load_round_trip_is_exact(tmp_path: Path):
     assert isinstance(loaded.prediction, NumericProfile)
     assert isinstance(loaded.label, CategoricalProfile)      # few integer values: classes
     assert sorted(loaded.label.categories) == ["0", "1"]
-    assert orjson.loads(path.read_bytes())["schema_version"] == 1
+    assert orjson.loads(path.read_bytes())["schema_version"] == 2
+    # v2: absent keys and nulls recorded apart, the membership filter survives the trip
+    for name in ("plan", "rare"):
+        assert loaded.features[name].absent_rate == ref.features[name].absent_rate
+    assert loaded.features["plan"].seen is not None
+    assert all(c in loaded.features["plan"].seen for c in ("basic", "pro", "team", "edu",
+                                                           "gov", "x"))
+
+
+def test_version_1_reference_still_loads_and_is_judged_as_before(tmp_path: Path):
+    data = _full_reference().to_json()
+    data["schema_version"] = 1
+    for prof in data["features"].values():     # what a v1 file had
+        for key in ("absent_rate", "null_rate", "seen", "singletons"):
+            prof.pop(key, None)
+    path = tmp_path / "v1.json"
+    path.write_bytes(orjson.dumps(data))
+    ref = Reference.load(path)
+    plan = ref.features["plan"]
+    assert plan.seen is None and plan.absent_rate == 0.0
+    assert plan.unseen_rate == plan.other_share      # everything outside the top K
+    assert ref.features["rare"].null_rate == ref.features["rare"].missing_rate
+
+
+def test_absent_keys_and_nulls_are_recorded_apart():
+    b = ReferenceBuilder("m", ProfileConfig())
+    for i in range(1000):
+        feats = {"x": None if i % 25 == 0 else float(i), "c": "a" if i % 2 else None}
+        if i % 50 == 1:
+            del feats["x"]          # absent in 2% of the rows
+        if i % 10 == 3:
+            del feats["c"]
+        b.add(feats)
+    ref = b.build()
+    x, c = ref.features["x"], ref.features["c"]
+    assert (x.absent_rate, x.null_rate, x.missing_rate) == pytest.approx((0.02, 0.04, 0.06))
+    assert (c.absent_rate, c.null_rate) == pytest.approx((0.1, 0.5))
 
 
 @pytest.mark.parametrize(("mutate", "expected"), [
-    (lambda d: d.update(schema_version=2), "schema_version 2 is not supported"),
+    (lambda d: d.update(schema_version=3), "schema_version 3 is not supported"),
     (lambda d: d.pop("schema_version"), "schema_version None is not supported"),
     (lambda d: d.update(features={}), "no features"),
     (lambda d: d["features"]["age"].update(counts=[1, 2]), "malformed profile"),
@@ -187,7 +237,7 @@ def test_save_load_round_trip_is_exact(tmp_path: Path):
      "malformed profile"),
     (lambda d: d["features"]["age"].pop("mean"), "malformed profile"),
     (lambda d: d["features"]["age"].update(kind="text"), "malformed profile"),
-], ids=["version-2", "no-version", "no-features", "counts-length", "edges-decreasing",
+], ids=["version-3", "no-version", "no-features", "counts-length", "edges-decreasing",
         "duplicate-categories", "missing-mean", "unknown-kind"])
 def test_load_rejects_bad_reference_with_one_line(tmp_path: Path, mutate, expected):
     data = _full_reference().to_json()
@@ -385,3 +435,51 @@ def test_reference_build_invalid_bins_is_one_line(tmp_path: Path, capsys):
     code, _, err = _run(["reference", "build", "--model", "churn", "--input", str(src),
                          "--out", str(tmp_path / "r.json"), "--bins", "-5"], capsys)
     assert code == 2 and len(err) == 1 and "bins" in err[0]
+
+
+# -- membership filter of training categories ---------------------------------------------
+
+
+@pytest.mark.parametrize("n", [10, 5000, 200_000])
+def test_bloom_filter_has_no_false_negatives_and_the_documented_fpr(n):
+    from stream_monitor.sketch import TARGET_FPR, BloomFilter
+    keys = [f"k{i}" for i in range(n)]
+    bf = BloomFilter.of(keys)
+    assert all(k in bf for k in keys)                      # never a false negative
+    probes = [f"other-{i}" for i in range(100_000)]        # disjoint from the keys
+    measured = sum(p in bf for p in probes) / len(probes)
+    # within 3 binomial sds (plus one in 100,000) of the designed rate, and the rate
+    # the filter reports from its own fill agrees with what was measured
+    sd = math.sqrt(TARGET_FPR * (1 - TARGET_FPR) / len(probes))
+    assert measured <= TARGET_FPR + 3 * sd + 1e-5
+    assert bf.false_positive_rate <= 1.5 * TARGET_FPR
+    assert abs(measured - bf.false_positive_rate) <= 3 * sd + 1e-5
+    again = BloomFilter.from_json(orjson.loads(orjson.dumps(bf.to_json())))
+    assert np.array_equal(again.bits, bf.bits) and (again.m, again.k) == (bf.m, bf.k)
+
+
+def test_bloom_filters_merge_exactly():
+    from stream_monitor.sketch import BloomFilter
+    a, b, both = (BloomFilter.for_capacity(2000) for _ in range(3))
+    a.update(f"a{i}" for i in range(1000))
+    b.update(f"b{i}" for i in range(1000))
+    both.update([*(f"a{i}" for i in range(1000)), *(f"b{i}" for i in range(1000))])
+    merged = a.merge(b)
+    assert np.array_equal(merged.bits, both.bits)
+    with pytest.raises(ValueError):
+        a.merge(BloomFilter.for_capacity(10))
+
+
+def test_categorical_reference_keeps_other_apart_from_never_seen():
+    rng = np.random.default_rng(3)
+    w = 1.0 / np.arange(1, 5001) ** 1.1
+    values = [f"c{i}" for i in rng.choice(5000, 50_000, p=w / w.sum())]
+    p = CategoricalProfile.from_values(values, max_categories=1000)
+    counts = Counter(values)
+    assert p.other == sum(c for k, c in counts.items() if k not in set(p.categories))
+    assert all(k in p.seen for k in counts)
+    assert p.singletons == sum(1 for c in counts.values() if c == 1)
+    assert p.unseen_rate == pytest.approx(p.singletons / 50_000)   # Good-Turing
+    # a categorical feature with every category in the top K needs no filter
+    small = CategoricalProfile.from_values(["a", "b", "a"], max_categories=10)
+    assert small.seen is None and small.other == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 
@@ -137,3 +138,118 @@ def test_diagnose_command(minimal_config: Path, tmp_path: Path, capsys):
     assert main(["diagnose", str(tmp_path / "out")]) == 0
     text = capsys.readouterr().out
     assert "feature_unavailable" in text and "f03" in text
+
+
+# -- streams unlike the repo's generator ---------------------------------------------------
+
+SHIFTABLE = [f"n{i}" for i in range(8)]
+
+
+def _foreign_stream(path: Path, n: int, seed: int, shifts: dict[int, list[str]] | None = None
+                    ) -> Path:
+    """Sparse JSON with heavy tails, integer ties, a zero-inflated and a boolean feature,
+    nulls, a 5,000-category Zipf feature, and optional mean shifts (1 sd) of the `n*`
+    features from given event numbers on."""
+    rng = np.random.default_rng(seed)
+    zipf = 1.0 / np.arange(1, 5001) ** 1.1
+    sku = rng.choice(5000, n, p=zipf / zipf.sum())
+    cols = {
+        "latency": rng.standard_cauchy(n) * 5 + 100,          # Cauchy tails
+        "amount": rng.lognormal(3, 1.2, n),
+        "visits": rng.poisson(3, n).astype(float),            # integer ties
+        "refund": np.where(rng.random(n) < 0.7, 0.0, rng.exponential(20, n)),
+        "sparse": rng.normal(10, 2, n),
+        "nullable": rng.normal(0, 1, n),
+        **{f: rng.normal(0, 1, n) for f in SHIFTABLE},
+    }
+    for at, feats in (shifts or {}).items():
+        for f in feats:
+            cols[f][at:] += 1.0
+    absent = rng.random(n) < 0.02
+    null = rng.random(n) < 0.01
+    flag = rng.random(n) < 0.3
+    tier = rng.choice(["free", "pro", "team"], n, p=[0.6, 0.3, 0.1])
+    with path.open("wb") as fh:
+        for i in range(n):
+            feats = {k: round(float(v[i]), 6) for k, v in cols.items()}
+            feats["visits"] = int(cols["visits"][i])
+            if absent[i]:
+                del feats["sparse"]                          # the key is omitted
+            if null[i]:
+                feats["nullable"] = None
+            feats["flag"] = bool(flag[i])
+            feats["sku"] = f"sku-{sku[i]}"
+            feats["tier"] = str(tier[i])
+            fh.write(orjson.dumps({"model": "shop", "ts": 1_790_000_000 + i * 0.01,
+                                   "features": feats}) + b"\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def foreign_reference(tmp_path_factory) -> Path:
+    from stream_monitor.config import ProfileConfig
+    from stream_monitor.reference import build_reference
+    tmp = tmp_path_factory.mktemp("foreign")
+    train = _foreign_stream(tmp / "train.jsonl", 60_000, seed=100)
+    ref = build_reference(train, "shop", ProfileConfig())
+    assert ref.features["sparse"].absent_rate == pytest.approx(0.02, abs=0.003)
+    assert ref.features["flag"].kind == "categorical"
+    path = tmp / "shop.json"
+    ref.save(path)
+    return path
+
+
+def _config(tmp_path: Path, reference: Path, extra: str = "") -> Path:
+    path = tmp_path / "shop.yaml"
+    path.write_text(f"{extra}models:\n  shop:\n    reference: {reference}\n")
+    return path
+
+
+def test_stationary_sparse_heavy_tailed_stream_raises_no_alert(foreign_reference, tmp_path):
+    events = _foreign_stream(tmp_path / "live.jsonl", 100_000, seed=101)
+    summary = replay(load_config(_config(tmp_path, foreign_reference)), events,
+                     tmp_path / "out", progress=False)
+    assert summary.counted == 100_000 and summary.windows == 10
+    assert summary.alerts == 0, _read(tmp_path / "out" / "alerts.jsonl")[:3]
+    for w in _read(tmp_path / "out" / "windows.jsonl"):
+        assert _flagged(w) == set()
+        sku = w["features"]["sku"]
+        assert sku["scores"]["unseen_share"] < 0.03      # never-seen only, not "other"
+        assert sku["stats"]["other"] > 5 * sku["stats"]["unseen"]
+
+
+def test_stationary_stream_in_500_event_windows_raises_no_data_quality_alert(
+        foreign_reference, tmp_path, monkeypatch):
+    # Batch-level schema counters (absent keys) still go to the first window a batch
+    # touches until issue 8 item 3 lands (decoder rework); batches of one window's size
+    # keep this test about the judging, not about that.
+    import stream_monitor.replay as replay_module
+    monkeypatch.setattr(replay_module, "BATCH_LINES", 500)
+    events = _foreign_stream(tmp_path / "live.jsonl", 100_000, seed=102)
+    cfg = _config(tmp_path, foreign_reference, "defaults:\n  window: {events: 500}\n")
+    summary = replay(load_config(cfg), events, tmp_path / "out", progress=False)
+    assert summary.windows == 200
+    alerts = _read(tmp_path / "out" / "alerts.jsonl")
+    assert [a for a in alerts if a["labels"]["alertname"] == "DataQuality"] == []
+    for w in _read(tmp_path / "out" / "windows.jsonl"):
+        for name, f in w["features"].items():
+            assert all(q["severity"] == "ok" for q in f["data_quality"].values()), (name, f)
+
+
+def test_staggered_drift_updates_the_grouped_alert(foreign_reference, tmp_path):
+    # three features shift mid-window at 25,000, two more mid-window at 45,000
+    events = _foreign_stream(tmp_path / "live.jsonl", 80_000, seed=103,
+                             shifts={25_000: ["n0", "n1", "n2"], 45_000: ["n3", "n4"]})
+    replay(load_config(_config(tmp_path, foreign_reference)), events, tmp_path / "out",
+           progress=False)
+    grouped = [a for a in _read(tmp_path / "out" / "alerts.jsonl")
+               if a["kind"] == "feature_drift" and "feature" not in a["labels"]]
+    assert grouped and len({a["fingerprint"] for a in grouped}) == 1
+    windows = [a["window"]["first_line"] for a in grouped]
+    assert len(windows) == len(set(windows))                  # at most one per window
+    first = {f["feature"] for f in grouped[0]["features"]}
+    assert first == {"n0", "n1", "n2"}
+    assert {f["feature"] for f in grouped[-1]["features"]} == {"n0", "n1", "n2", "n3", "n4"}
+    assert grouped[-1]["status"] == "firing"
+    assert grouped[-1]["window"]["first_line"] <= 50_001      # the first full window after
+    assert all(a["annotations"]["features"] for a in grouped)
