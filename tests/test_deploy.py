@@ -920,3 +920,220 @@ def test_generate_produces_drifting_traffic(kafka_broker):
     assert (f01[at:].mean() - f01[:at].mean()) / sd > 0.5          # the covariate shift
     missing = np.array([e["features"]["f07"] is None for e in fraud])
     assert missing[:at].mean() == 0 and missing[at:].mean() > 0.5   # a feature goes missing
+
+
+# ----------------------------------------------------------------------------- Kubernetes
+
+_BUILDS: dict[Path, list[dict]] = {}
+
+
+def kustomize(directory: Path) -> list[dict]:
+    """`kubectl kustomize DIR`: the manifests a user applies (cached per directory)."""
+    if directory not in _BUILDS:
+        proc = run([deploy_tool("kubectl"), "kustomize", str(directory)], timeout=120)
+        _BUILDS[directory] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return _BUILDS[directory]
+
+
+def of_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def crd_validator(kind: str):
+    import jsonschema
+    path = SCHEMAS / f"monitoring.coreos.com_{kind.lower()}s.yaml"
+    crd = yaml.safe_load(path.read_text())
+    assert crd["spec"]["names"]["kind"] == kind
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft7Validator(version["schema"]["openAPIV3Schema"])
+
+
+def validate_k8s(doc: dict) -> list[str]:
+    """Errors of one manifest: the Kubernetes API schemas (strict: unknown fields are
+    errors) for built-in kinds, prometheus-operator's CRD schemas for its kinds."""
+    import kubernetes_validate
+    if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+        return [f"{doc['kind']} {'/'.join(map(str, e.path))}: {e.message}"
+                for e in crd_validator(doc["kind"]).iter_errors(doc)]
+    errors = []
+    for version in K8S_VERSIONS:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{doc['kind']} (Kubernetes {version}): {exc.message} at "
+                          f"{'/'.join(map(str, exc.path))}")
+    return errors
+
+
+@pytest.mark.parametrize("directory", K8S_OVERLAYS, ids=lambda p: p.name)
+def test_kustomize_builds_and_manifests_validate(directory):
+    docs = kustomize(directory)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ConfigMap", "Deployment", "PrometheusRule", "Service", "ServiceMonitor"]
+    errors = [e for d in docs for e in validate_k8s(d)]
+    assert not errors, errors
+
+
+def test_kubernetes_validators_can_fail():
+    (deployment,) = of_kind(kustomize(K8S / "base"), "Deployment")
+    broken = json.loads(json.dumps(deployment))
+    broken["spec"]["template"]["spec"]["containers"][1]["livenessprobe"] = {}
+    assert validate_k8s(broken), "strict Kubernetes validation accepted an unknown field"
+    (rule,) = of_kind(kustomize(K8S / "base"), "PrometheusRule")
+    broken = json.loads(json.dumps(rule))
+    broken["spec"]["groups"][0]["rules"][0]["for"] = "five minutes"
+    assert validate_k8s(broken), "the PrometheusRule schema accepted a bad duration"
+
+
+def sidecar(docs: list[dict]) -> tuple[dict, dict]:
+    (deployment,) = of_kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "stream-monitor"]
+    return pod, container
+
+
+def test_kubernetes_sidecar_ports_probes_and_resources():
+    docs = kustomize(K8S / "overlays" / "example")
+    pod, mon = sidecar(docs)
+    names = [c["name"] for c in pod["containers"]]
+    assert names == ["model-server", "stream-monitor"], "a model server and the sidecar"
+    (port,) = mon["ports"]
+    assert port == {"name": "metrics", "containerPort": METRICS_PORT}
+    assert mon["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert mon["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert mon["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert mon["args"][:2] == ["run", "--config"]
+    for c in (*pod["initContainers"], mon):
+        res = c["resources"]
+        for what in ("cpu", "memory"):
+            assert res["requests"][what] and res["limits"][what], (c["name"], what)
+        assert c["securityContext"]["runAsUser"] == 10001   # the image's USER
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    mib = {"Mi": 1, "Gi": 1024}
+    req = int(mon["resources"]["requests"]["memory"][:-2]) * mib[mon["resources"]["requests"][
+        "memory"][-2:]]
+    lim = int(mon["resources"]["limits"]["memory"][:-2]) * mib[mon["resources"]["limits"][
+        "memory"][-2:]]
+    assert 2 * MEASURED_RSS_MIB <= req <= lim, "requests/limits from benchmarks/memory.py"
+    final = dockerfile_stages()[-1]
+    assert instructions(final, "USER") == ["10001:10001"]
+    # the Service and ServiceMonitor scrape that port, as the job the alert rules expect
+    (service,) = of_kind(docs, "Service")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": METRICS_PORT,
+                                         "targetPort": "metrics"}]
+    assert service["spec"]["selector"].items() <= pod_labels(docs).items()
+    (smon,) = of_kind(docs, "ServiceMonitor")
+    assert smon["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = smon["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert {"targetLabel": "job", "replacement": "stream-monitor"} in endpoint["relabelings"]
+    assert 'job="stream-monitor"' in RULES.read_text()
+
+
+# RSS of the engine measured with benchmarks/memory.py (README "Deploy"): interpreter,
+# libraries and two models' state; the pods' memory request is at least twice that.
+MEASURED_RSS_MIB = 128
+
+
+def pod_labels(docs: list[dict]) -> dict:
+    (deployment,) = of_kind(docs, "Deployment")
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("directory", K8S_OVERLAYS, ids=lambda p: p.name)
+def test_kubernetes_config_renders_with_the_secret_and_passes_check_config(directory, tmp_path):
+    """The ConfigMap's config, rendered by the init container's own script with SASL
+    credentials from the Secret's environment, passes `stream-monitor check-config`."""
+    docs = kustomize(directory)
+    pod, mon = sidecar(docs)
+    (configmap,) = of_kind(docs, "ConfigMap")
+    (init,) = pod["initContainers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    template_volume = [n for n, v in volumes.items() if "configMap" in v]
+    assert [volumes[n]["configMap"]["name"] for n in template_volume] == [
+        configmap["metadata"]["name"]]
+    rendered_volume = [n for n, v in volumes.items() if "emptyDir" in v and n in mounts]
+    assert [volumes[n]["emptyDir"].get("medium") for n in rendered_volume] == ["Memory"]
+    # the script, its arguments mapped from the mount paths to temporary directories
+    command = init["command"]
+    assert command[:2] == ["python", "-c"]
+    src, dst = command[3], command[4]
+    template_dir, rendered_dir = mounts[template_volume[0]], mounts[rendered_volume[0]]
+    assert src == f"{template_dir}/config.yaml" and dst.startswith(rendered_dir + "/")
+    (tmp_path / "template").mkdir()
+    (tmp_path / "rendered").mkdir()
+    (tmp_path / "template" / "config.yaml").write_text(configmap["data"]["config.yaml"])
+    out = tmp_path / "rendered" / Path(dst).name
+    env = {"PATH": "/usr/bin:/bin", "KAFKA_SASL_USERNAME": "monitor",
+           "KAFKA_SASL_PASSWORD": "s3cret: with 'quotes'"}
+    secret_refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in init["env"]}
+    assert set(secret_refs) == {"KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"}
+    assert {r["name"] for r in secret_refs.values()} == {"stream-monitor-kafka"}
+    assert {r["key"] for r in secret_refs.values()} == {"username", "password"}
+    python = str(REPO / ".venv" / "bin" / "python")
+    proc = subprocess.run([python, "-c", command[2], str(tmp_path / "template" / "config.yaml"),
+                           str(out)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    import os
+    assert os.stat(out).st_mode & 0o777 == 0o600, "credentials readable by the owner only"
+    rendered = yaml.safe_load(out.read_text())
+    assert rendered["kafka"]["sasl.username"] == "monitor"
+    assert rendered["kafka"]["sasl.password"] == env["KAFKA_SASL_PASSWORD"]
+    original = yaml.safe_load(configmap["data"]["config.yaml"])
+    assert {k: v for k, v in rendered["kafka"].items() if not k.startswith("sasl.u")
+            and k != "sasl.password"} == original["kafka"]
+    assert "sasl.password" not in configmap["data"]["config.yaml"], "no secret in the ConfigMap"
+    proc = check_config(out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # the sidecar reads what the init container wrote
+    assert mon["args"] == ["run", "--config", dst]
+    assert {m["mountPath"] for m in mon["volumeMounts"]} == {rendered_dir}
+    cfg = yaml.safe_load(configmap["data"]["config.yaml"])
+    assert cfg["http"]["port"] == METRICS_PORT
+
+
+def test_prometheusrule_holds_exactly_the_tested_rules(tmp_path):
+    """The PrometheusRule is generated from the rules file (byte for byte what the script
+    writes), holds the same rules after `kubectl kustomize`, and passes the repository's
+    `promtool test rules` cases when Prometheus loads its spec."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("render_prometheusrule",
+                                                  K8S / "render_prometheusrule.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    assert render.RULES == RULES
+    committed = render.OUT.read_text()
+    assert committed == render.render(RULES.read_text()), (
+        "deploy/kubernetes/base/prometheusrule.yaml is stale: run "
+        "`python deploy/kubernetes/render_prometheusrule.py`")
+    rules_doc = yaml.safe_load(RULES.read_text())
+    assert yaml.safe_load(committed)["spec"] == rules_doc
+    for directory in K8S_OVERLAYS:
+        (rule,) = of_kind(kustomize(directory), "PrometheusRule")
+        assert rule["spec"] == rules_doc, directory
+    # promtool's unit tests against the rules as the PrometheusRule holds them
+    (rule,) = of_kind(kustomize(K8S / "overlays" / "example"), "PrometheusRule")
+    (tmp_path / "k8s.rules.yml").write_text(yaml.safe_dump(rule["spec"], sort_keys=False))
+    tests = yaml.safe_load(RULES_TEST.read_text())
+    tests["rule_files"] = ["k8s.rules.yml"]
+    (tmp_path / "k8s.rules.test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    proc = run([tool("promtool"), "test", "rules", str(tmp_path / "k8s.rules.test.yml")],
+               timeout=120)
+    assert "SUCCESS" in proc.stdout + proc.stderr
+    # and a change to the rules would be caught
+    assert render.render(RULES.read_text().replace("for: 2m", "for: 3m")) != committed
+
+
+def test_kubernetes_overlay_settings():
+    base, example = (kustomize(d) for d in K8S_OVERLAYS)
+    assert all(d["metadata"].get("namespace") == "ml-serving" for d in example)
+    (dep,) = of_kind(example, "Deployment")
+    assert dep["spec"]["replicas"] == 3
+    inferences = yaml.safe_load(of_kind(example, "ConfigMap")[0]["data"]["config.yaml"])
+    partitions_note = (K8S / "overlays/example/kustomization.yaml").read_text()
+    assert "partition" in partitions_note
+    assert inferences["kafka"]["security.protocol"] == "SASL_SSL"
+    images = {c["image"] for d in (base, example) for c in
+              sidecar(d)[0]["containers"] + sidecar(d)[0]["initContainers"]}
+    assert all(":" in i and not i.endswith(":latest") for i in images), images
