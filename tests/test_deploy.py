@@ -1179,3 +1179,85 @@ def test_readme_deploy_section_matches_the_artefacts():
     assert (f"requests of {res['requests']['memory']} and {res['requests']['cpu']}" in doc
             and f"limits of {res['limits']['memory']} and {res['limits']['cpu']} CPU" in doc)
     assert f"{MEASURED_RSS_MIB} MB at its peak" in doc
+
+
+@pytest.mark.slow
+def test_compose_monitor_detects_the_generators_drift(kafka_broker, tmp_path):
+    """The compose stack's pairing, run for real on the embedded broker (only the broker
+    address, topic names and HTTP port changed): `stream-monitor run` with
+    deploy/compose/stream-monitor.yaml and `stream-monitor generate`. Silent on the windows
+    before the drift (event-count based, so timing does not matter); then exactly the
+    injected drift: churn's shifted features and fraud's missing f07."""
+    suffix = free_port()
+    cfg = yaml.safe_load((COMPOSE_DIR / "stream-monitor.yaml").read_text())
+    topics = {k: (f"{v[0]}-{suffix}" if isinstance(v, list) else f"{v}-{suffix}")
+              for k, v in cfg["topics"].items()}
+    kafka_broker.create_topics({t: (3 if k == "inferences" else 1) for k, t in topics.items()})
+    topics["inferences"] = [topics["inferences"]]
+    cfg["topics"] = topics
+    cfg["kafka"].update({"bootstrap.servers": kafka_broker.bootstrap_servers,
+                         "group.id": f"compose-{suffix}", "session.timeout.ms": 6000})
+    port = free_port()
+    cfg["http"] = {"host": "127.0.0.1", "port": port}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    exe = str(REPO / ".venv" / "bin" / "stream-monitor")
+    log = open(tmp_path / "monitor.log", "w+")
+    mon = subprocess.Popen([exe, "run", "--config", str(config), "--log-level", "warning"],
+                           stdout=log, stderr=subprocess.STDOUT)
+    gen = None
+    url = f"http://127.0.0.1:{port}"
+
+    def metrics() -> tuple[dict[str, float], set[tuple[str, ...]]]:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        windows = {m[0]: float(m[1]) for m in re.findall(
+            r'^stream_monitor_windows_closed_total\{model="(\w+)"\} (\S+)$', text, re.M)}
+        flagged = set()
+        severity = r'^stream_monitor_(feature_drift|data_quality)_severity\{(.*)\} (\S+)$'
+        for m in re.finditer(severity, text, re.M):
+            if float(m.group(3)) > 0:
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+                flagged.add((labels["model"], labels["feature"], labels.get("check", "drift")))
+        return windows, flagged
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:   # ready: partitions assigned (what compose's healthcheck waits for)
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=1):
+                    break
+            except OSError:
+                assert mon.poll() is None and time.monotonic() < deadline, "monitor not ready"
+                time.sleep(0.3)
+        gen = subprocess.Popen([exe, "generate", "--bootstrap-servers",
+                                kafka_broker.bootstrap_servers, "--topic",
+                                topics["inferences"][0], "--rate", "8000", "--drift-after", "10",
+                                "--report-every", "0"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        # baseline 20,000 events per model, then windows of 5,000: the drift starts at event
+        # 40,000 of each model (4,000/s x 10 s), so windows 1-3 are drift-free by construction
+        # (window 4 is too, but events of 3 partitions interleave a little at its end).
+        expected = {("churn", f, "drift") for f in ("f01", "f04", "f09", "plan")} | {
+            ("fraud", "f07", "missing")}
+        seen_quiet, flagged = False, set()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            windows, flagged = metrics()
+            done = min(windows.get("churn", 0), windows.get("fraud", 0))
+            if max(windows.values(), default=0) <= 3:
+                assert flagged == set(), f"false alarm before the drift: {flagged}"
+                seen_quiet = seen_quiet or done >= 1
+            elif done >= 7:
+                break
+            time.sleep(0.2)
+        assert seen_quiet, "never saw a drift-free window"
+        assert flagged == expected
+    finally:
+        for proc in (gen, mon):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=30)
+        log.seek(0)
+        output = log.read()
+    assert mon.returncode == 0, output
