@@ -1089,7 +1089,7 @@ def test_kubernetes_config_renders_with_the_secret_and_passes_check_config(direc
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # the sidecar reads what the init container wrote
     assert mon["args"] == ["run", "--config", dst]
-    assert {m["mountPath"] for m in mon["volumeMounts"]} == {rendered_dir}
+    assert {m["mountPath"] for m in mon["volumeMounts"]} == {rendered_dir, "/tmp"}
     cfg = yaml.safe_load(configmap["data"]["config.yaml"])
     assert cfg["http"]["port"] == METRICS_PORT
 
