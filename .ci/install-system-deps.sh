@@ -2,8 +2,12 @@
 # Install the system tools the deploy tests (tests/test_deploy.py) need:
 #   promtool, prometheus (Debian package `prometheus`)
 #   amtool, alertmanager (Debian package `prometheus-alertmanager`)
+#   docker-compose       (Debian package `docker-compose`: only its `config` command is used,
+#                         to validate docker-compose.yml; no container engine is needed)
+#   kubectl              (for `kubectl kustomize`; Debian package `kubernetes-client` when
+#                         no kubectl is on PATH: any kubectl from 1.20 on builds our overlays)
 #
-# Idempotent: does nothing but print versions when all four are already on PATH.
+# Idempotent: does nothing but print versions when all of them are already on PATH.
 # Debian/Ubuntu only (apt). Runs as root, or through sudo when available.
 # The packages ship systemd units and init.d scripts and try to start the daemons on
 # install; that is blocked here (a temporary policy-rc.d), so the install works in
@@ -11,7 +15,7 @@
 # (the tests start their own instances on free loopback ports).
 set -euo pipefail
 
-TOOLS=(promtool amtool prometheus alertmanager)
+TOOLS=(promtool amtool prometheus alertmanager docker-compose kubectl)
 
 have_all() {
     local t
@@ -39,6 +43,10 @@ link_alertmanager() {
 print_versions() {
     local t
     for t in "${TOOLS[@]}"; do
+        if [[ $t == kubectl ]]; then
+            printf '%-13s %-32s %s\n' "$t" "$(command -v "$t")" "$("$t" version --client 2>&1 | head -n1)"
+            continue
+        fi
         printf '%-13s %-32s %s\n' "$t" "$(command -v "$t")" "$("$t" --version 2>&1 | head -n1)"
     done
 }
@@ -52,7 +60,8 @@ fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
     echo "install-system-deps: apt-get not found; install promtool, amtool, prometheus and alertmanager" \
-         "(Prometheus 2.x and Alertmanager 0.2x release binaries) by hand and put them on PATH" >&2
+         "(Prometheus 2.x and Alertmanager 0.2x release binaries), docker-compose and kubectl" \
+         "by hand and put them on PATH" >&2
     exit 1
 fi
 if [[ $(id -u) -ne 0 && ${#SUDO[@]} -eq 0 ]]; then
@@ -77,11 +86,16 @@ if [[ ! -e $POLICY ]]; then
     OWN_POLICY=1
 fi
 
+PACKAGES=(prometheus prometheus-alertmanager docker-compose)
+# Only when missing: another kubectl (e.g. a newer one from Google's repository) also owns
+# /usr/bin/kubectl, and any of them will do.
+command -v kubectl >/dev/null 2>&1 || PACKAGES+=(kubernetes-client)
+
 export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
 "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-    prometheus prometheus-alertmanager
+    "${PACKAGES[@]}"
 
 link_alertmanager
 if ! have_all; then

@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     if importlib.util.find_spec("stream_monitor.runtime") is not None:
         from . import runtime
         runtime.add_commands(sub)
+    from . import generate  # the compose stack's traffic generator
+    generate.add_command(sub)
     return p
 
 
