@@ -261,11 +261,51 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _feed(bootstrap: str, topic: str, path: Path, rate: float, stop) -> None:
+    """Produce the non-blank lines of `path` to `topic` at `rate` per second, in a loop."""
+    import time
+
+    from confluent_kafka import Producer
+
+    from .runtime import KafkaLogBridge
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
+                         "logger": KafkaLogBridge()})
+    sent, started = 0, time.monotonic()
+    while not stop.is_set():
+        with path.open("rb") as fh:
+            for line in fh:
+                if stop.is_set():
+                    break
+                if not line.strip():
+                    continue
+                while True:
+                    try:
+                        producer.produce(topic, line.rstrip(b"\r\n"))
+                        break
+                    except BufferError:
+                        producer.poll(0.1)
+                sent += 1
+                if sent % 500 == 0:
+                    producer.poll(0)
+                    ahead = sent / rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        stop.wait(ahead)
+    producer.flush(5)
+
+
 def _cmd_broker(args: argparse.Namespace) -> int:
     import signal
     import threading
 
     from .broker import EmbeddedBroker
+    if args.feed is not None:
+        args.feed = Path(args.feed)
+        if not args.feed.is_file():
+            raise UsageError(f"--feed {args.feed}: file not found")
+    if args.rate <= 0:
+        raise UsageError(f"--rate: must be positive (got {args.rate})")
+    if args.partitions < 1:
+        raise UsageError(f"--partitions: must be at least 1 (got {args.partitions})")
     broker = EmbeddedBroker(port=args.port or None)
     try:
         broker.start()
@@ -278,12 +318,21 @@ def _cmd_broker(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         topics = [t for t in args.topics.split(",") if t]
+        if args.feed and not topics:
+            raise UsageError("--feed needs a topic to produce to (--topics)")
         if topics:
             broker.create_topics({t: args.partitions for t in topics})
         print(f"Kafka broker (Tansu, in memory) at {broker.bootstrap_servers}; topics: "
               f"{', '.join(topics) or 'none'}; Ctrl-C to stop", flush=True)
         print(f"  in a config: kafka: {{bootstrap.servers: {broker.bootstrap_servers}}}",
               flush=True)
+        if args.feed:
+            feeder = threading.Thread(target=_feed, name="feed", daemon=True,
+                                      args=(broker.bootstrap_servers, topics[0], args.feed,
+                                            args.rate, stop))
+            feeder.start()
+            print(f"  producing the lines of {args.feed} to {topics[0]} at {args.rate:,.0f}/s, "
+                  "over and over", flush=True)
         while not stop.wait(0.5):
             if not broker.is_running:
                 raise UsageError(f"broker: the broker at {broker.bootstrap_servers} exited "
@@ -361,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="topics to create, comma-separated (default: %(default)s)")
     k.add_argument("--partitions", type=int, default=1,
                    help="partitions per topic (default: %(default)s)")
+    k.add_argument("--feed", metavar="FILE",
+                   help="also produce this JSONL file's lines to the first topic, in a loop "
+                   "(e.g. samples/events.jsonl from `stream-monitor sample`)")
+    k.add_argument("--rate", type=float, default=2000,
+                   help="events/s for --feed (default: %(default)s)")
     k.set_defaults(func=_cmd_broker)
 
     import importlib.util

@@ -14,6 +14,7 @@ import errno
 import logging
 import re
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -514,6 +515,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     problems = client_config_problems(cfg.kafka, cfg.source)
     if problems:
         raise ConfigError(problems)
+    if cfg.http.port:  # a taken port fails before any Kafka client is started
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((cfg.http.host, cfg.http.port))
+            except OSError as exc:
+                raise ConfigError([http_port_problem(cfg, exc)]) from None
     sidecar = KafkaSidecar(cfg)
     try:
         http = sidecar.serve_http()
