@@ -126,10 +126,11 @@ class KafkaLogBridge:
                             r"Failed to resolve|Disconnected")
 
     def __init__(self, logger: logging.Logger | None = None, reminder: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, grace: float = 5.0):
         self.logger = logger or logging.getLogger("stream_monitor.kafka")
-        self.reminder, self.clock = reminder, clock
+        self.reminder, self.clock, self.grace = reminder, clock, grace
         self.down_since: float | None = None
+        self._back_at = -float("inf")
         self._reminded = 0.0
         self.last_error = ""
         self._seen: dict[str, list[float]] = {}  # kind of message -> [last logged, repeats]
@@ -150,8 +151,14 @@ class KafkaLogBridge:
         else:
             self._limited(logging.WARNING, f"kafka: {err.str()}")
 
-    def unreachable(self, why: str) -> None:
+    def unreachable(self, why: str, confirmed: bool = False) -> None:
+        """The broker looks down. librdkafka's own lines and errors arrive late (they are
+        queued until the next poll), so within `grace` seconds of the broker coming back
+        only a `confirmed` report (a failed request of ours) counts as going down again."""
         now, self.last_error = self.clock(), why
+        if self.down_since is None and not confirmed and now - self._back_at < self.grace:
+            self.logger.debug("kafka (stale, ignored): %s", why)
+            return
         if self.down_since is None:
             self.down_since = self._reminded = now
             self.logger.warning("kafka: broker unreachable (%s); retrying", why)
@@ -162,8 +169,9 @@ class KafkaLogBridge:
 
     def reachable(self) -> None:
         if self.down_since is not None:
+            self._back_at = self.clock()
             self.logger.info("kafka: broker reachable again after %.0f s",
-                             self.clock() - self.down_since)
+                             self._back_at - self.down_since)
             self.down_since = None
 
     def _limited(self, level: int, line: str) -> None:
@@ -392,7 +400,9 @@ class KafkaSidecar:
         except KafkaException as exc:
             self.broker_ok = False
             self.last_error = str(exc)
-            self.kafka_log.unreachable(self.last_error)
+            err = exc.args[0] if exc.args else None
+            self.kafka_log.unreachable(err.str() if isinstance(err, KafkaError) else str(exc),
+                                       confirmed=True)
         self.metrics.ready.set(1 if self.readiness()[0] else 0)
         if not self.assigned:
             return
