@@ -61,7 +61,8 @@ def main() -> None:
         cfg = parse_config({
             "kafka": {"bootstrap.servers": broker.bootstrap_servers, "group.id": "bench",
                       "session.timeout.ms": 6000, "log.connection.close": False,
-                      "fetch.max.bytes": 52_428_800, "max.partition.fetch.bytes": 10_485_760},
+                      "fetch.max.bytes": 52_428_800, "max.partition.fetch.bytes": 10_485_760,
+                      "auto.offset.reset": "earliest"},  # produced before the join
             "topics": {"inferences": "bench-in", "alerts": "bench-alerts",
                        "dead_letter": "bench-dlq"},
             "consumer": {"batch_size": args.batch_size},

@@ -216,11 +216,23 @@ class AlertmanagerConfig(Strict):
     timeout: float = Field(default=5.0, gt=0)
 
 
+# Client settings a `kafka:` section is merged over (a key given there wins). A fresh
+# monitor starts at the newest messages (`latest`): it judges current traffic instead of
+# working through all retained history and alerting on old data; a restarted one resumes
+# from its group's committed offsets either way. 6 s is the smallest session timeout an
+# Apache Kafka broker accepts by default (group.min.session.timeout.ms) and lets a group
+# join quickly (see the README: a fresh start is ready in about 3 s on the embedded broker).
+KAFKA_DEFAULTS: dict[str, str | int | float | bool] = {
+    "bootstrap.servers": "localhost:9092",
+    "group.id": "stream-monitor",
+    "auto.offset.reset": "latest",
+    "session.timeout.ms": 6000,
+    "heartbeat.interval.ms": 2000,
+}
+
+
 class Config(Strict):
-    kafka: dict[str, str | int | float | bool] = {
-        "bootstrap.servers": "localhost:9092",
-        "group.id": "stream-monitor",
-    }
+    kafka: dict[str, str | int | float | bool] = dict(KAFKA_DEFAULTS)
     topics: Topics = Topics()
     http: HttpConfig = HttpConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -230,8 +242,16 @@ class Config(Strict):
     defaults: Defaults = Defaults()
     models: dict[str, ModelConfig] = Field(min_length=1)
 
-    # Filled by load_config: references are resolved relative to the config file.
+    # Filled by load_config: references are resolved relative to the config file, and
+    # errors found later (references, client settings) name the file.
     base_dir: Path = Path(".")
+    source: str = "<config>"
+
+    @field_validator("kafka", mode="after")
+    @classmethod
+    def _merge_kafka_defaults(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # merged, not replaced: a section with only bootstrap.servers keeps group.id etc.
+        return {**KAFKA_DEFAULTS, **v}
 
 
 def _format_errors(err: ValidationError, source: str) -> list[str]:
@@ -252,54 +272,90 @@ def _format_errors(err: ValidationError, source: str) -> list[str]:
     return lines
 
 
-def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> Config:
-    """Validate a parsed YAML document; raises ConfigError with one line per problem."""
-    if not isinstance(data, dict):
-        raise ConfigError([f"{source}: <top>: expected a mapping with at least 'models'"])
-    if "base_dir" in data:
-        raise ConfigError([f"{source}: base_dir: unknown key (not part of the config schema)"])
-    try:
-        cfg = Config.model_validate({**data, "base_dir": base_dir or Path(".")})
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
-    problems = []
-    for name, m in cfg.models.items():
-        for fname, fo in m.features.items():
-            if fo.drift is None:
+def _method_problems(data: dict[str, Any], source: str) -> list[str]:
+    """Drift methods that do not exist or do not fit the kind, read from the raw document.
+
+    Works on the unvalidated mapping (skipping anything malformed, which pydantic reports)
+    so that these mistakes are reported in the same pass as every other one.
+    """
+    def rule_method(rule: Any) -> str | None:
+        m = rule.get("method") if isinstance(rule, dict) else None
+        return m if isinstance(m, str) else None
+
+    def check(where: str, rule: Any, allowed: tuple[str, ...]) -> None:
+        method = rule_method(rule)
+        if method is not None and method not in allowed:
+            problems.append(f"{source}: {where}.method: unknown method {method!r} "
+                            f"(expected one of {', '.join(dict.fromkeys(allowed))})")
+
+    problems: list[str] = []
+    defaults = data.get("defaults")
+    scopes = [("defaults", defaults)]
+    models = data.get("models")
+    if isinstance(models, dict):
+        scopes += [(f"models.{name}", m) for name, m in models.items()]
+    for where, scope in scopes:
+        if not isinstance(scope, dict):
+            continue
+        check(f"{where}.numeric", scope.get("numeric"), NUMERIC_METHODS)
+        check(f"{where}.categorical", scope.get("categorical"), CATEGORICAL_METHODS)
+        features = scope.get("features") if where != "defaults" else None
+        if not isinstance(features, dict):
+            continue
+        for fname, fo in features.items():
+            if not isinstance(fo, dict):
                 continue
             allowed = {"categorical": CATEGORICAL_METHODS, "numeric": NUMERIC_METHODS}.get(
-                fo.kind or "", NUMERIC_METHODS + CATEGORICAL_METHODS)
-            if fo.drift.method not in allowed:
-                problems.append(
-                    f"{source}: models.{name}.features.{fname}.drift.method: unknown method "
-                    f"{fo.drift.method!r} (expected one of {', '.join(dict.fromkeys(allowed))})"
-                )
-        for key, allowed in (("numeric", NUMERIC_METHODS), ("categorical", CATEGORICAL_METHODS)):
-            for where, rule in ((f"models.{name}.{key}", getattr(m, key)),
-                                (f"defaults.{key}", getattr(cfg.defaults, key))):
-                if rule is not None and rule.method not in allowed:
-                    problems.append(f"{source}: {where}.method: unknown method {rule.method!r} "
-                                    f"(expected one of {', '.join(allowed)})")
-    if problems:
-        raise ConfigError(sorted(set(problems)))
+                fo.get("kind") if isinstance(fo.get("kind"), str) else "",
+                NUMERIC_METHODS + CATEGORICAL_METHODS)
+            check(f"{where}.features.{fname}.drift", fo.get("drift"), allowed)
+    return problems
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate a parsed YAML document; raises ConfigError with one line per problem.
+
+    Every problem of the document is reported at once (not the first only).
+    """
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: <top>: expected a mapping with at least 'models'"])
+    problems = [f"{source}: {key}: unknown key (not part of the config schema)"
+                for key in ("base_dir", "source") if key in data]
+    data = {k: v for k, v in data.items() if k not in ("base_dir", "source")}
+    cfg = None
+    try:
+        cfg = Config.model_validate({**data, "base_dir": base_dir or Path("."),
+                                     "source": source})
+    except ValidationError as err:
+        problems += _format_errors(err, source)
+    problems += sorted(set(_method_problems(data, source)))
+    if problems or cfg is None:
+        raise ConfigError(problems)
     return cfg
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a YAML config file; references resolve relative to it."""
+def read_document(path: str | Path) -> Any:
+    """Read a YAML config file into plain data; ConfigError (one line) if unreadable."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: cannot read config: not a UTF-8 text file"]) from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", exc)
         raise ConfigError([f"{path}:{where}: invalid YAML: {problem}"]) from None
-    return parse_config(data, str(path), path.parent)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file; references resolve relative to it."""
+    path = Path(path)
+    return parse_config(read_document(path), str(path), path.parent)
 
 
 class FeatureSettings(BaseModel):

@@ -10,7 +10,9 @@ terminal view of throughput, windows, drifting features and published alerts.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 import tempfile
 import threading
 import time
@@ -39,8 +41,9 @@ class Traffic(threading.Thread):
 
     def __init__(self, bootstrap: str, topic: str, rate: float, drift_after: float):
         super().__init__(name="traffic", daemon=True)
+        from .runtime import KafkaLogBridge
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
-                                  "log.connection.close": False})
+                                  "log.connection.close": False, "logger": KafkaLogBridge()})
         self.topic, self.rate, self.drift_after = topic, rate, drift_after
         self.stop = threading.Event()
         self.sent = 0
@@ -78,8 +81,11 @@ class LiveView:
         self.latest: dict[str, dict[str, Any]] = {}
         self.windows = 0
         self.started = time.monotonic()
-        self._last = (self.started, 0)
+        self._samples: deque[tuple[float, int]] = deque()  # (time, events counted)
         self.rate = 0.0
+        # the state shown once the run is over (the sidecar is closed by then, so asking
+        # it would report "no partitions assigned" after a good run)
+        self.final: tuple[bool, str] | None = None
 
     def on_batch(self, result) -> None:
         for report in result.reports:
@@ -89,23 +95,43 @@ class LiveView:
     def on_alert(self, alert: dict[str, Any]) -> None:
         self.alerts.append(alert)
 
+    RATE_SECONDS = 3.0
+
     def tick(self) -> None:
+        """Events/s over the last few seconds: batches arrive in bursts, so a rate over
+        one tick (or one second) swings between 0 and several times the real rate."""
         now, counted = time.monotonic(), sum(self.sidecar.applied.values())
-        t0, c0 = self._last
-        if now - t0 >= 1.0:
+        self._samples.append((now, counted))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.RATE_SECONDS:
+            self._samples.popleft()
+        t0, c0 = self._samples[0]
+        if now - t0 >= 0.5:
             self.rate = (counted - c0) / (now - t0)
-            self._last = (now, counted)
+
+    def finish(self) -> None:
+        """Freeze what the final frame shows: readiness and the average rate of the run."""
+        self.tick()
+        self.final = self.sidecar.readiness()
+        counted = sum(self.sidecar.applied.values())
+        self.rate = counted / max(time.monotonic() - self.started, 1e-9)
+
+    def _state(self) -> tuple[str, str]:
+        ready, why = self.final or self.sidecar.readiness()
+        text = ("ready" if ready else f"not ready ({why})")
+        if self.final is not None:
+            text = f"finished (was {text})"
+        return text, ("green" if ready else "yellow")
 
     def render(self):
         from rich.console import Group
         from rich.table import Table
         from rich.text import Text
-        ready, why = self.sidecar.readiness()
+        state = self._state()
+        rate = "events/s on average" if self.final is not None else "events/s"
         head = Text.assemble(
             ("stream-monitor demo", "bold"), f"  {time.monotonic() - self.started:5.0f}s  ",
             f"produced {self.traffic.sent:,}  counted {sum(self.sidecar.applied.values()):,}  ",
-            f"{self.rate:,.0f} events/s  windows {self.windows}  ",
-            ("ready" if ready else f"not ready ({why})", "green" if ready else "yellow"),
+            f"{self.rate:,.0f} {rate}  windows {self.windows}  ", state,
             f"\nmetrics: {self.url}")
         models = Table(title="latest window per model", expand=True)
         for col in ("model", "window", "drifting features (method score)", "data quality"):
@@ -131,8 +157,8 @@ class LiveView:
 
     def line(self) -> str:
         return (f"{time.monotonic() - self.started:5.0f}s produced {self.traffic.sent} "
-                f"counted {sum(self.sidecar.applied.values())} windows {self.windows} "
-                f"alerts {len(self.alerts)}")
+                f"counted {sum(self.sidecar.applied.values())} {self.rate:.0f} events/s "
+                f"windows {self.windows} alerts {len(self.alerts)} {self._state()[0]}")
 
 
 def _references(directory: Path) -> dict[str, Path]:
@@ -142,35 +168,77 @@ def _references(directory: Path) -> dict[str, Path]:
                                       model=model)
         path = directory / f"{model}.json"
         build_reference(train, model, ProfileConfig()).save(path)
+        train.unlink()  # ~19 MB each; only the reference is needed from here on
         out[model] = path
     return out
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail before starting anything when the chosen HTTP port is taken."""
+    from .cli import UsageError
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            hint = (" (a stream-monitor `run`? leave --port out: the demo then picks a free "
+                    "port)" if exc.errno == errno.EADDRINUSE else "")
+            raise UsageError(f"--port {port}: cannot listen on {host}:{port}: "
+                             f"{exc.strerror}{hint}") from None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from .cli import UsageError
     from .runtime import KafkaSidecar, install_signal_handlers
     logging.basicConfig(level=logging.ERROR)
+    for flag, value in (("--rate", args.rate), ("--window", args.window)):
+        if value <= 0:
+            raise UsageError(f"{flag}: must be positive (got {value})")
+    for flag, value in (("--duration", args.duration), ("--drift-after", args.drift_after)):
+        if value < 0:
+            raise UsageError(f"{flag}: must be 0 or more (got {value})")
+    if args.port:
+        _check_port("127.0.0.1", args.port)
     console = Console(stderr=False)
     broker = None
     bootstrap = args.bootstrap_servers
+    # everything the demo writes (references, the broker's log) goes here and is removed
+    work_dir = tempfile.TemporaryDirectory(prefix="stream-monitor-demo-")
     if not bootstrap:
         from .broker import EmbeddedBroker
-        broker = EmbeddedBroker()
+        broker = EmbeddedBroker(log_path=str(Path(work_dir.name) / "tansu.log"))
         console.print("starting the embedded Kafka-protocol broker (Tansu)...")
-        broker.start()
+        try:
+            broker.start()
+        except RuntimeError as exc:
+            work_dir.cleanup()
+            raise UsageError(f"demo: {str(exc).splitlines()[0]}") from None
         bootstrap = broker.bootstrap_servers
+    else:
+        from confluent_kafka import KafkaException
+        from confluent_kafka.admin import AdminClient
+
+        from .runtime import KafkaLogBridge
+        try:
+            AdminClient({"bootstrap.servers": bootstrap, "logger": KafkaLogBridge(
+                logging.getLogger("stream_monitor.demo.probe"))}).list_topics(timeout=10)
+        except KafkaException:
+            work_dir.cleanup()
+            raise UsageError(f"--bootstrap-servers {bootstrap}: no Kafka broker answers there "
+                             "(within 10 s)") from None
     topics = {"inferences": "inferences", "alerts": "model-alerts",
               "dead_letter": "model-events-dlq"}
     try:
         if broker is not None:
             broker.create_topics({"inferences": 2, "model-alerts": 1, "model-events-dlq": 1})
-        work = Path(tempfile.mkdtemp(prefix="stream-monitor-demo-"))
+        work = Path(work_dir.name)
         console.print(f"building references for {', '.join(MODELS)} in {work} ...")
         refs = _references(work)
         cfg = parse_config({
+            # earliest: the traffic starts before the group has joined; nothing is skipped
             "kafka": {"bootstrap.servers": bootstrap, "group.id": "stream-monitor-demo",
-                      "session.timeout.ms": 6000, "log.connection.close": False},
+                      "log.connection.close": False, "auto.offset.reset": "earliest"},
             "topics": {"inferences": [topics["inferences"]], "alerts": topics["alerts"],
                        "dead_letter": topics["dead_letter"]},
             "http": {"host": "127.0.0.1", "port": args.port},
@@ -180,10 +248,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         sidecar = KafkaSidecar(cfg)
         try:
             http = sidecar.serve_http()
-        except OSError:  # the port is taken (another monitor?): any free port will do
-            sidecar.config = cfg = cfg.model_copy(update={"http": cfg.http.model_copy(
-                update={"port": 0})})
-            http = sidecar.serve_http()
+        except OSError as exc:  # taken since _check_port: still one line
+            sidecar.consumer.close()
+            raise UsageError(f"--port {args.port}: cannot listen on 127.0.0.1:{args.port}: "
+                             f"{exc.strerror}") from None
         url = f"http://127.0.0.1:{http.port}/metrics"
         traffic = Traffic(bootstrap, topics["inferences"], args.rate, args.drift_after)
         view = LiveView(sidecar, traffic, url)
@@ -220,6 +288,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                         print(view.line(), flush=True)
                         last_line = time.monotonic()
         finally:
+            view.finish()
             traffic.stop.set()
             traffic.join(10)
             sidecar.close()
@@ -230,6 +299,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     finally:
         if broker is not None:
             broker.stop()
+        work_dir.cleanup()
     return 0
 
 
@@ -237,9 +307,14 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="embedded broker + synthetic drifting traffic + live view")
     d.add_argument("--duration", type=float, default=0,
                    help="seconds to run (default: until Ctrl-C)")
-    d.add_argument("--bootstrap-servers", help="use this Kafka instead of the embedded broker")
-    d.add_argument("--rate", type=float, default=4000, help="events/s produced (all models)")
-    d.add_argument("--drift-after", type=float, default=20, help="seconds before drift starts")
-    d.add_argument("--window", type=int, default=2000, help="events per window")
-    d.add_argument("--port", type=int, default=9108, help="HTTP port for /metrics (0: any)")
+    d.add_argument("--bootstrap-servers",
+                   help="use this Kafka instead of the embedded broker (default: embedded)")
+    d.add_argument("--rate", type=float, default=4000,
+                   help="events/s produced, all models together (default: %(default)s)")
+    d.add_argument("--drift-after", type=float, default=20,
+                   help="seconds before drift starts (default: %(default)s)")
+    d.add_argument("--window", type=int, default=2000,
+                   help="events per window (default: %(default)s)")
+    d.add_argument("--port", type=int, default=0,
+                   help="HTTP port for /metrics (default: 0, any free port; it is printed)")
     d.set_defaults(func=_cmd_demo)

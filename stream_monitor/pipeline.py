@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,14 +49,15 @@ class BatchResult:
 class ModelPipeline:
     """Windows and evaluator of one model, once its reference is known."""
 
-    def __init__(self, name: str, config: Config, reference: Reference):
+    def __init__(self, name: str, config: Config, reference: Reference,
+                 origin: str = "the reference"):
         self.name = name
         self.settings = model_settings(config, name)
         overrides = config.models[name].features
         unknown = sorted(set(overrides) - set(reference.features))
         if unknown:
-            raise ConfigError([f"models.{name}.features.{u}: not a feature of the reference "
-                               f"(known: {', '.join(sorted(reference.features)[:20])})"
+            raise ConfigError([f"models.{name}.features.{u}: not a feature of {origin} "
+                               f"(known: {_some(sorted(reference.features))})"
                                for u in unknown])
         problems = []
         for fname, o in overrides.items():
@@ -80,6 +82,28 @@ class ModelPipeline:
         self.windows = ModelWindows(name, self.evaluator.layout, self.settings.window)
 
 
+def _some(names: list[str], limit: int = 20) -> str:
+    """The first `limit` names, and how many more there are."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def load_model_reference(name: str, path: Path) -> Reference:
+    """Load model `name`'s reference file; ConfigError (naming key and file) if unusable.
+
+    A reference built for another model is refused: its features would be judged against
+    the wrong model's training data without a word.
+    """
+    try:
+        ref = Reference.load(path)
+    except ReferenceError as exc:
+        raise ConfigError([f"models.{name}.reference: {exc}"]) from None
+    if ref.model and ref.model != name:
+        raise ConfigError([f"models.{name}.reference: {path}: built for model {ref.model!r}, "
+                           f"not {name!r} (build one with --model {name})"])
+    return ref
+
+
 class Monitor:
     """All models of a config; `process` applies one batch of raw messages."""
 
@@ -88,20 +112,24 @@ class Monitor:
         self.models: dict[str, ModelPipeline] = {}
         self.baselines: dict[str, tuple[ReferenceBuilder, int]] = {}
         references = references or {}
+        problems: list[str] = []  # every model is checked, so all mistakes show at once
         for name, m in config.models.items():
             if name in references:
                 self.models[name] = ModelPipeline(name, config, references[name])
             elif m.reference is not None:
                 path = m.reference if m.reference.is_absolute() else config.base_dir / m.reference
                 try:
-                    ref = Reference.load(path)
-                except ReferenceError as exc:
-                    raise ConfigError([f"models.{name}.reference: {exc}"]) from None
-                self.models[name] = ModelPipeline(name, config, ref)
+                    ref = load_model_reference(name, path)
+                    self.models[name] = ModelPipeline(name, config, ref,
+                                                      origin=f"the reference {path}")
+                except ConfigError as exc:
+                    problems += [f"{config.source}: {line}" for line in exc.lines]
             else:
                 kinds = {n: o.kind for n, o in m.features.items() if o.kind}
                 self.baselines[name] = (ReferenceBuilder(name, config.defaults.profile, kinds),
                                         m.baseline.events)
+        if problems:
+            raise ConfigError(problems)
         self.decoder = Decoder({n: p.schema for n, p in self.models.items()}, config.decode)
         self.decoder.pending = set(self.baselines)
         self.policy = AlertPolicy({n: model_settings(config, n).alerting for n in config.models})

@@ -10,8 +10,11 @@ once the batch is applied and everything it produced is delivered (at-least-once
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import re
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -24,7 +27,7 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import make_wsgi_app
 
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 from .metrics import MonitorMetrics
 from .pipeline import BatchResult, Monitor
 from .sinks import AlertmanagerPush
@@ -50,7 +53,9 @@ _SERVICE_CHECK_SECONDS = 2.0
 
 
 def consumer_config(kafka: dict[str, Any]) -> dict[str, Any]:
-    cfg = {"auto.offset.reset": "earliest", "topic.metadata.refresh.interval.ms": 10_000}
+    # auto.offset.reset, session.timeout.ms and heartbeat.interval.ms come from the
+    # config's `kafka:` defaults (config.KAFKA_DEFAULTS), so they are documented there.
+    cfg = {"topic.metadata.refresh.interval.ms": 10_000}
     cfg.update({k: v for k, v in kafka.items() if k not in _PRODUCER_ONLY})
     cfg["enable.auto.commit"] = False  # offsets are committed only after a batch is applied
     return cfg
@@ -61,6 +66,149 @@ def producer_config(kafka: dict[str, Any]) -> dict[str, Any]:
     cfg.update({k: v for k, v in kafka.items() if k not in _CONSUMER_ONLY})
     cfg["enable.idempotence"] = True  # retries never duplicate or reorder alert events
     return cfg
+
+
+class _Discard:
+    """A `logger` for throw-away clients: their librdkafka lines are not wanted."""
+
+    def log(self, *_: Any) -> None:
+        pass
+
+
+_QUOTED = re.compile(r"[\"`]([A-Za-z0-9._-]+)[\"`]")
+
+
+def client_config_problems(kafka: dict[str, Any], source: str = "<config>") -> list[str]:
+    """Every librdkafka setting of `kafka:` that the clients would refuse, one line each.
+
+    Constructing a client validates its settings without connecting (the brokers are
+    left out of the probe, so nothing is contacted). librdkafka names only the first
+    bad property, so each one found is dropped and the probe repeated: every mistake
+    is reported in one pass, with its key path.
+    """
+    problems: list[str] = []
+    for build, client in ((consumer_config, Consumer), (producer_config, Producer)):
+        conf = {k: v for k, v in build(kafka).items() if k != "bootstrap.servers"}
+        for _ in range(len(conf) + 1):
+            try:
+                c = client({**conf, "logger": _Discard()})
+            except (KafkaException, TypeError, ValueError) as exc:
+                err = exc.args[0] if exc.args else exc
+                text = (err.str() if isinstance(err, KafkaError) else str(err)).strip()
+                text = re.sub(r"^Failed to create (consumer|producer): ", "", text)
+                key = next((k for k in _QUOTED.findall(text) if k in conf and k in kafka),
+                           None)
+                where = f"kafka.{key}" if key else "kafka"
+                got = f" (got {kafka[key]!r})" if key else ""
+                problems.append(f"{source}: {where}: {text}{got}")
+                if key is None:
+                    break
+                conf.pop(key)
+                continue
+            if isinstance(c, Consumer):
+                c.close()
+            break
+    return list(dict.fromkeys(problems))
+
+
+class KafkaLogBridge:
+    """librdkafka's log lines and client errors -> Python logging, quietly.
+
+    Passed as the clients' `logger` (so librdkafka no longer writes raw lines to
+    stderr) and fed their `error_cb`. Losing the broker is one warning ("unreachable,
+    retrying"), getting it back one info line, with a reminder every `reminder`
+    seconds in between; any other librdkafka line is logged at its own level at most
+    once per `reminder` seconds per kind of message, with a count of the repeats.
+    """
+
+    _DOWN_CODES = (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE)
+    _DOWN_TEXT = re.compile(r"Connect to .* failed|brokers are down|Connection refused|"
+                            r"Failed to resolve|Disconnected")
+
+    def __init__(self, logger: logging.Logger | None = None, reminder: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic, grace: float = 5.0):
+        self.logger = logger or logging.getLogger("stream_monitor.kafka")
+        self.reminder, self.clock, self.grace = reminder, clock, grace
+        self.down_since: float | None = None
+        self._back_at = -float("inf")
+        self._reminded = 0.0
+        self.last_error = ""
+        self._seen: dict[str, list[float]] = {}  # kind of message -> [last logged, repeats]
+
+    # librdkafka's `logger` hook: log(level, "%s [%s] %s", facility, client, message)
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        facility, message = (args[0], args[-1]) if len(args) >= 3 else ("", fmt % args)
+        message = re.sub(r"^\[thrd:[^\]]*\]: ", "", str(message))
+        if level >= logging.WARNING and self._DOWN_TEXT.search(message):
+            self.unreachable(message)
+        else:
+            self._limited(level, f"kafka {facility}: {message}")
+
+    def error(self, err: KafkaError) -> None:
+        """The clients' `error_cb` and consume() errors."""
+        if err.code() in self._DOWN_CODES:
+            self.unreachable(err.str())
+        else:
+            self._limited(logging.WARNING, f"kafka: {err.str()}")
+
+    def unreachable(self, why: str, confirmed: bool = False) -> None:
+        """The broker looks down. librdkafka's own lines and errors arrive late (they are
+        queued until the next poll), so within `grace` seconds of the broker coming back
+        only a `confirmed` report (a failed request of ours) counts as going down again."""
+        now, self.last_error = self.clock(), why
+        if self.down_since is None and not confirmed and now - self._back_at < self.grace:
+            self.logger.debug("kafka (stale, ignored): %s", why)
+            return
+        if self.down_since is None:
+            self.down_since = self._reminded = now
+            self.logger.warning("kafka: broker unreachable (%s); retrying", why)
+        elif now - self._reminded >= self.reminder:
+            self._reminded = now
+            self.logger.warning("kafka: broker still unreachable after %.0f s (%s); retrying",
+                                now - self.down_since, why)
+
+    def reachable(self) -> None:
+        if self.down_since is not None:
+            self._back_at = self.clock()
+            self.logger.info("kafka: broker reachable again after %.0f s",
+                             self._back_at - self.down_since)
+            self.down_since = None
+
+    def _limited(self, level: int, line: str) -> None:
+        kind = re.sub(r"\d+", "#", line)  # the same message about another broker/offset
+        now, seen = self.clock(), self._seen.get(kind)
+        if seen is not None and now - seen[0] < self.reminder:
+            seen[1] += 1
+            return
+        repeats = f" ({int(seen[1])} more like it since)" if seen and seen[1] else ""
+        self._seen[kind] = [now, 0]
+        if len(self._seen) > 1000:  # bounded: forget the oldest kinds
+            for old in list(self._seen)[:500]:
+                del self._seen[old]
+        self.logger.log(level, "%s%s", line, repeats)
+
+
+def window_line(report: dict[str, Any]) -> str:
+    """One concise log line for a closed window of one model."""
+    win, ds = report["window"], report.get("dataset") or {}
+    drifting = ds.get("drifted_features") or []
+    worst = max((f.get("severity", "ok") for f in report.get("features", {}).values()),
+                key=("ok", "warning", "critical").index, default="ok")
+    shown = ", ".join(drifting[:5]) + (f", ... ({len(drifting) - 5} more)"
+                                       if len(drifting) > 5 else "")
+    return (f"window closed: model={report['model']} #{win.get('index')} "
+            f"events={win.get('events')} drifting={len(drifting)}"
+            + (f" ({shown})" if drifting else "") + f" severity={worst}")
+
+
+def alert_line(alert: dict[str, Any]) -> str:
+    """One concise log line for an alert event."""
+    labels = alert["labels"]
+    about = labels.get("feature") or ",".join(f["feature"] for f in alert.get("features", []))
+    cause = (alert.get("diagnosis") or {}).get("root_cause")
+    return (f"alert {alert['status']} {labels['severity']} {labels['alertname']} "
+            f"model={labels['model']}" + (f" features={about}" if about else "")
+            + (f" cause={cause}" if cause else "") + f" fingerprint={alert['fingerprint']}")
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
@@ -119,9 +267,10 @@ class KafkaSidecar:
         self.metrics = metrics or MonitorMetrics(config.metrics)
         self.on_alert, self.on_batch = on_alert, on_batch
         self.stopping = threading.Event()
-        self.consumer = Consumer({**consumer_config(config.kafka),
+        self.kafka_log = KafkaLogBridge()
+        self.consumer = Consumer({**consumer_config(config.kafka), "logger": self.kafka_log,
                                   "error_cb": self._on_kafka_error})
-        self.producer = Producer({**producer_config(config.kafka),
+        self.producer = Producer({**producer_config(config.kafka), "logger": self.kafka_log,
                                   "error_cb": self._on_kafka_error})
         self.assigned: set[tuple[str, int]] = set()
         self.broker_ok = False
@@ -153,7 +302,7 @@ class KafkaSidecar:
                           KafkaError._RESOLVE):
             self.broker_ok = False
             self.metrics.ready.set(0)
-        log.warning("kafka: %s", err.str())
+        self.kafka_log.error(err)  # deduplicated: one line per state change
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned |= {(p.topic, p.partition) for p in partitions}
@@ -247,9 +396,13 @@ class KafkaSidecar:
         try:
             self.consumer.list_topics(timeout=1.0)
             self.broker_ok = True
+            self.kafka_log.reachable()
         except KafkaException as exc:
             self.broker_ok = False
             self.last_error = str(exc)
+            err = exc.args[0] if exc.args else None
+            self.kafka_log.unreachable(err.str() if isinstance(err, KafkaError) else str(exc),
+                                       confirmed=True)
         self.metrics.ready.set(1 if self.readiness()[0] else 0)
         if not self.assigned:
             return
@@ -281,16 +434,21 @@ class KafkaSidecar:
             if err is None:
                 messages.append(m)
             elif err.code() != KafkaError._PARTITION_EOF:
-                log.warning("consume: %s", err.str())
+                self.kafka_log.error(err)
         if not messages:
             return 0
         self.broker_ok = True
+        self.kafka_log.reachable()
         started = time.perf_counter()
         base = self._sequence
         self._sequence += len(messages)
         values = [m.value() or b"" for m in messages]
         result = self.monitor.process(values, range(base, base + len(messages)))
         _strip_positions(result)
+        for line in map(window_line, result.reports):
+            log.info("%s", line)
+        for line in map(alert_line, result.alerts):
+            log.info("%s", line)
         topics = Counter(m.topic() for m in messages)
         self._deliver(result, messages, base)
         self.metrics.record_batch(
@@ -364,8 +522,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config)
+    problems = client_config_problems(cfg.kafka, cfg.source)
+    if problems:
+        raise ConfigError(problems)
+    if cfg.http.port:  # a taken port fails before any Kafka client is started
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((cfg.http.host, cfg.http.port))
+            except OSError as exc:
+                raise ConfigError([http_port_problem(cfg, exc)]) from None
     sidecar = KafkaSidecar(cfg)
-    http = sidecar.serve_http()
+    try:
+        http = sidecar.serve_http()
+    except OSError as exc:
+        sidecar.consumer.close()
+        raise ConfigError([http_port_problem(cfg, exc)]) from None
     log.info("serving /metrics, /healthz and /readyz on %s:%d", cfg.http.host, http.port)
     install_signal_handlers(sidecar)
     try:
@@ -376,10 +547,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def http_port_problem(cfg: Config, exc: OSError) -> str:
+    """The one line for an HTTP port that cannot be bound (usually: already in use)."""
+    host, port = cfg.http.host, cfg.http.port
+    why = exc.strerror or str(exc)
+    hint = (" (another stream-monitor or the demo? choose another http.port, or 0 for any "
+            "free port)" if exc.errno == errno.EADDRINUSE else "")
+    return f"{cfg.source}: http.port: cannot listen on {host}:{port}: {why}{hint}"
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="consume inference events from Kafka (the sidecar)")
-    r.add_argument("--config", required=True)
-    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.add_argument("--config", required=True, help="YAML config file (see check-config)")
+    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log level of stderr lines (default: %(default)s)")
     r.set_defaults(func=_cmd_run)
     from . import demo
     demo.add_command(sub)

@@ -153,7 +153,8 @@ def _sidecar(broker, reference: Path, extra: dict | None = None):
     broker.create_topics({topic: 1, f"routing-alerts-{tag}": 1, f"routing-dlq-{tag}": 1})
     cfg = parse_config({
         "kafka": {"bootstrap.servers": broker.bootstrap_servers, "group.id": f"routing-{tag}",
-                  "session.timeout.ms": 6000, "log.connection.close": False},
+                  "session.timeout.ms": 6000, "log.connection.close": False,
+                  "auto.offset.reset": "earliest"},  # topics are filled before the join
         "topics": {"inferences": topic, "alerts": f"routing-alerts-{tag}",
                    "dead_letter": f"routing-dlq-{tag}"},
         "http": {"host": "127.0.0.1", "port": 0},

@@ -39,7 +39,9 @@ def _rule(method: str, warning: float = 0.1, critical: float = 0.2) -> dict:
 
 def test_models_with_a_reference_is_a_complete_config_with_documented_defaults():
     cfg = parse_config(BASE)
-    assert cfg.kafka == {"bootstrap.servers": "localhost:9092", "group.id": "stream-monitor"}
+    assert cfg.kafka == {"bootstrap.servers": "localhost:9092", "group.id": "stream-monitor",
+                         "auto.offset.reset": "latest", "session.timeout.ms": 6000,
+                         "heartbeat.interval.ms": 2000}
     assert cfg.topics.inferences == ["inferences"]
     assert cfg.topics.labels is None
     assert cfg.topics.alerts == "model-alerts"
@@ -157,6 +159,27 @@ def test_each_mistake_is_one_line_with_path_value_and_expectation(case):
     if shown is not None:
         assert shown in line, line
     assert expected in line, line
+
+
+def test_kafka_section_merges_with_the_defaults():
+    # issue 10.1: a section naming only the brokers used to drop group.id (run crashed)
+    cfg = parse_config({**BASE, "kafka": {"bootstrap.servers": "broker:9093"}})
+    assert cfg.kafka["bootstrap.servers"] == "broker:9093"
+    assert cfg.kafka["group.id"] == "stream-monitor"
+    assert cfg.kafka["auto.offset.reset"] == "latest"
+    cfg = parse_config({**BASE, "kafka": {"group.id": "g", "auto.offset.reset": "earliest"}})
+    assert (cfg.kafka["group.id"], cfg.kafka["auto.offset.reset"]) == ("g", "earliest")
+    assert cfg.kafka["bootstrap.servers"] == "localhost:9092"
+
+
+def test_structural_and_method_mistakes_are_reported_in_one_pass():
+    # issue 10.8: a bad method used to be reported only once everything else was fixed
+    data = {"models": {"m": {"reference": "x", "numeric": _rule("foo")}},
+            "http": {"port": "abc"}, "defaults": {"categorical": _rule("ks")}}
+    lines = _errors(data)
+    assert len(lines) == 3, lines
+    for path in ("http.port", "models.m.numeric.method", "defaults.categorical.method"):
+        assert sum(f": {path}: " in ln for ln in lines) == 1, lines
 
 
 def test_every_mistake_gets_its_own_line():

@@ -37,7 +37,8 @@ def _config(bootstrap: str, names: dict[str, str], reference: Path, window: int 
             port: int = 0) -> dict:
     return {
         "kafka": {"bootstrap.servers": bootstrap, "group.id": names["group"],
-                  "session.timeout.ms": 6000, "log.connection.close": False},
+                  "session.timeout.ms": 6000, "log.connection.close": False,
+                  "auto.offset.reset": "earliest"},  # topics are filled before the join
         "topics": {"inferences": names["inferences"], "alerts": names["alerts"],
                    "dead_letter": names["dead_letter"]},
         "http": {"host": "127.0.0.1", "port": port},
