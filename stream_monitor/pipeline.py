@@ -20,7 +20,16 @@ from .config import (
     ConfigError,
     model_settings,
 )
-from .decode import BAD_FEATURES, BAD_TIMESTAMP, LATE, DecodedBatch, Decoder, ModelSchema, Reject
+from .decode import (
+    BAD_FEATURES,
+    BAD_TIMESTAMP,
+    FUTURE,
+    LATE,
+    DecodedBatch,
+    Decoder,
+    ModelSchema,
+    Reject,
+)
 from .engine import ClosedWindow, ModelWindows
 from .evaluate import WindowEvaluator
 from .policy import AlertPolicy
@@ -114,14 +123,19 @@ class Monitor:
             self._collect_baselines(decoded, result)
         for model, batch in decoded.models.items():
             pipe = self.models[model]
-            if batch.ts.size and not np.isnan(batch.ts).all():
-                self.newest_event[model] = max(self.newest_event.get(model, -np.inf),
-                                               float(np.nanmax(batch.ts)))
             closed, late = pipe.windows.add(batch)
+            ts = np.delete(batch.ts, late) if late.size else batch.ts  # accepted events only
+            if ts.size and not np.isnan(ts).all():
+                self.newest_event[model] = max(self.newest_event.get(model, -np.inf),
+                                               float(np.nanmax(ts)))
             result.events[model] += len(batch) - late.size
+            future = set(pipe.windows.future.tolist()) if late.size else ()
             for i in late:
                 if np.isnan(batch.ts[i]):
                     reason, detail = BAD_TIMESTAMP, "ts: required for event-time windows"
+                elif i in future:
+                    reason, detail = FUTURE, ("ts: more than window.max_future ahead of the "
+                                              "wall clock or of the stream")
                 else:
                     reason, detail = LATE, ("event time behind the watermark by more than "
                                             "allowed_lateness")
