@@ -97,6 +97,10 @@ class WindowConfig(Strict):
     events: int | None = Field(default=None, gt=0)
     seconds: float | None = Field(default=None, gt=0)
     allowed_lateness: float = Field(default=0.0, ge=0)
+    # event-time windows: an event further ahead than this of the wall clock, or of the
+    # stream (its watermark and the batch's median event time), is a future_event reject,
+    # so one bad clock cannot push the watermark past every later event
+    max_future: float = Field(default=3600.0, gt=0)
 
     @model_validator(mode="after")
     def _one_kind(self) -> WindowConfig:
@@ -209,6 +213,15 @@ class ConsumerConfig(Strict):
     poll_timeout: float = Field(default=0.5, gt=0)
 
 
+class DeliveryConfig(Strict):
+    """How `run` delivers dead letters and alert events, and how long it waits for them."""
+
+    shutdown_grace: float = Field(default=20.0, gt=0, le=3600)  # SIGTERM -> exit, at most
+    retry_backoff_max: float = Field(default=30.0, gt=0)        # failed delivery: 1 s doubling
+    stall_after: float = Field(default=30.0, gt=0)   # unready when an output waits longer
+    max_pending: int = Field(default=50_000, ge=1)   # outputs waiting: stop fetching beyond
+
+
 class AlertmanagerConfig(Strict):
     """Direct push of alert events to Alertmanager's v2 API (off unless `url` is set)."""
 
@@ -239,6 +252,7 @@ class Config(Strict):
     consumer: ConsumerConfig = ConsumerConfig()
     decode: DecodeConfig = DecodeConfig()
     alertmanager: AlertmanagerConfig = AlertmanagerConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
     defaults: Defaults = Defaults()
     models: dict[str, ModelConfig] = Field(min_length=1)
 

@@ -37,8 +37,16 @@ WRONG_TYPE = "wrong_type"
 NON_FINITE = "non_finite"
 BAD_TIMESTAMP = "bad_timestamp"
 LATE = "late_event"
+FUTURE = "future_event"
+PROCESSING_ERROR = "processing_error"
 REASONS = (TOO_LARGE, NOT_JSON, NOT_OBJECT, NO_MODEL, UNKNOWN_MODEL, BAD_FEATURES,
-           WRONG_TYPE, NON_FINITE, BAD_TIMESTAMP, LATE)
+           WRONG_TYPE, NON_FINITE, BAD_TIMESTAMP, LATE, FUTURE, PROCESSING_ERROR)
+
+# Plausible event times (epoch seconds): 1970-01-01 up to (excluding) 2100-01-01. Outside
+# it a timestamp is a bad_timestamp reject: milliseconds sent as seconds, a year 9999
+# placeholder, or a value no date library can format at window close.
+TS_MIN, TS_MAX = 0.0, 4_102_444_800.0
+TOO_DEEP = "nested deeper than the decoder's limit (about 1,000 levels)"
 
 _NUMBER_TYPES = frozenset({int, float, type(None)})
 _CATEGORY_TYPES = frozenset({str, type(None)})
@@ -251,7 +259,10 @@ class Decoder:
         max_bytes = self.config.max_message_bytes
         by_type = {t: ([], [], []) for t in types}
         slow_msgs, slow_pos = [], []
-        errors = (msgspec.ValidationError, msgspec.DecodeError)
+        # msgspec raises UnicodeDecodeError on invalid UTF-8 inside a string (the slow
+        # path rejects it as not_json) and RecursionError on deep nesting
+        errors = (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError)
+        too_deep: list[Reject] = []
         for pos, raw in zip(positions, messages, strict=True):
             try:
                 if len(raw) > max_bytes:
@@ -260,6 +271,9 @@ class Decoder:
             except errors:
                 slow_msgs.append(raw)
                 slow_pos.append(pos)
+                continue
+            except RecursionError:
+                too_deep.append(Reject(pos, NOT_JSON, raw, detail=TOO_DEEP))
                 continue
             bucket = by_type.get(type(ev))
             if bucket is None:  # the never-matching union member
@@ -281,6 +295,7 @@ class Decoder:
                 continue
             other = out.models.get(model)
             out.models[model] = batch if other is None else _concat(batch, other)
+        out.rejects += too_deep
         out.messages = len(messages)
         return out
 
@@ -363,7 +378,7 @@ class Decoder:
             try:
                 ev = loads(raw)
             except orjson.JSONDecodeError as exc:
-                rejects.append(Reject(pos, NOT_JSON, raw, detail=str(exc)))
+                rejects.append(_unparsable(pos, raw, exc, model_key, self._features_key))
                 continue
             if type(ev) is not dict:
                 rejects.append(Reject(pos, NOT_OBJECT, raw, detail=type(ev).__name__))
@@ -554,13 +569,13 @@ class Decoder:
     def _timestamps(self, col: list, bad: np.ndarray, reasons: dict) -> np.ndarray:
         types = set(map(type, col))
         if types <= _NUMBER_TYPES:
-            return np.array(col, dtype=np.float64)
+            return self._plausible(np.array(col, dtype=np.float64), bad, reasons)
         if types == {str} and min(map(len, col)) >= 19:  # full date and time
             try:
                 stamps = np.array([s[:-1] if s[-1:] == "Z" else s for s in col],
                                   dtype="datetime64[us]")
                 if not np.isnat(stamps).any():
-                    return stamps.astype(np.int64) / 1e6
+                    return self._plausible(stamps.astype(np.int64) / 1e6, bad, reasons)
             except ValueError:
                 pass  # offsets like +02:00 or odd spellings: parse one by one below
         out = np.empty(len(col), np.float64)
@@ -570,7 +585,18 @@ class Decoder:
                 self._invalid(i, BAD_TIMESTAMP, f"ts: cannot parse {str(v)[:40]!r}", bad, reasons)
                 if self.config.invalid_values == "missing":
                     out[i] = np.nan
-        return out
+        return self._plausible(out, bad, reasons)
+
+    def _plausible(self, ts: np.ndarray, bad: np.ndarray, reasons: dict) -> np.ndarray:
+        """Reject event times outside [TS_MIN, TS_MAX) (and inf) as bad_timestamp."""
+        with np.errstate(invalid="ignore"):
+            out = ~((ts >= TS_MIN) & (ts < TS_MAX)) & ~np.isnan(ts)
+        if out.any():
+            for i in np.flatnonzero(out):
+                self._invalid(int(i), BAD_TIMESTAMP, f"ts: {ts[i]:.6g} is outside the "
+                              "plausible range 1970-01-01 .. 2100-01-01", bad, reasons)
+                ts[i] = np.nan
+        return ts
 
 
 def _concat(a: ModelBatch, b: ModelBatch) -> ModelBatch:
@@ -590,6 +616,28 @@ def _concat(a: ModelBatch, b: ModelBatch) -> ModelBatch:
         unexpected_events=a.unexpected_events + b.unexpected_events,
         unexpected_names=a.unexpected_names + b.unexpected_names,
         model_version=b.model_version or a.model_version, raw=[raw[i] for i in order])
+
+
+def _unparsable(pos: int, raw: bytes, exc: Exception, model_key: str,
+                features_key: str) -> Reject:
+    """A message orjson refuses: non_finite when it is JSON but for NaN, Infinity or a
+    number beyond float range (Python's json reads those), not_json otherwise."""
+    import json
+    detail = str(exc)[:200]
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        return Reject(pos, NOT_JSON, raw, detail=detail)
+    feature, model = None, None
+    feats = doc.get(features_key) if type(doc) is dict else None
+    if type(doc) is dict and type(doc.get(model_key)) is str:
+        model = doc[model_key][:100]
+    if type(feats) is dict:
+        feature = next((str(k)[:100] for k, v in feats.items()
+                        if type(v) is float and not math.isfinite(v)), None)
+    return Reject(pos, NON_FINITE, raw, model=model, feature=feature,
+                  detail=f"{feature or 'a value'}: NaN, Infinity or a number beyond the "
+                         "float range")
 
 
 def parse_timestamp(v: Any) -> float:

@@ -14,7 +14,9 @@ lets several instances share one model's traffic and compare results.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -258,12 +260,15 @@ class ClosedWindow:
 class ModelWindows:
     """Tumbling windows of one model, by event count or by event time."""
 
-    def __init__(self, model: str, layout: ModelLayout, window: WindowConfig):
+    def __init__(self, model: str, layout: ModelLayout, window: WindowConfig,
+                 clock: Callable[[], float] = time.time):
         self.model = model
         self.layout = layout
         self.window = window
+        self.clock = clock
         self.closed_count = 0
         self.late_events = 0
+        self.future = np.empty(0, np.int64)  # indices of the last batch's future events
         self._open: dict[int, WindowAccumulator] = {}
         self._watermark = -np.inf
         if window.events is not None:
@@ -303,6 +308,9 @@ class ModelWindows:
         bucket = np.floor(batch.ts / size)
         late_mask = (bucket + 1) * size + lateness <= self._watermark
         late_mask |= np.isnan(batch.ts)
+        future_mask = self._future(batch.ts)
+        self.future = np.flatnonzero(future_mask & ~late_mask)
+        late_mask |= future_mask
         first_piece = True
         for b in np.unique(bucket[~late_mask]):
             idx = np.flatnonzero((bucket == b) & ~late_mask)
@@ -315,7 +323,7 @@ class ModelWindows:
                 first_piece = False
         late = np.flatnonzero(late_mask)
         self.late_events += late.size
-        ts_ok = batch.ts[~np.isnan(batch.ts)]
+        ts_ok = batch.ts[~late_mask]  # never a future (or unknown) event time
         if ts_ok.size:
             self._watermark = max(self._watermark, float(ts_ok.max()))
         closed = []
@@ -325,6 +333,16 @@ class ModelWindows:
                                            start=b * size, end=(b + 1) * size))
                 self.closed_count += 1
         return closed, late
+
+    def _future(self, ts: np.ndarray) -> np.ndarray:
+        """Events too far ahead of the wall clock or of the stream to be believed."""
+        ahead = self.window.max_future
+        known = ts[~np.isnan(ts)]
+        anchor = self._watermark
+        if known.size:  # a whole batch past a gap moves on; one outlier in it does not
+            anchor = max(anchor, float(np.median(known)))
+        with np.errstate(invalid="ignore"):
+            return (ts > self.clock() + ahead) | (ts > anchor + ahead)
 
     def flush(self) -> list[ClosedWindow]:
         """Close what is open (end of a replay); count windows are marked incomplete."""

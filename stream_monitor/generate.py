@@ -60,13 +60,15 @@ def _usage(message: str) -> Exception:
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
-    g = sub.add_parser("generate", help="produce the demo's synthetic drifting traffic to a Kafka",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = sub.add_parser("generate", help="produce the demo's synthetic drifting traffic to a Kafka")
     g.add_argument("--bootstrap-servers", required=True, help="Kafka to produce to (HOST:PORT)")
-    g.add_argument("--topic", default="inferences", help="inference topic")
-    g.add_argument("--rate", type=float, default=1000, help="events/s produced (all models)")
-    g.add_argument("--drift-after", type=float, default=180, help="seconds before drift starts")
-    g.add_argument("--duration", type=float, default=0, help="seconds to run (0: until stopped)")
+    g.add_argument("--topic", default="inferences", help="inference topic (default: %(default)s)")
+    g.add_argument("--rate", type=float, default=1000,
+                   help="events/s produced, all models (default: %(default)s)")
+    g.add_argument("--drift-after", type=float, default=180,
+                   help="seconds before drift starts (default: %(default)s)")
+    g.add_argument("--duration", type=float, default=0,
+                   help="seconds to run, 0 until stopped (default: %(default)s)")
     g.add_argument("--report-every", type=float, default=60,
-                   help="seconds between progress lines (0: none)")
+                   help="seconds between progress lines, 0 for none (default: %(default)s)")
     g.set_defaults(func=_cmd_generate)

@@ -42,7 +42,15 @@ METRIC_NAMES: frozenset[str] = frozenset({
     "stream_monitor_last_batch_timestamp_seconds",
     "stream_monitor_ready",
     "stream_monitor_label_values_dropped_total",       # {label}
+    "stream_monitor_pending_deliveries",
+    "stream_monitor_oldest_pending_delivery_seconds",
+    "stream_monitor_uncommitted_batches",
+    "stream_monitor_dead_letters_truncated_total",
+    "stream_monitor_reread_messages_skipped_total",
+    "stream_monitor_loop_heartbeat_timestamp_seconds",
 })
+
+UNKNOWN_MODEL = "unknown"  # the one model label value of every unconfigured model name
 
 _SCORES = ("psi", "jensen_shannon", "ks", "wasserstein", "mean_shift", "chi2_pvalue",
            "ks_pvalue", "unseen_share")
@@ -59,9 +67,10 @@ class LabelCap:
     def __init__(self, limit: int, label: str, dropped: Counter):
         self.limit, self.label, self.dropped = limit, label, dropped
         self.seen: set[str] = set()
+        self.reserved: set[str] = set()  # always admitted, outside the limit
 
     def admit(self, value: str) -> bool:
-        if value in self.seen:
+        if value in self.seen or value in self.reserved:
             return True
         if len(self.seen) < self.limit:
             self.seen.add(value)
@@ -141,12 +150,45 @@ class MonitorMetrics:
         self.dropped = Counter(_name(p + "label_values_dropped_total"),
                                "Label values not exported because of the cardinality cap",
                                ["label"], registry=r)
+        self.pending = Gauge(p + "pending_deliveries",
+                             "Dead letters and alert events produced but not yet delivered",
+                             registry=r)
+        self.oldest_pending = Gauge(p + "oldest_pending_delivery_seconds",
+                                    "Age of the oldest undelivered output (0 when none)",
+                                    registry=r)
+        self.uncommitted = Gauge(p + "uncommitted_batches",
+                                 "Applied batches whose offsets wait for their outputs' delivery",
+                                 registry=r)
+        self.truncated = Counter(_name(p + "dead_letters_truncated_total"),
+                                 "Rejects too large for the dead-letter topic, sent truncated "
+                                 "(flagged, with original size and digest)", registry=r)
+        self.reread_skipped = Counter(_name(p + "reread_messages_skipped_total"),
+                                      "Messages consumed again after a failed commit and not "
+                                      "applied twice", registry=r)
+        self.heartbeat = Gauge(p + "loop_heartbeat_timestamp_seconds",
+                               "Unix time of the consume loop's last turn", registry=r)
         self._models = LabelCap(cfg.max_models, "model", self.dropped)
         self._features: dict[str, LabelCap] = {}
         self._reasons = LabelCap(cfg.max_reasons, "reason", self.dropped)
         self._max_features = cfg.max_features_per_model
 
+    def reserve_models(self, models: list[str]) -> None:
+        """Configured models (and so their features) always get their labels; any other
+        model name shares the label value `unknown`, so made-up names in rejected events
+        cannot use up the cap before a configured model shows up."""
+        self._models.reserved.update(models)
+
+    def _model(self, name: str | None) -> str:
+        """The model label of a name ('' when there is none)."""
+        if not name:
+            return ""
+        if self._models.reserved and name not in self._models.reserved:
+            name = UNKNOWN_MODEL
+        return name if self._models.admit(name) else ""
+
     def _feature_ok(self, model: str, feature: str) -> bool:
+        if model in self._models.reserved:
+            return True  # a configured model's features come from its reference
         cap = self._features.get(model)
         if cap is None:
             cap = self._features[model] = LabelCap(self._max_features, "feature", self.dropped)
@@ -162,7 +204,7 @@ class MonitorMetrics:
             if self._models.admit(model):
                 self.events.labels(model).inc(n)
         for rej in result.rejects:
-            model = rej.model if rej.model and self._models.admit(rej.model) else ""
+            model = self._model(rej.model)
             if self._reasons.admit(rej.reason):
                 self.rejects.labels(model, rej.reason).inc()
             if rej.reason == "late_event" and model:

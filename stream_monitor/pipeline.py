@@ -6,6 +6,7 @@ own, so the same code path is measured by the benchmarks and exercised by the te
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,16 @@ from .config import (
     ConfigError,
     model_settings,
 )
-from .decode import BAD_FEATURES, BAD_TIMESTAMP, LATE, DecodedBatch, Decoder, ModelSchema, Reject
+from .decode import (
+    BAD_FEATURES,
+    BAD_TIMESTAMP,
+    FUTURE,
+    LATE,
+    DecodedBatch,
+    Decoder,
+    ModelSchema,
+    Reject,
+)
 from .engine import ClosedWindow, ModelWindows
 from .evaluate import WindowEvaluator
 from .policy import AlertPolicy
@@ -142,14 +152,19 @@ class Monitor:
             self._collect_baselines(decoded, result)
         for model, batch in decoded.models.items():
             pipe = self.models[model]
-            if batch.ts.size and not np.isnan(batch.ts).all():
-                self.newest_event[model] = max(self.newest_event.get(model, -np.inf),
-                                               float(np.nanmax(batch.ts)))
             closed, late = pipe.windows.add(batch)
+            ts = np.delete(batch.ts, late) if late.size else batch.ts  # accepted events only
+            if ts.size and not np.isnan(ts).all():
+                self.newest_event[model] = max(self.newest_event.get(model, -np.inf),
+                                               float(np.nanmax(ts)))
             result.events[model] += len(batch) - late.size
+            future = set(pipe.windows.future.tolist()) if late.size else ()
             for i in late:
                 if np.isnan(batch.ts[i]):
                     reason, detail = BAD_TIMESTAMP, "ts: required for event-time windows"
+                elif i in future:
+                    reason, detail = FUTURE, ("ts: more than window.max_future ahead of the "
+                                              "wall clock or of the stream")
                 else:
                     reason, detail = LATE, ("event time behind the watermark by more than "
                                             "allowed_lateness")
@@ -157,6 +172,36 @@ class Monitor:
                                              model=model, detail=detail))
             self._close(pipe, closed, result)
         return result
+
+    def checkpoint(self) -> Any:
+        """The monitor's mutable state, so a batch that raised can be rolled back.
+
+        Windows, alert states and event times are deep-copied (small fixed-size arrays:
+        tens of microseconds); references, schemas and settings are shared, not copied;
+        baseline builders only grow, so their row count is enough to undo a batch.
+        """
+        memo: dict[int, Any] = {id(self.config): self.config}
+        for p in self.models.values():
+            for shared in (p.reference, p.schema, p.evaluator, p.settings, p.windows.layout,
+                           p.windows.window):
+                memo[id(shared)] = shared
+        state = copy.deepcopy((self.models, self.policy, self.newest_event), memo)
+        builders = {n: (b, target, b.rows, set(b.columns))
+                    for n, (b, target) in self.baselines.items()}
+        return state, builders
+
+    def rollback(self, checkpoint: Any) -> None:
+        """Back to the state of `checkpoint` (taken by `checkpoint()`; usable once)."""
+        (self.models, self.policy, self.newest_event), builders = checkpoint
+        for name, (builder, target, rows, columns) in builders.items():
+            for col in [c for c in builder.columns if c not in columns]:
+                del builder.columns[col]
+            for values in (*builder.columns.values(), builder.predictions, builder.labels):
+                del values[rows:]
+            builder.rows = rows
+            self.baselines[name] = (builder, target)
+        self.decoder.schemas = {n: p.schema for n, p in self.models.items()}
+        self.decoder.pending = set(self.baselines)
 
     def flush(self) -> BatchResult:
         """Close every open window (end of input)."""

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import logging
 import re
 import signal
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -28,6 +30,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from prometheus_client import make_wsgi_app
 
 from .config import Config, ConfigError, load_config
+from .decode import PROCESSING_ERROR, Reject
 from .metrics import MonitorMetrics
 from .pipeline import BatchResult, Monitor
 from .sinks import AlertmanagerPush
@@ -50,6 +53,10 @@ _PRODUCER_ONLY = {
     "transactional.id", "queue.buffering.max.messages", "queue.buffering.max.ms",
 }
 _SERVICE_CHECK_SECONDS = 2.0
+_HTTP_MAX_THREADS = 8          # concurrent HTTP connections served (more wait to be accepted)
+_HTTP_TIMEOUT_SECONDS = 5.0    # an idle or slow HTTP client is dropped after this
+_MAX_POISON = 10               # more failing messages in one batch: a fault, not poison
+_MIN_TRUNCATED = 65_536        # truncated dead letter size when the broker refuses more
 
 
 def consumer_config(kafka: dict[str, Any]) -> dict[str, Any]:
@@ -211,11 +218,45 @@ def alert_line(alert: dict[str, Any]) -> str:
             + (f" cause={cause}" if cause else "") + f" fingerprint={alert['fingerprint']}")
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+class _BoundedWSGIServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, but at most `max_threads` at once, each with a timeout.
+
+    While every worker is busy the accept loop waits (connections queue in the listen
+    backlog), so idle or slow clients cannot make the process start unbounded threads;
+    an idle connection is dropped after `_HTTP_TIMEOUT_SECONDS`.
+    """
+
     daemon_threads = True
+    max_threads = _HTTP_MAX_THREADS
+
+    def server_activate(self) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_threads)
+        super().server_activate()
+
+    def process_request(self, request, client_address) -> None:
+        while not self._slots.acquire(timeout=0.5):
+            if getattr(self, "_BaseServer__shutdown_request", False):
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        log.debug("http: error while serving %s", client_address[0], exc_info=True)
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = _HTTP_TIMEOUT_SECONDS  # socket timeout: an idle connection is closed
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass
 
@@ -227,7 +268,7 @@ class HttpEndpoints:
                  host: str, port: int):
         self._metrics_app = make_wsgi_app(metrics.registry)
         self._ready = ready
-        self.server = make_server(host, port, self._app, _ThreadingWSGIServer, _QuietHandler)
+        self.server = make_server(host, port, self._app, _BoundedWSGIServer, _QuietHandler)
         self.port = self.server.server_port
         self._thread = threading.Thread(target=self.server.serve_forever, name="http",
                                         daemon=True)
@@ -238,7 +279,7 @@ class HttpEndpoints:
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"ok\n"]
         if path == "/readyz":
-            ok, why = self._ready()
+            ok, why = self._ready()  # a short reason: details are in the logs and metrics
             start_response("200 OK" if ok else "503 Service Unavailable",
                            [("Content-Type", "text/plain")])
             return [(why + "\n").encode()]
@@ -255,8 +296,43 @@ class HttpEndpoints:
         self.server.server_close()
 
 
+@dataclass
+class _Batch:
+    """An applied batch: the offsets it may commit once its outputs are delivered."""
+
+    offsets: dict[tuple[str, int], int]   # (topic, partition) -> next offset to read
+    pending: int = 0                      # outputs produced, not yet delivered
+    sealed: bool = False                  # every output of the batch has been produced
+    since: float = 0.0                    # monotonic time its first output was produced
+
+
+@dataclass
+class _Output:
+    """One dead letter or alert event on its way to a topic."""
+
+    batch: _Batch
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list
+    kind: str                             # dead_letter | alert
+    severity: str = ""
+    attempts: int = 0
+    retry_at: float = 0.0
+
+
+class PoisonBatch(Exception):
+    """Processing failed for too many messages of a batch one by one: not a poison
+    message but a fault of the monitor itself; the batch is not committed."""
+
+
 class KafkaSidecar:
-    """The `run` loop: consume a batch, apply it, deliver what it produced, commit."""
+    """The `run` loop: consume a batch, apply it, produce what it produced, go on.
+
+    Outputs are produced asynchronously while the next batches are consumed and
+    applied; a batch's offsets are committed once its outputs and those of every
+    earlier batch are delivered, never before (on every exit path too).
+    """
 
     def __init__(self, config: Config, monitor: Monitor | None = None,
                  metrics: MonitorMetrics | None = None,
@@ -265,20 +341,32 @@ class KafkaSidecar:
         self.config = config
         self.monitor = monitor or Monitor(config)
         self.metrics = metrics or MonitorMetrics(config.metrics)
+        self.metrics.reserve_models(list(config.models))
         self.on_alert, self.on_batch = on_alert, on_batch
         self.stopping = threading.Event()
         self.kafka_log = KafkaLogBridge()
         self.consumer = Consumer({**consumer_config(config.kafka), "logger": self.kafka_log,
+                                  "error_cb": self._on_kafka_error,
+                                  "on_commit": self._on_commit})
+        pcfg = producer_config(config.kafka)
+        self.producer = Producer({**pcfg, "logger": self.kafka_log,
                                   "error_cb": self._on_kafka_error})
-        self.producer = Producer({**producer_config(config.kafka), "logger": self.kafka_log,
-                                  "error_cb": self._on_kafka_error})
+        # what the producer accepts, less room for the key, headers and framing
+        self.max_value_bytes = int(pcfg.get("message.max.bytes", 1_000_000)) - 4096
         self.assigned: set[tuple[str, int]] = set()
         self.broker_ok = False
         self.last_error = ""
-        self._retry: list[tuple[str, bytes | None, bytes, list, str]] = []
-        self._undelivered = 0
+        self._batches: deque[_Batch] = deque()     # applied, not yet committed, in order
+        self._retry: list[_Output] = []
+        self._failing = False                      # deliveries fail (logged once)
+        self._applied_upto: dict[tuple[str, int], int] = {}
+        self._batch_firsts: dict[tuple[str, int], dict[int, int]] = {}
+        self._rereading: set[tuple[str, int]] = set()
+        self._paused = False
         self._sequence = 0
         self._last_check = 0.0
+        self._heartbeat = time.monotonic()
+        self.undelivered_at_exit = 0
         self.applied = Counter()     # events counted per model (for tests and the demo)
         self.http: HttpEndpoints | None = None
         self.push = None
@@ -290,10 +378,16 @@ class KafkaSidecar:
     # -- state the endpoints report ----------------------------------------------------
 
     def readiness(self) -> tuple[bool, str]:
+        stalled = time.monotonic() - self._heartbeat
+        if stalled > max(10.0, 4 * self.config.consumer.poll_timeout):
+            return False, f"consume loop stalled for {stalled:.0f}s"
         if not self.broker_ok:
-            return False, f"broker not reachable{': ' + self.last_error if self.last_error else ''}"
+            return False, "broker not reachable"
         if not self.assigned:
             return False, "no partitions assigned yet"
+        age = self.oldest_pending_age()
+        if self._failing or age > self.config.delivery.stall_after:
+            return False, f"outputs not delivered (oldest waiting {age:.0f}s)"
         return True, f"ready: {len(self.assigned)} partition(s) assigned"
 
     def _on_kafka_error(self, err: KafkaError) -> None:
@@ -304,13 +398,21 @@ class KafkaSidecar:
             self.metrics.ready.set(0)
         self.kafka_log.error(err)  # deduplicated: one line per state change
 
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if err is not None and err.code() != KafkaError._NO_OFFSET:
+            log.warning("commit failed: %s", err.str())
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned |= {(p.topic, p.partition) for p in partitions}
+        self._paused = False  # a new assignment starts fetching
         log.info("assigned %s", sorted(self.assigned))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Every batch consumed so far is applied and committed (or will be retried) by
-        # the time consume() can call this, so there is nothing to hand over.
+        # Hand over cleanly: deliver and commit what can be within a short bound. What
+        # cannot be committed is re-read by whoever gets the partition; if that is this
+        # instance again, `_applied_upto` keeps it from being applied twice.
+        bound = 0.0 if self.stopping.is_set() else min(5.0, self.config.delivery.shutdown_grace)
+        self._drain(time.monotonic() + bound)
         self.assigned -= {(p.topic, p.partition) for p in partitions}
         for p in partitions:
             try:
@@ -320,70 +422,184 @@ class KafkaSidecar:
 
     # -- delivery ---------------------------------------------------------------------
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list,
-                 kind: str, severity: str = "") -> None:
-        def delivered(err, msg, _item=(topic, key, value, headers, kind), _sev=severity):
-            self._undelivered -= 1
-            if err is not None:
-                self.metrics.alert_failures.inc()
-                log.warning("delivery to %s failed (%s); will retry", topic, err)
-                self._retry.append(_item)
-            elif kind == "alert":
-                self.metrics.alerts.labels(_sev).inc()
-                if self.on_alert is not None:
-                    self.on_alert(orjson.loads(value))
-            else:
-                self.metrics.dead_letters.inc()
+    def oldest_pending_age(self) -> float:
+        for b in self._batches:
+            if b.pending:
+                return time.monotonic() - b.since
+        return 0.0
 
+    def pending_outputs(self) -> int:
+        return sum(b.pending for b in self._batches)
+
+    def _produce(self, out: _Output) -> None:
+        def delivered(err, msg, out=out):
+            if err is None:
+                self._delivered(out)
+            else:
+                self._failed(out, err)
+
+        out.attempts += 1
         while True:
             try:
-                self.producer.produce(topic, value=value, key=key, headers=headers,
-                                      on_delivery=delivered)
-                self._undelivered += 1
+                self.producer.produce(out.topic, value=out.value, key=out.key,
+                                      headers=out.headers, on_delivery=delivered)
                 return
             except BufferError:  # local queue full: let deliveries drain, then retry
-                self.producer.poll(0.5)
+                self.producer.poll(0.2)
+            except KafkaException as exc:  # e.g. an invalid or unknown topic
+                self._failed(out, exc.args[0])
+                return
 
-    def _deliver(self, result: BatchResult, messages: list, base: int) -> None:
+    def _delivered(self, out: _Output) -> None:
+        out.batch.pending -= 1
+        if self._failing:
+            self._failing = False
+            log.info("deliveries to %s succeed again", out.topic)
+        if out.kind == "alert":
+            self.metrics.alerts.labels(out.severity).inc()
+            if self.on_alert is not None:
+                self.on_alert(orjson.loads(out.value))
+        else:
+            self.metrics.dead_letters.inc()
+
+    def _failed(self, out: _Output, err: KafkaError) -> None:
+        self.metrics.alert_failures.inc()
+        if (err.code() == KafkaError.MSG_SIZE_TOO_LARGE and out.kind == "dead_letter"
+                and len(out.value) > _MIN_TRUNCATED):
+            # the broker's limit is below the producer's: send a smaller truncated copy
+            out.value, out.headers = _truncate(out.value, out.headers, _MIN_TRUNCATED)
+            self.metrics.truncated.inc()
+            out.retry_at = 0.0
+        else:
+            backoff = min(self.config.delivery.retry_backoff_max, 2.0 ** (out.attempts - 1))
+            out.retry_at = time.monotonic() + backoff
+            if not self._failing:
+                self._failing = True
+                log.warning("delivery to %s failed (%s); retrying with backoff up to %.0fs, "
+                            "offsets are not committed past it", out.topic, err.str(),
+                            self.config.delivery.retry_backoff_max)
+        self._retry.append(out)
+
+    def _resend_due(self) -> None:
+        if not self._retry:
+            return
+        now = time.monotonic()
+        due = [o for o in self._retry if o.retry_at <= now]
+        if due:
+            self._retry = [o for o in self._retry if o.retry_at > now]
+            for out in due:
+                self._produce(out)
+
+    def _commit_delivered(self, asynchronous: bool = True) -> None:
+        """Commit the offsets of the leading batches whose outputs are all delivered."""
+        offsets: dict[tuple[str, int], int] = {}
+        while self._batches and self._batches[0].sealed and self._batches[0].pending == 0:
+            offsets.update(self._batches.popleft().offsets)
+        # partitions revoked meanwhile are not ours to commit (the new owner re-reads them)
+        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()
+               if (t, p) in self.assigned]
+        if not tps:
+            return
+        try:
+            self.consumer.commit(offsets=tps, asynchronous=asynchronous)
+        except KafkaException as exc:
+            log.warning("commit failed: %s", exc.args[0].str())
+
+    def _pump(self) -> None:
+        """Serve delivery callbacks, resend what is due, commit what is delivered."""
+        self.producer.poll(0)
+        self._resend_due()
+        self._commit_delivered()
+        self.metrics.pending.set(self.pending_outputs())
+        self.metrics.oldest_pending.set(self.oldest_pending_age())
+        self.metrics.uncommitted.set(len(self._batches))
+
+    def _drain(self, deadline: float) -> bool:
+        """Deliver and commit everything applied, until `deadline`; True when all is."""
+        while True:
+            self.producer.poll(0.05)
+            self._resend_due()
+            self._commit_delivered(asynchronous=False)
+            if not self._batches or time.monotonic() >= deadline:
+                return not self._batches
+
+    def _deliver(self, result: BatchResult, messages: list, base: int, batch: _Batch) -> None:
         topics = self.config.topics
+        outputs = []
         for rej in result.rejects:
             msg = messages[rej.position - base]
-            headers = [("reason", rej.reason.encode()), ("detail", rej.detail.encode()),
-                       ("source.topic", msg.topic().encode()),
+            headers = [("reason", _h(rej.reason)), ("detail", _h(rej.detail[:1000])),
+                       ("source.topic", _h(msg.topic())),
                        ("source.partition", str(msg.partition()).encode()),
                        ("source.offset", str(msg.offset()).encode())]
             if rej.model:
-                headers.append(("model", rej.model.encode()))
+                headers.append(("model", _h(rej.model)))
             if rej.feature:
-                headers.append(("feature", rej.feature.encode()))
-            self._produce(topics.dead_letter, msg.key(), rej.raw, headers, "dead_letter")
+                headers.append(("feature", _h(rej.feature)))
+            value = rej.raw
+            if len(value) > self.max_value_bytes:
+                value, headers = _truncate(value, headers, self.max_value_bytes)
+                self.metrics.truncated.inc()
+            outputs.append(_Output(batch, topics.dead_letter, msg.key(), value, headers,
+                                   "dead_letter"))
         for alert in result.alerts:
-            self._produce(topics.alerts, alert["fingerprint"].encode(), orjson.dumps(alert),
-                          [("kind", alert["kind"].encode()), ("status", alert["status"].encode())],
-                          "alert", alert["labels"]["severity"])
+            outputs.append(_Output(
+                batch, topics.alerts, alert["fingerprint"].encode(), orjson.dumps(alert),
+                [("kind", alert["kind"].encode()), ("status", alert["status"].encode())],
+                "alert", alert["labels"]["severity"]))
+        batch.pending += len(outputs)
+        batch.since = time.monotonic()
+        for out in outputs:
+            self._produce(out)
+        batch.sealed = True
 
-    def _flush(self, timeout: float) -> bool:
-        """Deliver everything produced so far (retrying failures); True when all arrived."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.producer.flush(max(0.0, deadline - time.monotonic()))
-            if self._retry:
-                items, self._retry = self._retry, []
-                for topic, key, value, headers, kind in items:
-                    sev = orjson.loads(value)["labels"]["severity"] if kind == "alert" else ""
-                    self._produce(topic, key, value, headers, kind, sev)
-            if (self._undelivered == 0 and not self._retry) or time.monotonic() >= deadline:
-                return self._undelivered == 0 and not self._retry
+    # -- applying a batch ---------------------------------------------------------------
 
-    def _commit(self) -> bool:
+    def _apply(self, values: list[bytes], positions: range) -> BatchResult:
+        """`Monitor.process`, with poison messages isolated instead of crashing the loop.
+
+        When a batch raises, the monitor is rolled back and the batch is split in
+        halves, recursively, until the message(s) that raise are found: those become
+        `processing_error` rejects (dead-lettered), the rest is applied once. More than
+        `_MAX_POISON` such messages in one batch is a fault of the monitor, not of the
+        data: `PoisonBatch` is raised and nothing of the batch is committed.
+        """
+        checkpoint = self.monitor.checkpoint()
         try:
-            self.consumer.commit(asynchronous=False)
-            return True
-        except KafkaException as exc:
-            if exc.args[0].code() == KafkaError._NO_OFFSET:
-                return True  # nothing consumed since the last commit
-            log.warning("commit failed: %s", exc)
-            return False
+            return self.monitor.process(values, positions)
+        except Exception as exc:
+            self.monitor.rollback(checkpoint)
+            log.error("a batch of %d messages failed (%s: %s); isolating the message(s) "
+                      "that cause it", len(values), type(exc).__name__, exc)
+        result, poison = BatchResult(), []
+        mid = len(values) // 2
+        self._bisect(values[:mid], positions[:mid], result, poison)
+        self._bisect(values[mid:], positions[mid:], result, poison)
+        result.rejects += poison
+        result.messages = len(values)
+        log.error("dead-lettering %d message(s) the monitor cannot process", len(poison))
+        return result
+
+    def _bisect(self, values: list[bytes], positions: range, result: BatchResult,
+                poison: list[Reject]) -> None:
+        if not values:
+            return
+        checkpoint = self.monitor.checkpoint()
+        try:
+            result.extend(self.monitor.process(values, positions))
+            return
+        except Exception as exc:
+            self.monitor.rollback(checkpoint)
+            if len(values) == 1:
+                detail = f"{type(exc).__name__}: {exc}"[:500]
+                poison.append(Reject(positions[0], PROCESSING_ERROR, values[0], detail=detail))
+                if len(poison) > _MAX_POISON:
+                    raise PoisonBatch(f"more than {_MAX_POISON} messages of one batch fail; "
+                                      f"last: {detail}") from exc
+                return
+        mid = len(values) // 2
+        self._bisect(values[:mid], positions[:mid], result, poison)
+        self._bisect(values[mid:], positions[mid:], result, poison)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -418,23 +634,89 @@ class KafkaSidecar:
             pos = tp.offset if tp.offset >= 0 else low
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - pos))
 
+    def _backpressure(self) -> None:
+        """Stop fetching while too many outputs wait for delivery; resume after."""
+        full = self.pending_outputs() >= self.config.delivery.max_pending
+        if full == self._paused:
+            return
+        try:
+            parts = self.consumer.assignment()
+            if full:
+                self.consumer.pause(parts)
+                log.warning("%d outputs wait for delivery: fetching paused",
+                            self.pending_outputs())
+            else:
+                self.consumer.resume(parts)
+                log.info("outputs delivered: fetching resumed")
+            self._paused = full
+        except KafkaException as exc:
+            log.warning("pause/resume failed: %s", exc.args[0].str())
+
+    def _fresh(self, raw: list) -> list:
+        """Messages not applied yet by this instance.
+
+        After a failed commit (assignment lost in an outage) the same messages come back
+        from the last committed offset: this instance already applied them, so they are
+        skipped, not counted twice. A re-read is recognised by the first message of an
+        uncommitted batch coming back unchanged at its offset; if other data shows up
+        at an offset already seen (the topic was recreated), it is read as new data.
+        """
+        messages, skipped = [], 0
+        upto, firsts = self._applied_upto, self._batch_firsts
+        for m in raw:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    self.kafka_log.error(err)
+                continue
+            tp, offset = (m.topic(), m.partition()), m.offset()
+            if offset < upto.get(tp, -1):
+                if tp not in self._rereading:
+                    if firsts.get(tp, {}).get(offset) == _fingerprint(m):
+                        self._rereading.add(tp)
+                    else:
+                        log.warning("%s[%d] went back to offset %d with other data (topic "
+                                    "recreated?): reading it as new", tp[0], tp[1], offset)
+                        upto.pop(tp)
+                        firsts.pop(tp, None)
+                if tp in self._rereading:
+                    skipped += 1
+                    continue
+            self._rereading.discard(tp)
+            messages.append(m)
+            upto[tp] = offset + 1
+        if skipped:
+            # nothing to apply or deliver, but their offsets may now be committed
+            self._batches.append(_Batch({(m.topic(), m.partition()): m.offset() + 1
+                                         for m in raw if m.error() is None}, sealed=True))
+            self.metrics.reread_skipped.inc(skipped)
+            log.info("skipped %d message(s) this instance had already applied", skipped)
+        return messages
+
+    def _remember_firsts(self, messages: list) -> None:
+        """The first message of each partition in a batch, to recognise a re-read."""
+        seen: set[tuple[str, int]] = set()
+        for m in messages:
+            tp = (m.topic(), m.partition())
+            if tp not in seen:
+                seen.add(tp)
+                marks = self._batch_firsts.setdefault(tp, {})
+                marks[m.offset()] = _fingerprint(m)
+                if len(marks) > 1000:  # bounded: only recent batches can come back
+                    for off in sorted(marks)[:500]:
+                        del marks[off]
+
     def poll_once(self) -> int:
-        """Consume, apply and deliver one batch; returns the number of messages."""
+        """Consume, apply and hand over the outputs of one batch; returns its size."""
         cfg = self.config.consumer
+        self._heartbeat = time.monotonic()
+        self.metrics.heartbeat.set(time.time())
         self._service_checks()
         if self.push is not None and self.push.due():
             self.push.send([])
-        if self._retry or self._undelivered:
-            if self._flush(5.0):
-                self._commit()
-        raw = self.consumer.consume(cfg.batch_size, cfg.poll_timeout)
-        messages = []
-        for m in raw:
-            err = m.error()
-            if err is None:
-                messages.append(m)
-            elif err.code() != KafkaError._PARTITION_EOF:
-                self.kafka_log.error(err)
+        self._pump()
+        self._backpressure()
+        messages = self._fresh(self.consumer.consume(cfg.batch_size, cfg.poll_timeout))
         if not messages:
             return 0
         self.broker_ok = True
@@ -443,16 +725,19 @@ class KafkaSidecar:
         base = self._sequence
         self._sequence += len(messages)
         values = [m.value() or b"" for m in messages]
-        result = self.monitor.process(values, range(base, base + len(messages)))
+        result = self._apply(values, range(base, base + len(messages)))
         _strip_positions(result)
         for line in map(window_line, result.reports):
             log.info("%s", line)
         for line in map(alert_line, result.alerts):
             log.info("%s", line)
-        topics = Counter(m.topic() for m in messages)
-        self._deliver(result, messages, base)
+        batch = _Batch({(m.topic(), m.partition()): m.offset() + 1 for m in messages})
+        self._remember_firsts(messages)
+        self._batches.append(batch)
+        self._deliver(result, messages, base, batch)
         self.metrics.record_batch(
-            result, topics, time.perf_counter() - started, self.monitor.policy,
+            result, Counter(m.topic() for m in messages), time.perf_counter() - started,
+            self.monitor.policy,
             {n: p.windows.open_events for n, p in self.monitor.models.items()},
             self.monitor.newest_event)
         self.applied.update(result.events)
@@ -461,40 +746,58 @@ class KafkaSidecar:
                 self.push.send(result.alerts)
             else:  # backing off: queue them for the next attempt
                 self.push.queue(result.alerts)
-        if self._flush(30.0):
-            self._commit()
+        self._pump()
         if self.on_batch is not None:
             self.on_batch(result)
         return len(messages)
 
     def subscribe(self) -> None:
         self.consumer.subscribe(list(self.config.topics.inferences), on_assign=self._on_assign,
-                                on_revoke=self._on_revoke)
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
 
-    def run(self) -> None:
-        """Run until `stop()` (or SIGTERM/SIGINT when installed); then shut down cleanly."""
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # the group session expired (e.g. a broker outage): nothing can be committed for
+        # these partitions any more; re-reads are skipped by `_applied_upto`
+        log.warning("partitions lost: %s", sorted((p.topic, p.partition) for p in partitions))
+        self.assigned -= {(p.topic, p.partition) for p in partitions}
+
+    def run(self) -> bool:
+        """Run until `stop()` (or SIGTERM/SIGINT when installed), then shut down within
+        `delivery.shutdown_grace`. True when every output was delivered and committed."""
         self.subscribe()
         try:
             while not self.stopping.is_set():
                 self.poll_once()
         finally:
-            self.close()
+            clean = self.close()
+        return clean
 
-    def close(self) -> None:
-        """Publish pending alerts, flush, commit what was applied, leave the group."""
-        delivered = self._flush(30.0)
+    def close(self) -> bool:
+        """Deliver and commit what was applied (bounded by the shutdown grace), publish
+        pending alerts, leave the group. Offsets of undelivered outputs are never
+        committed. True when nothing was left undelivered."""
+        deadline = time.monotonic() + self.config.delivery.shutdown_grace
+        delivered = self._drain(deadline)
         if self.push is not None and self.push.pending:
             self.push.retry_at = 0.0  # one last attempt before exiting
             if not self.push.send([]):
                 log.error("shutting down with %d alert(s) not pushed to Alertmanager",
                           len(self.push.pending))
-        if delivered:
-            self._commit()
-        else:
-            log.error("shutting down with %d undelivered messages; their offsets are not "
-                      "committed", self._undelivered + len(self._retry))
-        self.consumer.close()
+        self.undelivered_at_exit = self.pending_outputs() + sum(
+            1 for b in self._batches if not b.sealed)
+        if not delivered:
+            log.error("shutting down with %d undelivered output(s) in %d batch(es); their "
+                      "offsets (and those of later batches) are not committed",
+                      self.pending_outputs(), len(self._batches))
+        # leaving the group can hang while the broker is unreachable: bounded too
+        closer = threading.Thread(target=self.consumer.close, name="consumer-close",
+                                  daemon=True)
+        closer.start()
+        closer.join(max(1.0, deadline - time.monotonic()))
+        if closer.is_alive():
+            log.error("leaving the consumer group timed out; exiting anyway")
         self.metrics.ready.set(0)
+        return delivered
 
     def stop(self, *_: Any) -> None:
         self.stopping.set()
@@ -504,6 +807,26 @@ class KafkaSidecar:
                                   self.config.http.port)
         self.http.start()
         return self.http
+
+
+def _fingerprint(msg) -> int:
+    return hash((msg.value(), msg.timestamp()[1]))
+
+
+def _h(text: str) -> bytes:
+    """A header value (never fails on odd text)."""
+    return text.encode("utf-8", "replace")
+
+
+def _truncate(value: bytes, headers: list, limit: int) -> tuple[bytes, list]:
+    """A copy of a reject that fits: the first `limit` bytes, flagged, with the original
+    size and the SHA-256 of the full message in headers (set once, on the first cut)."""
+    known = {k for k, _ in headers}
+    if "truncated" not in known:
+        headers = [*headers, ("truncated", b"true"),
+                   ("original.size", str(len(value)).encode()),
+                   ("original.sha256", hashlib.sha256(value).hexdigest().encode())]
+    return value[:limit], headers
 
 
 def _strip_positions(result: BatchResult) -> None:
@@ -540,9 +863,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     log.info("serving /metrics, /healthz and /readyz on %s:%d", cfg.http.host, http.port)
     install_signal_handlers(sidecar)
     try:
-        sidecar.run()
+        clean = sidecar.run()
+    except Exception:
+        log.exception("the consume loop failed; only batches applied and delivered were "
+                      "committed")
+        return 1
     finally:
         http.stop()
+    if not clean:
+        log.error("stopped with %d output(s) undelivered, their offsets not committed: "
+                  "exit 1", sidecar.undelivered_at_exit)
+        return 1
     log.info("stopped cleanly")
     return 0
 
