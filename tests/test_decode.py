@@ -545,8 +545,10 @@ def test_valid_events_of_any_value_mix_stay_on_the_typed_path(seed):
     assert plan.unseen in b.categorical[:, col(d, "m", "plan")]
 
 
-@pytest.mark.parametrize("seed", [4, 5, 6])
-def test_typed_path_decodes_exactly_as_the_per_event_path(seed):
+@pytest.mark.parametrize(("seed", "chunk"), [(4, 2048), (5, 7), (6, 64)])
+def test_typed_path_decodes_exactly_as_the_per_event_path(seed, chunk, monkeypatch):
+    import stream_monitor.decode as decode_module
+    monkeypatch.setattr(decode_module, "_CHUNK", chunk)   # batches cut into typed chunks
     fast = make_decoder()
     slow = on_path(fast, "slow")
     msgs = _varied_events(seed, 500)
