@@ -11,12 +11,13 @@ cannot be used becomes a `Reject` with a reason: nothing is dropped silently.
 from __future__ import annotations
 
 import math
+import struct
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import chain
-from operator import attrgetter, itemgetter
+from itertools import chain, islice, repeat
+from operator import itemgetter
 from typing import Any, Union
 
 import msgspec
@@ -51,6 +52,15 @@ TOO_DEEP = "nested deeper than the decoder's limit (about 1,000 levels)"
 _NUMBER_TYPES = frozenset({int, float, type(None)})
 _CATEGORY_TYPES = frozenset({str, type(None)})
 _MAX_UNEXPECTED_NAMES = 50
+
+# The typed decoder fills an absent numeric key with this NaN (a quiet NaN with a payload
+# no JSON number can produce), so absent and null both land in the float column as NaN
+# and the absent ones are found afterwards by their bits, for the whole batch at once.
+_ABSENT_BITS = 0x7FF8_0000_00AB_5E47
+ABSENT_NAN = struct.unpack("<d", struct.pack("<Q", _ABSENT_BITS))[0]
+_CHUNK = 2048   # messages decoded and turned into columns at a time (cache-sized)
+# Codes the typed path's category lookup gives before they are resolved per column.
+_NOT_FOUND, _ABSENT_CODE = -1, -2
 
 
 @dataclass
@@ -94,6 +104,46 @@ class CategoryCodes(dict):
             self._memo += 1
         return code
 
+    def unknown(self, values: Sequence[Any], lookup: dict | None = None) -> np.ndarray:
+        """Codes of values outside the reference's top categories (typed path, in bulk):
+        'other' or 'unseen' by the membership filter. Strings looked up are also added to
+        the typed path's `lookup` (within the memo's bound), so repeats stay in C."""
+        codes = np.fromiter(map(self.__getitem__, values), np.int32, len(values))
+        if lookup is not None and self._memo < self._MEMO:
+            lookup.update((v, c) for v, c in zip(values, codes.tolist(), strict=True)
+                          if type(v) is str)
+        return codes
+
+    @property
+    def int_keyed(self) -> bool:
+        """Whether the categories are integers spelled as strings ("1", "2", ...): then the
+        typed decoder takes JSON integers for this column, and otherwise JSON booleans
+        (a dict cannot tell True from 1, so one column takes one of the two)."""
+        cats = [k for k in self if type(k) is str]
+        return bool(cats) and all(_canonical_int(k) for k in cats)
+
+    def fast_lookup(self) -> dict:
+        """category (or alias) -> code for the typed path: booleans or integers map to
+        the category they are counted under (`category_key`), UNSET to the absent marker,
+        anything else is left out so that `dict.get(v, _NOT_FOUND)` finds it unknown."""
+        out = {k: v for k, v in self.items() if type(k) is str}
+        if self.int_keyed:
+            out.update((int(k), v) for k, v in list(out.items()))
+        else:
+            for flag in (True, False):
+                if category_key(flag) in out:
+                    out[flag] = out[category_key(flag)]
+        out[None] = self.missing
+        out[msgspec.UNSET] = _ABSENT_CODE
+        return out
+
+
+def _canonical_int(s: str) -> bool:
+    try:
+        return str(int(s)) == s
+    except ValueError:
+        return False
+
 
 @dataclass
 class Column:
@@ -102,6 +152,7 @@ class Column:
     name: str
     kind: str                           # numeric | categorical
     codes: CategoryCodes | None = None  # categorical only
+    lookup: dict | None = None          # the typed path's lookup (CategoryCodes.fast_lookup)
 
 
 class ModelSchema:
@@ -124,19 +175,27 @@ class ModelSchema:
         self.label = _column("label", reference.label)
         self._num_get = _getter(self.numeric)
         self._cat_get = _getter(self.categorical)
-        for codes in self.cat_codes:
-            codes[msgspec.UNSET] = codes.missing
+        self._fast_codes = [codes.fast_lookup() for codes in self.cat_codes]
 
     def event_type(self, fields: FieldMapping) -> type:
         """A msgspec Struct that decodes this model's well-formed events in one C call.
 
-        Unknown feature names are refused (so such events take the slow path, which
-        records them as a schema change); absent features decode as UNSET.
+        Every valid value decodes here: numbers (integers too) or null for numeric
+        features, strings, null and booleans (integers where the reference's categories
+        are integers) for categorical ones; an absent numeric key decodes as the
+        `ABSENT_NAN` marker, an absent categorical key as UNSET. Unknown feature names are
+        refused (so such events take the slow path, which records them as a schema
+        change), as are wrong types, which the slow path rejects with their reason.
         """
         unset = msgspec.UnsetType
-        spec = [(f"n{i}", float | None | unset, msgspec.UNSET) for i in range(len(self.numeric))]
-        spec += [(f"c{i}", str | None | unset, msgspec.UNSET)
-                 for i in range(len(self.categorical))]
+
+        def category_type(codes: CategoryCodes):
+            return (str | int | None | unset) if codes.int_keyed else (
+                str | bool | None | unset)
+
+        spec = [(f"n{i}", float | None, ABSENT_NAN) for i in range(len(self.numeric))]
+        spec += [(f"c{i}", category_type(c), msgspec.UNSET)
+                 for i, c in enumerate(self.cat_codes)]
         spec += [(f"i{i}", Any, msgspec.UNSET) for i in range(len(self.expected) - len(spec))]
         names = self.numeric + self.categorical + sorted(
             self.expected - set(self.numeric) - set(self.categorical))
@@ -144,20 +203,27 @@ class ModelSchema:
             f"{self.model}_features", spec, rename=dict(zip([f[0] for f in spec], names,
                                                             strict=True)),
             forbid_unknown_fields=True, gc=False)
-        types = {"numeric": float | None, "categorical": str | None}
+
+        def column_type(column: Column | None):
+            if column is None:
+                return Any
+            if column.kind == "numeric":
+                return float | None
+            return category_type(column.codes)
+
+        # field order matters: `_struct_columns` reads the fields by position
         event = msgspec.defstruct(
             f"{self.model}_event",
             [("features", features),
              ("ts", float | str | None, None),
-             ("prediction", types[self.prediction.kind] if self.prediction else Any, None),
-             ("label", types[self.label.kind] if self.label else Any, None),
+             ("prediction", column_type(self.prediction), None),
+             ("label", column_type(self.label), None),
              ("model_version", str | int | None, None)],
             rename={"features": fields.features, "ts": fields.ts,
                     "prediction": fields.prediction, "label": fields.label,
                     "model_version": fields.model_version},
             tag_field=fields.model, tag=self.model, gc=False)
-        self._num_attr = _getter([f"n{i}" for i in range(len(self.numeric))], attrgetter)
-        self._cat_attr = _getter([f"c{i}" for i in range(len(self.categorical))], attrgetter)
+        self._n_fields = len(spec)
         return event
 
     @property
@@ -185,7 +251,11 @@ def _getter(names: list[str], get=itemgetter):
 
 @dataclass
 class ModelBatch:
-    """The usable events of one model in one batch, as columns."""
+    """The usable events of one model in one batch, as columns.
+
+    Data-quality facts are kept per event (row), like the values, so that cutting the
+    batch at a window boundary (`take`) gives each window the faults of its own events.
+    """
 
     model: str
     positions: np.ndarray               # int64, input line numbers or offsets
@@ -194,24 +264,69 @@ class ModelBatch:
     categorical: np.ndarray             # (n, n_categorical) int32 codes
     prediction: np.ndarray | None = None
     label: np.ndarray | None = None
-    absent: np.ndarray | None = None    # (n_features,) events whose key was absent
-    type_violations: np.ndarray | None = None  # (n_features,) values that had a wrong type
-    unexpected_events: int = 0          # events carrying fields not in the reference
-    unexpected_names: Counter = field(default_factory=Counter)
+    # (n, n_features) bool: the feature's key was absent from the event; None = none was
+    absent_rows: np.ndarray | None = None
+    # (n, n_features) int: values of the wrong type. A rejected event has no row: its
+    # violations are carried by the next kept event of the batch (the last one at the end)
+    violation_rows: np.ndarray | None = None
+    # (n,) object: the names of fields the reference does not know, or None per event
+    unexpected_rows: np.ndarray | None = None
+    # rejected events' (positions, violation rows), until `Decoder.decode` gives them to
+    # the next kept event
+    dropped: tuple[np.ndarray, np.ndarray] | None = None
     model_version: str | None = None
     raw: list[bytes] = field(default_factory=list)  # message bytes, kept for late rejects
 
     def __len__(self) -> int:
         return int(self.positions.size)
 
+    @property
+    def n_features(self) -> int:
+        return int(self.numeric.shape[1] + self.categorical.shape[1])
+
+    @property
+    def absent(self) -> np.ndarray:
+        """Per feature: events whose key was absent."""
+        if self.absent_rows is None:
+            return np.zeros(self.n_features, np.int64)
+        return self.absent_rows.sum(axis=0, dtype=np.int64)
+
+    @property
+    def type_violations(self) -> np.ndarray:
+        """Per feature: values that had a wrong type."""
+        if self.violation_rows is None:
+            return np.zeros(self.n_features, np.int64)
+        return self.violation_rows.sum(axis=0, dtype=np.int64)
+
+    @property
+    def unexpected_events(self) -> int:
+        """Events carrying fields not in the reference."""
+        if self.unexpected_rows is None:
+            return 0
+        return int(np.count_nonzero(self.unexpected_rows != None))  # noqa: E711
+
+    @property
+    def unexpected_names(self) -> Counter:
+        """How often each unexpected field name was seen (at most 50 distinct names)."""
+        names: Counter = Counter()
+        if self.unexpected_rows is not None:
+            for extra in self.unexpected_rows:
+                if extra and len(names) < _MAX_UNEXPECTED_NAMES:
+                    names.update(extra)
+        return names
+
     def take(self, index: np.ndarray | slice) -> ModelBatch:
-        """A sub-batch (a window's share); per-batch counters go to the first piece only."""
+        """A sub-batch (a window's share), with the data-quality facts of its events."""
+
+        def rows(x):
+            return None if x is None else x[index]
+
         return ModelBatch(
             model=self.model, positions=self.positions[index], ts=self.ts[index],
             numeric=self.numeric[index], categorical=self.categorical[index],
-            prediction=None if self.prediction is None else self.prediction[index],
-            label=None if self.label is None else self.label[index],
-            model_version=self.model_version)
+            prediction=rows(self.prediction), label=rows(self.label),
+            absent_rows=rows(self.absent_rows), violation_rows=rows(self.violation_rows),
+            unexpected_rows=rows(self.unexpected_rows), model_version=self.model_version)
 
 
 @dataclass
@@ -234,6 +349,7 @@ class Decoder:
         self.schemas = schemas
         self.config = config
         self.pending: set[str] = set()  # models whose reference is still being collected
+        self.typed = True  # False: every event through the per-event path (tests compare)
         f = config.fields
         self._model_key, self._features_key, self._ts_key = f.model, f.features, f.ts
         self._version_key, self._pred_key, self._label_key = f.model_version, f.prediction, f.label
@@ -252,109 +368,159 @@ class Decoder:
         return self._fast, self._fast_types
 
     def decode(self, messages: Sequence[bytes], positions: Sequence[int]) -> DecodedBatch:
-        """Decode a batch: typed C decoding for well-formed events, the rest one by one."""
-        if not self.schemas:
-            return self._decode_slow(messages, positions)
+        """Decode a batch: typed C decoding for every valid event, the rest one by one."""
+        if not self.schemas or not self.typed:
+            return _settle(self._decode_slow(messages, positions))
         fast, types = self._fast_decoder()
+        msgs = messages if type(messages) is list else list(messages)
+        n = len(msgs)
+        pos = (np.arange(positions.start, positions.stop, positions.step, dtype=np.int64)
+               if type(positions) is range else np.asarray(positions, dtype=np.int64))
+        if pos.shape != (n,):
+            raise ValueError("decode: one position per message")
         max_bytes = self.config.max_message_bytes
-        by_type = {t: ([], [], []) for t in types}
-        slow_msgs, slow_pos = [], []
+        todo = msgs
+        if n and max(map(len, msgs)) > max_bytes:  # too large: never parsed (slow path)
+            todo = [m if len(m) <= max_bytes else b"" for m in msgs]
+        parts: dict[str, list[ModelBatch]] = {}
+        slow: list[int] = []
+        deep: list[int] = []
+        rejects: list[Reject] = []
+        # Decode and build columns chunk by chunk: the objects msgspec creates are still
+        # in the CPU cache when they are turned into columns, and freed memory is reused
+        # hot by the next chunk (measured: 10-15% faster than one pass over 10,000).
+        for lo in range(0, n, _CHUNK):
+            hi = min(lo + _CHUNK, n)
+            evs, groups = self._typed_chunk(fast, types, todo, lo, hi, slow, deep)
+            for model, index in groups:
+                if index is None:
+                    g_pos, g_evs, g_raw = pos[lo:hi], evs, msgs[lo:hi]
+                else:
+                    idx = index.tolist()
+                    g_pos = pos[lo:hi][index]
+                    g_evs = [evs[i] for i in idx]
+                    g_raw = [msgs[lo + i] for i in idx]
+                part = self._struct_columns(self.schemas[model], g_pos, g_evs, g_raw, rejects)
+                if part is not None:
+                    parts.setdefault(model, []).append(part)
+            del evs, groups
+        if slow:
+            out = self._decode_slow([msgs[i] for i in slow], pos[slow].tolist())
+        else:
+            out = DecodedBatch({}, [], 0)
+        out.rejects += rejects
+        out.rejects += [Reject(int(pos[i]), NOT_JSON, msgs[i], detail=TOO_DEEP) for i in deep]
+        for model, pieces in parts.items():
+            batch = pieces[0] if len(pieces) == 1 else _join(pieces)
+            other = out.models.get(model)
+            out.models[model] = batch if other is None else _concat(batch, other)
+        out.messages = n
+        return _settle(out)
+
+    def _typed_chunk(self, fast, types: dict, todo: list, lo: int, hi: int,
+                     slow: list[int], deep: list[int]
+                     ) -> tuple[list, list[tuple[str, np.ndarray | None]]]:
+        """Decode messages lo..hi-1 with the typed decoder: the structs, and per model the
+        indices of its events in the chunk (None: all of them); the indices in the batch
+        of the messages it could not decode are added to `slow`, those nested too deep
+        to decode at all to `deep`."""
+        evs: list = []
+        m = hi - lo
         # msgspec raises UnicodeDecodeError on invalid UTF-8 inside a string (the slow
         # path rejects it as not_json) and RecursionError on deep nesting
         errors = (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError)
-        too_deep: list[Reject] = []
-        for pos, raw in zip(positions, messages, strict=True):
+        # One C-level map; a message that fails stops it, is set aside for the slow path,
+        # and the map resumes after it, so a bad event costs time for itself only.
+        while len(evs) < m:
             try:
-                if len(raw) > max_bytes:
-                    raise msgspec.DecodeError
-                ev = fast(raw)
+                evs.extend(map(fast, islice(todo, lo + len(evs), hi)))
             except errors:
-                slow_msgs.append(raw)
-                slow_pos.append(pos)
-                continue
+                evs.append(None)
             except RecursionError:
-                too_deep.append(Reject(pos, NOT_JSON, raw, detail=TOO_DEEP))
-                continue
-            bucket = by_type.get(type(ev))
-            if bucket is None:  # the never-matching union member
-                slow_msgs.append(raw)
-                slow_pos.append(pos)
-                continue
-            p, e, r = bucket
-            p.append(pos)
-            e.append(ev)
-            r.append(raw)
-        out = self._decode_slow(slow_msgs, slow_pos) if slow_msgs else DecodedBatch(
-            {}, [], 0)
-        for t, (pos, evs, raws) in by_type.items():
-            if not evs:
-                continue
-            model = types[t]
-            batch = self._struct_columns(self.schemas[model], pos, evs, raws, out.rejects)
-            if batch is None:
-                continue
-            other = out.models.get(model)
-            out.models[model] = batch if other is None else _concat(batch, other)
-        out.rejects += too_deep
-        out.messages = len(messages)
-        return out
+                deep.append(lo + len(evs))
+                evs.append(None)
+        kinds = list(map(type, evs))
+        if len(types) == 1 and kinds.count(next(iter(types))) == m:
+            return evs, [(next(iter(types.values())), None)]  # the common case: all typed
+        ids = {t: k for k, t in enumerate(types)}
+        which = np.fromiter(map(ids.get, kinds, repeat(-1)), np.int64, m)
+        if deep:
+            which[[i - lo for i in deep if lo <= i < hi]] = -2
+        slow += (np.flatnonzero(which == -1) + lo).tolist()
+        return evs, [(model, np.flatnonzero(which == ids[t])) for t, model in types.items()
+                     if (which == ids[t]).any()]
 
-    def _struct_columns(self, schema: ModelSchema, positions: list[int], evs: list,
+    def _struct_columns(self, schema: ModelSchema, positions: np.ndarray, evs: list,
                         raws: list[bytes], rejects: list[Reject]) -> ModelBatch | None:
+        """Columns from typed structs: one C-level pass flattens the structs, and every
+        column is a strided slice of that list turned into numpy at once."""
         n = len(evs)
         n_num, n_cat = len(schema.numeric), len(schema.categorical)
-        feats = [e.features for e in evs]
+        astuple = msgspec.structs.astuple
+        top = list(chain.from_iterable(map(astuple, evs)))
+        # event fields, in the order of `event_type`: features, ts, prediction, label, version
+        flat = list(chain.from_iterable(map(astuple, top[0::5])))
+        width = schema._n_fields
         bad = np.zeros(n, dtype=bool)
         reasons: dict[int, tuple[str, str]] = {}
-        absent = np.zeros(n_num + n_cat, np.int64)
-        violations = np.zeros(n_num + n_cat, np.int64)
-        num_rows = list(map(schema._num_attr, feats))
-        unset_cols: list[tuple[int, tuple]] = []  # columns with absent keys
-        try:
-            numeric = np.fromiter(chain.from_iterable(num_rows), np.float64,
-                                  n * n_num).reshape(n, n_num)
-        except TypeError:  # None (missing) or UNSET (absent) somewhere
-            numeric = np.empty((n, n_num), np.float64)
-            for j, col in enumerate(zip(*num_rows, strict=True)):
-                if msgspec.UNSET in col:
-                    unset_cols.append((j, col))
-                numeric[:, j] = [np.nan if v is None or v is msgspec.UNSET else v for v in col]
+        numeric = np.empty((n_num, n), np.float64)
+        for j in range(n_num):
+            values = flat[j::width]
+            try:
+                numeric[j] = np.fromiter(values, np.float64, n)
+            except TypeError:  # null somewhere in the column: np.array makes it NaN
+                numeric[j] = np.array(values, np.float64)
+        numeric = numeric.T  # (n, n_num), each column contiguous for the engine
+        absent_num = numeric.view(np.uint64) == _ABSENT_BITS
         if n_num and np.isinf(numeric).any():
             for i, j in zip(*np.nonzero(np.isinf(numeric)), strict=True):
                 self._invalid(int(i), NON_FINITE, f"{schema.numeric[j]}: {numeric[i, j]}", bad,
                               reasons)
                 numeric[i, j] = np.nan
-        categorical = np.empty((n, n_cat), np.int32)
-        if n_cat:
-            cols = zip(*map(schema._cat_attr, feats), strict=True)
-            for j, (col, codes) in enumerate(zip(cols, schema.cat_codes, strict=True)):
-                categorical[:, j] = np.fromiter(map(codes.__getitem__, col), np.int32, n)
-                if msgspec.UNSET in col:
-                    unset_cols.append((n_num + j, col))
-        prediction = self._struct_optional(schema.prediction, [e.prediction for e in evs])
-        label = self._struct_optional(schema.label, [e.label for e in evs])
-        ts = self._timestamps([e.ts for e in evs], bad, reasons)
-        for j, col in unset_cols:
-            absent[j] = sum(1 for v, b in zip(col, bad, strict=True)
-                            if v is msgspec.UNSET and not b)
-        version = evs[-1].model_version
-        pos = np.array(positions, np.int64)
+        categorical = np.empty((n_cat, n), np.int32)
+        absent_cat = np.zeros((n_cat, n), bool)
+        for j, (lookup, codes) in enumerate(zip(schema._fast_codes, schema.cat_codes,
+                                                strict=True)):
+            categorical[j] = self._lookup(lookup, codes, flat[n_num + j::width], absent_cat[j])
+        categorical = categorical.T
+        prediction = self._struct_optional(schema.prediction, top[2::5])
+        label = self._struct_optional(schema.label, top[3::5])
+        ts = self._timestamps(top[1::5], bad, reasons)
+        absent_rows = None
+        if absent_num.any() or absent_cat.any():
+            absent_rows = np.concatenate([absent_num, absent_cat.T], axis=1)
+        version = top[-1]
         if bad.any():
             keep = ~bad
             for i in np.flatnonzero(bad):
                 reason, detail = reasons[int(i)]
-                rejects.append(Reject(positions[i], reason, raws[i], model=schema.model,
+                rejects.append(Reject(int(positions[i]), reason, raws[i], model=schema.model,
                                       feature=detail.split(":", 1)[0], detail=detail))
-            numeric, categorical, ts, pos = numeric[keep], categorical[keep], ts[keep], pos[keep]
+            numeric, categorical, ts = numeric[keep], categorical[keep], ts[keep]
+            positions = positions[keep]
             prediction = None if prediction is None else prediction[keep]
             label = None if label is None else label[keep]
+            absent_rows = None if absent_rows is None else absent_rows[keep]
             raws = [r for r, k in zip(raws, keep, strict=True) if k]
-        if pos.size == 0:
+        if positions.size == 0:
             return None
-        return ModelBatch(model=schema.model, positions=pos, ts=ts, numeric=numeric,
+        return ModelBatch(model=schema.model, positions=positions, ts=ts, numeric=numeric,
                           categorical=categorical, prediction=prediction, label=label,
-                          absent=absent, type_violations=violations,
+                          absent_rows=absent_rows,
                           model_version=None if version is None else str(version), raw=raws)
+
+    @staticmethod
+    def _lookup(lookup: dict, codes: CategoryCodes, col: list, absent: np.ndarray) -> np.ndarray:
+        """Category codes of a typed column: one C-level dict lookup per value, then the
+        absent and unknown ones fixed up with numpy."""
+        out = np.fromiter(map(lookup.get, col, repeat(_NOT_FOUND)), np.int32, len(col))
+        if out.min(initial=0) < 0:
+            np.equal(out, _ABSENT_CODE, out=absent)
+            out[absent] = codes.missing
+            unknown = np.flatnonzero(out == _NOT_FOUND)
+            if unknown.size:
+                out[unknown] = codes.unknown([col[i] for i in unknown.tolist()], lookup)
+        return out
 
     @staticmethod
     def _struct_optional(column: Column | None, values: list) -> np.ndarray | None:
@@ -362,7 +528,9 @@ class Decoder:
             return None
         if column.kind == "numeric":
             return np.array(values, dtype=np.float64)
-        return np.fromiter(map(column.codes.__getitem__, values), np.int32, len(values))
+        if column.lookup is None:
+            column.lookup = column.codes.fast_lookup()
+        return Decoder._lookup(column.lookup, column.codes, values, np.zeros(len(values), bool))
 
     def _decode_slow(self, messages: Sequence[bytes], positions: Sequence[int]) -> DecodedBatch:
         rejects: list[Reject] = []
@@ -428,7 +596,7 @@ class Decoder:
 
         bad = np.zeros(len(group), dtype=bool)     # rows to reject
         reasons: dict[int, tuple[str, str]] = {}
-        violations = np.zeros(n_num + n_cat, np.int64)
+        violations = np.zeros((len(group), n_num + n_cat), np.int64)  # per event, feature
 
         numeric = self._numeric_matrix(schema.numeric, num_rows, len(group), bad, reasons,
                                        violations, 0)
@@ -444,25 +612,26 @@ class Decoder:
         ts = self._timestamps([g[1].get(self._ts_key) for g in group], bad, reasons)
 
         # Schema counters cover the events that are kept, not the rejected ones.
-        absent = np.zeros(n_num + n_cat, np.int64)
-        kept = [f for f, b in zip(feats, bad, strict=True) if not b]
+        absent_rows = None
         if some_absent:
-            for j, k in enumerate(schema.feature_names):
-                absent[j] = sum(1 for f in kept if k not in f)
-        # This is the slow path (the typed decoder refuses unknown fields), so every kept
-        # event is checked for fields the reference does not know.
-        unexpected_events, unexpected_names = 0, Counter()
+            absent_rows = np.array([[k not in f for k in schema.feature_names] for f in feats],
+                                   dtype=bool).reshape(len(feats), n_num + n_cat)
+        # This is the slow path (the typed decoder refuses unknown fields), so every event
+        # is checked for fields the reference does not know.
+        unexpected_rows = None
         expected = schema.expected
-        for f in kept:
+        for i, f in enumerate(feats):
             extra = f.keys() - expected
             if extra:
-                unexpected_events += 1
-                if len(unexpected_names) < _MAX_UNEXPECTED_NAMES:
-                    unexpected_names.update(str(k)[:100] for k in extra)
+                if unexpected_rows is None:
+                    unexpected_rows = np.full(len(feats), None, dtype=object)
+                unexpected_rows[i] = tuple(str(k)[:100] for k in extra)
+        violation_rows = violations if violations.any() else None
 
         version = group[-1][1].get(self._version_key)
-        positions = np.fromiter((g[0] for g in group), np.int64, len(group))
+        positions = all_positions = np.fromiter((g[0] for g in group), np.int64, len(group))
         raw = [g[2] for g in group]
+        dropped = None
         if bad.any():
             for i in np.flatnonzero(bad):
                 reason, detail = reasons[int(i)]
@@ -475,12 +644,17 @@ class Decoder:
             prediction = None if prediction is None else prediction[keep]
             label = None if label is None else label[keep]
             raw = [r for r, k in zip(raw, keep, strict=True) if k]
-        if positions.size == 0:
+            absent_rows = None if absent_rows is None else absent_rows[keep]
+            unexpected_rows = None if unexpected_rows is None else unexpected_rows[keep]
+            if violation_rows is not None:
+                dropped = (all_positions[bad], violation_rows[bad])
+                violation_rows = violation_rows[keep]
+        if positions.size == 0 and dropped is None:
             return None
         return ModelBatch(model=model, positions=positions, ts=ts, numeric=numeric,
                           categorical=categorical, prediction=prediction, label=label,
-                          absent=absent, type_violations=violations,
-                          unexpected_events=unexpected_events, unexpected_names=unexpected_names,
+                          absent_rows=absent_rows, violation_rows=violation_rows,
+                          unexpected_rows=unexpected_rows, dropped=dropped,
                           model_version=None if version is None else str(version), raw=raw)
 
     @staticmethod
@@ -524,7 +698,7 @@ class Decoder:
                 out[i] = np.nan
             else:
                 out[i] = np.nan
-                violations[j] += 1
+                violations[i, j] += 1
                 self._invalid(i, WRONG_TYPE, f"{name}: expected a number, got {t.__name__}",
                               bad, reasons)
         return out
@@ -542,7 +716,7 @@ class Decoder:
                 out[i] = codes[category_key(v)]
             else:
                 out[i] = codes.missing
-                violations[j] += 1
+                violations[i, j] += 1
                 self._invalid(i, WRONG_TYPE, f"{name}: expected a category, got {t.__name__}",
                               bad, reasons)
         return out
@@ -552,7 +726,7 @@ class Decoder:
         if column is None:
             return None
         col = tuple(g[1].get(key) for g in group)
-        scratch = np.zeros(1, np.int64)
+        scratch = np.zeros((len(col), 1), np.int64)
         if column.kind == "numeric":
             if set(map(type, col)) <= _NUMBER_TYPES:
                 return np.array(col, dtype=np.float64)
@@ -599,6 +773,47 @@ class Decoder:
         return ts
 
 
+def _settle(decoded: DecodedBatch) -> DecodedBatch:
+    """Give each rejected event's type violations to the next kept event of its model in
+    the batch (the last one at the end), so they count in that event's window; drop the
+    batches left without any kept event."""
+    for model, b in list(decoded.models.items()):
+        if b.dropped is None:
+            continue
+        where, rows = b.dropped
+        b.dropped = None
+        if len(b) == 0:
+            del decoded.models[model]
+            continue
+        if b.violation_rows is None:
+            b.violation_rows = np.zeros((len(b), b.n_features), np.int64)
+        to = np.minimum(np.searchsorted(b.positions, where), len(b) - 1)
+        np.add.at(b.violation_rows, to, rows)
+    return decoded
+
+
+def _join(parts: list[ModelBatch]) -> ModelBatch:
+    """Consecutive pieces of one model's typed batch, in input order, as one batch."""
+
+    def cat(name):
+        xs = [getattr(p, name) for p in parts]
+        if all(x is None for x in xs):
+            return None
+        if any(x is None for x in xs):  # rows facts: None means "none" for that piece
+            proto = next(x for x in xs if x is not None)
+            xs = [np.zeros((len(p), *proto.shape[1:]), proto.dtype) if x is None else x
+                  for p, x in zip(parts, xs, strict=True)]
+        return np.concatenate(xs)
+
+    last = parts[-1]
+    return ModelBatch(
+        model=last.model, positions=cat("positions"), ts=cat("ts"), numeric=cat("numeric"),
+        categorical=cat("categorical"), prediction=cat("prediction"), label=cat("label"),
+        absent_rows=cat("absent_rows"), violation_rows=cat("violation_rows"),
+        unexpected_rows=cat("unexpected_rows"), dropped=None,
+        model_version=last.model_version, raw=list(chain.from_iterable(p.raw for p in parts)))
+
+
 def _concat(a: ModelBatch, b: ModelBatch) -> ModelBatch:
     """Join the fast and slow parts of a model's batch, back in input order."""
     positions = np.concatenate([a.positions, b.positions])
@@ -607,14 +822,23 @@ def _concat(a: ModelBatch, b: ModelBatch) -> ModelBatch:
     def cat(x, y):
         return None if x is None or y is None else np.concatenate([x, y])[order]
 
+    def rows(x, y, n_x, n_y, shape, fill):
+        if x is None and y is None:
+            return None
+        x = np.full((n_x, *shape), fill) if x is None else x
+        y = np.full((n_y, *shape), fill) if y is None else y
+        return np.concatenate([x, y])[order]
+
     raw = a.raw + b.raw
+    na, nb, nf = len(a), len(b), a.n_features
     return ModelBatch(
         model=a.model, positions=positions[order], ts=cat(a.ts, b.ts),
         numeric=cat(a.numeric, b.numeric), categorical=cat(a.categorical, b.categorical),
         prediction=cat(a.prediction, b.prediction), label=cat(a.label, b.label),
-        absent=a.absent + b.absent, type_violations=a.type_violations + b.type_violations,
-        unexpected_events=a.unexpected_events + b.unexpected_events,
-        unexpected_names=a.unexpected_names + b.unexpected_names,
+        absent_rows=rows(a.absent_rows, b.absent_rows, na, nb, (nf,), False),
+        violation_rows=rows(a.violation_rows, b.violation_rows, na, nb, (nf,), 0),
+        unexpected_rows=rows(a.unexpected_rows, b.unexpected_rows, na, nb, (), None),
+        dropped=_join_dropped(a.dropped, b.dropped),
         model_version=b.model_version or a.model_version, raw=[raw[i] for i in order])
 
 
@@ -638,6 +862,12 @@ def _unparsable(pos: int, raw: bytes, exc: Exception, model_key: str,
     return Reject(pos, NON_FINITE, raw, model=model, feature=feature,
                   detail=f"{feature or 'a value'}: NaN, Infinity or a number beyond the "
                          "float range")
+
+
+def _join_dropped(a, b):
+    if a is None or b is None:
+        return a or b
+    return np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]])
 
 
 def parse_timestamp(v: Any) -> float:

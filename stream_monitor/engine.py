@@ -192,7 +192,9 @@ class WindowAccumulator:
     def update(self, layout: ModelLayout, batch: ModelBatch) -> None:
         n = len(batch)
         if n:
-            self.numeric.update(layout.numeric, batch.numeric)
+            # one memory layout whichever path decoded the batch (column-major: each
+            # column contiguous for binning, and float sums that do not depend on it)
+            self.numeric.update(layout.numeric, np.asfortranarray(batch.numeric))
             self.categorical.update(layout.categorical, batch.categorical)
             if self.prediction is not None and batch.prediction is not None:
                 self.prediction.update(layout.prediction, batch.prediction.reshape(-1, 1))
@@ -213,11 +215,14 @@ class WindowAccumulator:
         self.add_quality(batch)
 
     def add_quality(self, batch: ModelBatch) -> None:
-        """Per-batch data-quality counters (once per decoded batch, not per window piece)."""
-        if batch.absent is not None:
+        """Data-quality counters of the batch's events (a window's piece of a batch carries
+        the faults of its own events only)."""
+        if batch.absent_rows is not None:
             self.absent += batch.absent
-        if batch.type_violations is not None:
+        if batch.violation_rows is not None:
             self.type_violations += batch.type_violations
+        if batch.unexpected_rows is None:
+            return
         self.unexpected_events += batch.unexpected_events
         for name, c in batch.unexpected_names.items():
             if name in self.unexpected_names or len(self.unexpected_names) < _MAX_NAMES:
@@ -289,7 +294,6 @@ class ModelWindows:
         closed = []
         start, n = 0, len(batch)
         (index, acc), = self._open.items()
-        acc.add_quality(batch)
         while start < n:
             take = min(n - start, size - acc.events)
             piece = batch.take(slice(start, start + take))
@@ -311,16 +315,12 @@ class ModelWindows:
         future_mask = self._future(batch.ts)
         self.future = np.flatnonzero(future_mask & ~late_mask)
         late_mask |= future_mask
-        first_piece = True
         for b in np.unique(bucket[~late_mask]):
             idx = np.flatnonzero((bucket == b) & ~late_mask)
             acc = self._open.get(int(b))
             if acc is None:
                 acc = self._open[int(b)] = WindowAccumulator.empty(self.layout)
             acc.update(self.layout, batch.take(idx))
-            if first_piece:
-                acc.add_quality(batch)
-                first_piece = False
         late = np.flatnonzero(late_mask)
         self.late_events += late.size
         ts_ok = batch.ts[~late_mask]  # never a future (or unknown) event time

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -73,7 +74,17 @@ def enc(ev) -> bytes:
     return orjson.dumps(ev)
 
 
-SLOW_FEATS = {"vip": True}  # a boolean for a categorical feature: valid, but not fast-path
+SLOW_FEATS = {"vip": True}  # a boolean for a categorical feature (typed path since issue 11)
+
+
+def on_path(dec: Decoder, path: str) -> Decoder:
+    """The decoder itself ("fast": typed where it can) or a copy decoding every event on
+    the per-event path ("slow"), so that both paths are held to the same contract."""
+    if path == "fast":
+        return dec
+    slow = Decoder(dec.schemas, dec.config)
+    slow.typed = False
+    return slow
 
 
 def col(dec: Decoder, model: str, name: str) -> int:
@@ -111,7 +122,7 @@ def test_well_formed_events_become_columns(dec, path):
     msgs = [enc(event(feats(x=1.5, y=7, plan="premium", **extra))),
             enc(event(feats(x=-2.0, y=0, plan="basic", tier="3", **extra), ts=T0 + 5,
                       prediction=0.9))]
-    out = decode(dec, msgs, [40, 41])
+    out = decode(on_path(dec, path), msgs, [40, 41])
     assert out.rejects == [] and list(out.models) == ["m"]
     b = out.models["m"]
     assert b.positions.tolist() == [40, 41]
@@ -175,7 +186,7 @@ def test_each_reject_reason_with_position_raw_model_feature(dec, case, companion
     bad, reason, model, feature = REJECTS[case]
     extra = SLOW_FEATS if companions == "slow" else {}
     good0, good1 = enc(event(feats(**extra))), enc(event(feats(x=9.0, **extra)))
-    out = decode(dec, [good0, bad, good1], [100, 205, 307])
+    out = decode(on_path(dec, companions), [good0, bad, good1], [100, 205, 307])
     assert len(out.rejects) == 1, out.rejects
     (r,) = out.rejects
     assert (r.position, r.reason, r.model) == (205, reason, model)
@@ -244,8 +255,9 @@ def test_default_model_takes_events_without_model():
 @pytest.mark.parametrize("path", ["fast", "slow"])
 def test_null_values_stay_missing_never_zero(dec, path):
     extra = SLOW_FEATS if path == "slow" else {}
-    out = decode(dec, [enc(event(feats(x=None, plan=None, **extra), prediction=None)),
-                       enc(event(feats(**extra)))])
+    out = decode(on_path(dec, path),
+                 [enc(event(feats(x=None, plan=None, **extra), prediction=None)),
+                  enc(event(feats(**extra)))])
     b = out.models["m"]
     x, plan = col(dec, "m", "x"), col(dec, "m", "plan")
     assert np.isnan(b.numeric[0, x]) and b.numeric[1, x] == 1.5
@@ -263,7 +275,7 @@ def test_absent_keys_are_missing_and_counted_per_feature(dec, path):
     msgs = [enc(event(feats(y=ABSENT, tier=ABSENT, **extra))),
             enc(event(feats(y=ABSENT, **extra))),
             enc(event(feats(**extra)))]
-    b = decode(dec, msgs).models["m"]
+    b = decode(on_path(dec, path), msgs).models["m"]
     y, tier = col(dec, "m", "y"), col(dec, "m", "tier")
     assert np.isnan(b.numeric[:2, y]).all() and b.numeric[2, y] == 7.0
     assert b.categorical[0, tier] == dec.schemas["m"].cat_codes[tier].missing
@@ -310,7 +322,8 @@ def test_rejected_events_do_not_count_in_absent_or_unexpected(dec):
 def test_ints_are_accepted_for_numeric_features(dec, path):
     extra = SLOW_FEATS if path == "slow" else {}
     big = 2**53 + 1
-    b = decode(dec, [enc(event(feats(x=3, y=-4, z=big, **extra), prediction=1))]).models["m"]
+    msg = enc(event(feats(x=3, y=-4, z=big, **extra), prediction=1))
+    b = decode(on_path(dec, path), [msg]).models["m"]
     row = b.numeric[0]
     assert row[col(dec, "m", "x")] == 3.0 and row[col(dec, "m", "y")] == -4.0
     assert row[col(dec, "m", "z")] == float(big)
@@ -437,7 +450,7 @@ def test_field_mapping_points_at_users_fields(path):
     ev = {"model_name": "m", "version": "2024-01", "time": "2026-11-22T10:00:00Z",
           "inputs": feats(x=4.25, **extra), "output": 0.7}
     misplaced = {k: v for k, v in ev.items() if k != "inputs"} | {"features": ev["inputs"]}
-    out = decode(d, [enc(ev), enc(event()), enc(misplaced)], [0, 1, 2])
+    out = decode(on_path(d, path), [enc(ev), enc(event()), enc(misplaced)], [0, 1, 2])
     b = out.models["m"]
     assert b.positions.tolist() == [0]
     assert b.numeric[0, col(d, "m", "x")] == 4.25
@@ -481,3 +494,138 @@ def test_several_models_in_one_batch_are_split(dec):
     pred = dec.schemas["n"].prediction.codes
     assert n.prediction.tolist() == [pred["no"], pred["yes"]]
     assert [(r.position, r.reason, r.model) for r in out.rejects] == [(9, "unknown_model", "zzz")]
+
+
+# -- the typed path takes every valid event (issue 11) -----------------------------------
+
+
+def _varied_events(seed: int, n: int) -> list[bytes]:
+    """Events unlike the repo's generator: booleans, ints for numeric features, integer
+    ties, Cauchy tails, nulls and absent keys (a few percent each), categories never seen
+    in the reference, int-keyed categories, and a few events of the other model."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        f = {"x": float(rng.standard_cauchy()), "y": int(rng.poisson(4)),
+             "z": int(rng.integers(-3, 3)) if rng.random() < 0.3 else float(rng.uniform()),
+             "plan": str(rng.choice(["basic", "premium", "student", "gold", "p-new"])),
+             "vip": bool(rng.random() < 0.3), "tier": int(rng.integers(0, 6))}
+        for k in list(f):
+            u = rng.random()
+            if u < 0.03:
+                del f[k]
+            elif u < 0.06:
+                f[k] = None
+        ev = event(f, ts=T0 + i, prediction=float(rng.uniform()) if rng.random() > 0.03
+                   else None)
+        if rng.random() < 0.05:
+            ev = event(model="n", features={"score": int(rng.integers(0, 9)),
+                                            "color": str(rng.choice(["red", "blue", "teal"]))},
+                       prediction=bool(rng.random() < 0.5) if rng.random() < 0.5 else "yes")
+        out.append(enc(ev))
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_valid_events_of_any_value_mix_stay_on_the_typed_path(seed):
+    d = make_decoder()
+    msgs = _varied_events(seed, 400)
+    slow_seen: list[bytes] = []
+    original = d._decode_slow
+    d._decode_slow = lambda m, p: slow_seen.extend(m) or original(m, p)
+    out = decode(d, msgs)
+    assert out.rejects == [] and slow_seen == []
+    b = out.models["m"]
+    # the mix really was there: absent keys, nulls, unseen and int-keyed categories
+    assert b.absent.sum() > 0 and np.isnan(b.numeric).sum() > b.absent[:3].sum()
+    tier = dec_col = col(d, "m", "tier")
+    codes = d.schemas["m"].cat_codes[dec_col]
+    assert {code(d, "m", "tier", "1"), codes.unseen} <= set(b.categorical[:, tier].tolist())
+    plan = d.schemas["m"].cat_codes[col(d, "m", "plan")]
+    assert plan.unseen in b.categorical[:, col(d, "m", "plan")]
+
+
+@pytest.mark.parametrize(("seed", "chunk"), [(4, 2048), (5, 7), (6, 64)])
+def test_typed_path_decodes_exactly_as_the_per_event_path(seed, chunk, monkeypatch):
+    import stream_monitor.decode as decode_module
+    monkeypatch.setattr(decode_module, "_CHUNK", chunk)   # batches cut into typed chunks
+    fast = make_decoder()
+    slow = on_path(fast, "slow")
+    msgs = _varied_events(seed, 500)
+    msgs[17] = b'{"model": "m", "features": {"x": "1"}}'          # a reject among them
+    msgs[300] = enc(event(feats(extra_field=1)))                   # an unknown field
+    a, b = decode(fast, msgs), decode(slow, msgs)
+    assert [(r.position, r.reason, r.feature) for r in a.rejects] == [
+        (r.position, r.reason, r.feature) for r in b.rejects]
+    for model in ("m", "n"):
+        x, y = a.models[model], b.models[model]
+        for name in ("positions", "ts", "numeric", "categorical", "prediction", "absent",
+                     "type_violations"):
+            np.testing.assert_array_equal(getattr(x, name), getattr(y, name), err_msg=name)
+        assert x.unexpected_names == y.unexpected_names and x.raw == y.raw
+        assert x.model_version == y.model_version
+
+
+def _window_stats(report: dict) -> dict:
+    """A window report without what is allowed to differ (nothing is)."""
+    return orjson.loads(orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+def test_typed_path_gives_the_same_window_statistics_as_the_per_event_path(seed):
+    from stream_monitor.pipeline import Monitor
+    cfg = parse_config({"defaults": {"window": {"events": 150}},
+                        "models": {"m": {"reference": "m.json"}, "n": {"reference": "n.json"}}})
+    typed, per_event = Monitor(cfg, REFS), Monitor(cfg, REFS)
+    per_event.decoder.typed = False
+    msgs = _varied_events(seed, 1_000)
+    reports = {id(typed): [], id(per_event): []}
+    for mon in (typed, per_event):
+        for i in range(0, len(msgs), 170):      # batches that straddle window boundaries
+            r = mon.process(msgs[i:i + 170], range(i, i + len(msgs[i:i + 170])))
+            assert r.rejects == []
+            reports[id(mon)] += r.reports
+        reports[id(mon)] += mon.flush().reports
+    a, b = reports[id(typed)], reports[id(per_event)]
+    assert len(a) == len(b) >= 6
+    assert [_window_stats(r) for r in a] == [_window_stats(r) for r in b]
+
+
+# -- data-quality facts belong to the window of their event (issue 8, item 3) -------------
+
+
+def _windows(window: dict):
+    from stream_monitor.engine import ModelWindows
+    cfg = parse_config({"models": {"m": {"reference": "m.json"}},
+                        "defaults": {"window": window}})
+    pipe = ModelPipeline("m", cfg, REFS["m"])
+    return pipe.schema, ModelWindows("m", pipe.evaluator.layout, pipe.settings.window)
+
+
+FAULTS = {
+    "absent": lambda i: event(feats(y=ABSENT), ts=T0 + i),
+    "unexpected": lambda i: event(feats(surprise=1), ts=T0 + i),
+    "violation": lambda i: event(feats(x="oops"), ts=T0 + i),   # rejected, counted
+}
+
+
+@pytest.mark.parametrize("path", ["fast", "slow"])
+@pytest.mark.parametrize("fault", list(FAULTS))
+@pytest.mark.parametrize("window", [{"events": 10}, {"seconds": 10}])
+def test_quality_faults_count_in_the_window_of_their_event(fault, window, path):
+    schema, windows = _windows(window)
+    d = on_path(Decoder({"m": schema}, make_decoder(models=("m",)).config), path)
+    t = 10 * math.floor(T0 / 10)         # on the grid of 10 s windows
+    msgs = [enc(event(feats(), ts=t + i)) for i in range(17)]
+    msgs[13] = enc(FAULTS[fault](0) | {"ts": t + 13})   # event 13: after the boundary
+    closed, _ = windows.add(d.decode(msgs[:5], range(5)).models["m"])
+    # one batch over events 5..16 that both windows share: window 0 ends after event 9
+    batch = d.decode(msgs[5:], range(5, 17)).models["m"]
+    assert batch.positions[0] < 10 < batch.positions[-1]
+    closed += windows.add(batch)[0]
+    closed += windows.flush()
+    first, second = closed[0].accumulator, closed[1].accumulator
+    got = {"absent": lambda a: int(a.absent.sum()),
+           "unexpected": lambda a: a.unexpected_events,
+           "violation": lambda a: int(a.type_violations.sum())}[fault]
+    assert (first.events, got(first), got(second)) == (10, 0, 1)

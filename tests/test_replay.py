@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +254,31 @@ def test_staggered_drift_updates_the_grouped_alert(foreign_reference, tmp_path):
     assert grouped[-1]["status"] == "firing"
     assert grouped[-1]["window"]["first_line"] <= 50_001      # the first full window after
     assert all(a["annotations"]["features"] for a in grouped)
+
+
+def _lines_one_by_one(path: Path) -> list[tuple[bytes, int]]:
+    """The reference reading: line by line, numbered from 1, blank lines skipped."""
+    out = []
+    with path.open("rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.rstrip(b"\r\n")
+            if line.strip():
+                out.append((line, lineno))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_block_reader_gives_the_lines_and_numbers_of_a_line_by_line_read(tmp_path, seed):
+    from stream_monitor.replay import _batches
+    rng = random.Random(seed)
+    pieces = [b'{"a":1}'] * 6 + [b"", b"  ", b"\t", b"x" * 50, b"{}\r", b' {"b": 2} ', b"\r",
+                                  b"abc\rdef"]
+    path = tmp_path / "in.jsonl"
+    for _ in range(100):
+        lines = [rng.choice(pieces) for _ in range(rng.randint(0, 80))]
+        path.write_bytes(b"\n".join(lines) + (b"\n" if rng.random() < 0.5 else b""))
+        size, block = rng.randint(1, 7), rng.randint(1, 40)   # lines longer than blocks
+        batches = list(_batches(path, size, block))
+        assert all(len(lines) == size for lines, _, _ in batches[:-1])
+        assert [(line, no) for lines, numbers, _ in batches
+                for line, no in zip(lines, numbers, strict=True)] == _lines_one_by_one(path)
