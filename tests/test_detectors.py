@@ -305,3 +305,255 @@ def test_measured_run_length_meets_the_calibrated_target():
         print(f"{name}: measured ARL {measured:.0f} blocks (target {target:.0f})")
         assert measured >= 0.65 * target, (name, per)
         assert measured <= 4 * target, (name, per)
+
+
+# -- end to end: delays and false alarms ----------------------------------------------------
+
+SD = {f"n{i}": 0.5 + i for i in range(8)}
+
+
+def _scale(name: str, factor: float):
+    mean = 10.0 * int(name[1:]) - 20
+    return lambda x, rng: mean + (x - mean) * factor
+
+
+def _bimodal(name: str):
+    """Same mean and variance, two modes: mean + sd * (+-0.8 + 0.6 N(0,1))."""
+    mean, sd = 10.0 * int(name[1:]) - 20, SD[name]
+    return lambda x, rng: mean + sd * (rng.choice([-0.8, 0.8], x.size)
+                                       + 0.6 * rng.standard_normal(x.size))
+
+
+LARGE = {
+    "n1": shift(0.45 * SD["n1"]),
+    "cauchy": shift(0.5 * 3 * CAUCHY_ROBUST_SD),         # robust sd of 3 * Cauchy
+    "pois20": shift(2.0),                                # 0.45 sd, still integers
+    "miss_null": shift(0.4),
+    "c5": lambda x, rng: np.where(rng.random(x.size) < 0.3, 4, x),   # 'e': 5% -> 33%
+}
+SUBTLE = {
+    "n2": shift(0.2 * SD["n2"]),
+    "t3b": shift(0.2 * 50 * T3_ROBUST_SD),
+    "n3": _scale("n3", math.sqrt(1.5)),                 # variance x 1.5
+    "n4": _bimodal("n4"),
+    "c2000": lambda x, rng: np.where(x < 5, (x + 1) % 5, x),   # top 5 change places
+}
+
+
+def test_large_shifts_are_flagged_by_replay_within_3000_events(reference, tmp_path):
+    from stream_monitor.config import load_config
+    from stream_monitor.replay import replay
+
+    change = 37_123                                     # 0-based event, off the block grid
+    change_line = change + 1
+    path = tmp_path / "events.jsonl"
+    with path.open("wb") as fh:
+        for events, _ in stream(60_000, seed=5, change_at=change, drift=LARGE):
+            fh.write(b"\n".join(events) + b"\n")
+    reference.save(tmp_path / "ref.json")
+    (tmp_path / "c.yaml").write_text("models:\n  m:\n    reference: ref.json\n")
+    replay(load_config(tmp_path / "c.yaml"), path, tmp_path / "out", progress=False)
+    alerts = [orjson.loads(x) for x in (tmp_path / "out" / "alerts.jsonl").read_bytes()
+              .splitlines()]
+    drift = [a for a in alerts if a["kind"] == "feature_drift"]
+    first = first_alert_line(drift)
+    assert set(first) == set(LARGE), first
+    for name, line in first.items():
+        assert 0 < line - change_line <= 3000, (name, line)
+    assert drift[0]["method"].startswith("cusum_")      # the detectors, not a window
+    assert all(a["window"]["last_line"] > change_line for a in drift)
+
+
+def test_subtle_shifts_are_flagged_within_10000_events(reference):
+    change = 23_456
+    mon = monitor(reference)
+    alerts, detections, reports = run(mon, 45_000, seed=6, change_at=change, drift=SUBTLE)
+    first: dict[str, int] = {}
+    for d in detections:
+        first.setdefault(d.feature, d.window["last_line"])
+    assert set(first) == set(SUBTLE), [(d.feature, d.method) for d in detections]
+    for name, line in first.items():
+        assert 0 < line - (change + 1) <= 10_000, (name, line)
+        # paged: a per-feature alert, or the model's grouped alert, which lists the
+        # features firing when it fires (re-emitted as features join: the policy's job)
+        assert mon.policy.severity("m", name, "feature_drift") >= 1
+    paged = first_alert_line(alerts)
+    assert paged and set(paged) <= set(SUBTLE)
+    assert min(paged.values()) - (change + 1) <= 10_000
+    methods = {d.feature: d.method for d in reversed(detections)}
+    # variance, bimodality and the permutation are shape changes: the chi-square sees them
+    assert methods["n3"] == methods["n4"] == methods["c2000"] == "cusum_chi2"
+    # the window test alone misses the first four in the first full window after the change
+    after = next(r for r in reports if r["window"]["first_line"] > change)
+    missed = {n for n in ("n2", "t3b", "n3", "n4") if after["features"][n]["severity"] == "ok"}
+    print(f"window test missed {sorted(missed)} in lines {after['window']['first_line']}-"
+          f"{after['window']['last_line']}")
+
+
+def test_creeping_feature_is_flagged_in_half_the_events_the_window_test_needs(reference):
+    start, sd = 10_000, SD["n5"]
+
+    def creep(x, rng):   # 0.003 sd per 1,000 events from `start` (chunked stream: by index)
+        return x + 0.003 * sd * (np.arange(x.size) + creep.offset - start).clip(0) / 1000
+
+    mon = monitor(reference)
+    det_line = win_line = None
+    for chunk_start in range(0, 300_000, 20_000):
+        creep.offset = chunk_start
+        c = columns(20_000, 700 + chunk_start // 20_000, chunk_start, start, {"n5": creep})
+        r = mon.process(encode(c, chunk_start), range(chunk_start + 1, chunk_start + 20_001))
+        for d in r.detections:
+            assert d.feature == "n5", d
+            det_line = det_line or d.window["last_line"]
+        for rep in r.reports:
+            if rep["features"]["n5"]["severity"] != "ok" and win_line is None:
+                win_line = rep["window"]["last_line"]
+        if win_line:
+            break
+    assert det_line is not None and win_line is not None
+    assert det_line - start <= 0.5 * (win_line - start), (det_line, win_line)
+
+
+@pytest.mark.slow
+def test_one_million_stationary_events_raise_no_detection(reference):
+    mon = monitor(reference)
+    alerts, detections, _ = run(mon, 1_000_000, seed=8)
+    det = mon.models["m"].detectors
+    assert det.blocks == 1000
+    assert detections == []
+    assert [a for a in alerts if a["method"].startswith("cusum")] == []
+    # measured false-alarm rate: 0 alarms in 1,000 blocks x 25 features (target: at most
+    # one per 10^6 blocks per feature)
+    print(f"detector alarms: {det.alarms} in {det.blocks} blocks x 25 features")
+
+
+# -- state, policy, config, metrics ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["cusum", "page_hinkley"])
+def test_state_round_trip_gives_the_same_future_decisions(reference, method):
+    cfg = {"detector": {"method": method}}
+    a = monitor(reference, **cfg)
+    chunks = list(stream(60_000, seed=9, change_at=31_777, drift={**LARGE, **SUBTLE}))
+    for events, first in chunks[:1]:
+        a.process(events[:15_432], range(first, first + 15_432))    # mid-block
+    state = json.loads(json.dumps(a.models["m"].detectors.to_state()))
+    assert len(json.dumps(state)) < 20_000      # small: a few floats per feature + one block
+    b = monitor(reference, **cfg)
+    b.models["m"].detectors.from_state(state)
+
+    def rest(mon):
+        found = []
+        events, first = chunks[0]
+        found += mon.process(events[15_432:], range(first + 15_432, first + len(events)))\
+            .detections
+        for events, first in chunks[1:]:
+            found += mon.process(events, range(first, first + len(events))).detections
+        return [(d.feature, d.method, d.window["block"], d.window["last_line"],
+                 round(d.value, 9)) for d in found]
+
+    ra, rb = rest(a), rest(b)
+    assert ra == rb
+    assert {f for f, *_ in ra} >= {"n1", "pois20", "c5"}    # the drift was seen
+
+
+def test_page_hinkley_detects_a_large_shift_quickly(reference):
+    alerts, detections, _ = run(monitor(reference, detector={"method": "page_hinkley"}),
+                                50_000, seed=10, change_at=30_500, drift=LARGE)
+    first = first_alert_line(alerts)
+    assert set(first) == set(LARGE), first
+    assert all(0 < line - 30_501 <= 4000 for line in first.values()), first
+    assert all(d.method.startswith("page_hinkley_") for d in detections)
+
+
+def test_detectors_switched_off_per_feature_and_per_model(reference):
+    mon = monitor(reference, features={"n1": {"detector": "none"}}, block=500)
+    det = mon.models["m"].detectors
+    assert det.layout.block == 500
+    assert "n1" not in {det.layout.names[ch.feature] for ch in det.channels}
+    _, detections, _ = run(mon, 40_000, seed=11, change_at=20_000, drift={"n1": LARGE["n1"]})
+    assert detections == []
+    assert monitor(reference, detector="none").models["m"].detectors is None
+
+
+def test_bad_detector_config_fails_with_its_key_path():
+    from stream_monitor.config import ConfigError
+    with pytest.raises(ConfigError) as err:
+        parse_config({"models": {"m": {"reference": "r.json",
+                                       "features": {"x": {"detector": {"method": "adwin"}}}}}})
+    assert "models.m.features.x.detector" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        parse_config({"defaults": {"block": 10}, "models": {"m": {"reference": "r.json"}}})
+    assert "defaults.block" in str(err.value)
+
+
+def _window_report(model: str, features: dict[str, int], last_line: int) -> dict:
+    names = ("ok", "warning", "critical")
+    feats = {n: {"kind": "numeric", "severity": names[s], "method": "psi", "value": 0.3 * s,
+                 "threshold": 0.1, "scores": {},
+                 "data_quality": {c: {"value": 0.0, "severity": "ok"}
+                                  for c in ("missing", "out_of_range", "stuck",
+                                            "type_violations", "schema")}}
+             for n, s in features.items()}
+    return {"model": model, "features": feats,
+            "window": {"start": None, "end": "2026-01-01T00:00:00Z", "events": 10_000,
+                       "first_line": last_line - 9_999, "last_line": last_line},
+            "dataset": {"drifted_features": [n for n, s in features.items() if s],
+                        "drifted_share": 0.0, "severity": "ok"},
+            "schema": {"unexpected_events": 0, "unexpected_fields": {}}}
+
+
+def test_policy_pages_a_detection_once_and_lets_the_window_resolve_it():
+    policy = AlertPolicy({"m": AlertingConfig(resolve_after=2)})
+    block = {"start": None, "end": "2026-01-01T00:00:00Z", "events": 1000,
+             "first_line": 3001, "last_line": 4000}
+    ev = policy.detections("m", [("a", "cusum_pit_mean", 15.0, 13.1)], block)
+    assert [(e["status"], e["labels"]["feature"], e["method"], e["window"]["last_line"])
+            for e in ev] == [("firing", "a", "cusum_pit_mean", 4000)]
+    # already firing: not paged twice
+    assert policy.detections("m", [("a", "cusum_chi2", 14.0, 13.1)], block) == []
+    # the window test saw nothing, but the detector alarmed in that window: still firing
+    assert policy.evaluate(_window_report("m", {"a": 0, "b": 0}, 10_000)) == []
+    assert policy.severity("m", "a", "feature_drift") == 1
+    # a window confirms it as critical: one escalation
+    ev = policy.evaluate(_window_report("m", {"a": 2, "b": 0}, 20_000))
+    assert [(e["status"], e["labels"]["severity"]) for e in ev] == [("firing", "critical")]
+    assert policy.detections("m", [("a", "cusum_pit_mean", 15.0, 13.1)], block) == []
+    # no more alarms, windows back to ok: resolved after resolve_after windows
+    policy.evaluate(_window_report("m", {"a": 0, "b": 0}, 30_000))
+    policy.evaluate(_window_report("m", {"a": 0, "b": 0}, 40_000))
+    ev = policy.evaluate(_window_report("m", {"a": 0, "b": 0}, 50_000))
+    assert [(e["status"], e["labels"]["feature"]) for e in ev] == [("resolved", "a")]
+
+
+def test_policy_groups_detections_of_one_block():
+    policy = AlertPolicy({"m": AlertingConfig(group_min_features=3)})
+    block = {"end": "2026-01-01T00:00:00Z", "events": 1000, "first_line": 1, "last_line": 1000}
+    ev = policy.detections("m", [(f, "cusum_pit_mean", 20.0 + i, 13.1)
+                                 for i, f in enumerate("abc")], block)
+    assert len(ev) == 1 and "feature" not in ev[0]["labels"]
+    assert [f["feature"] for f in ev[0]["features"]] == ["c", "b", "a"]
+
+
+def test_metrics_export_block_statistics_and_alarms(reference):
+    from prometheus_client import generate_latest
+
+    mon = monitor(reference)
+    metrics = MonitorMetrics()
+    detections = []
+    for events, first in stream(40_000, seed=12, change_at=20_000, drift={"n1": LARGE["n1"]}):
+        r = mon.process(events, range(first, first + len(events)))
+        metrics.record_detectors(r)
+        detections += r.detections
+    assert {d.feature for d in detections} == {"n1"}
+    text = generate_latest(metrics.registry).decode()
+    def value(prefix: str) -> float:
+        return float(next(x for x in text.splitlines() if x.startswith(prefix)).split()[-1])
+
+    # a persisting shift re-alarms (the CUSUM restarts after each alarm): counted each time
+    alarms = value('stream_monitor_detector_alarms_total{feature="n1",method="cusum_pit_mean"')
+    assert alarms == sum(1 for d in detections if d.method == "cusum_pit_mean") >= 5
+    assert 'stream_monitor_detector_block_statistic{feature="c2000",model="m",' \
+           'statistic="chi2"}' in text
+    assert value('stream_monitor_detector_block_statistic{feature="n1",model="m",'
+                 'statistic="pit_mean"}') > 5    # the shifted feature's last block
