@@ -18,7 +18,6 @@ from scipy import stats as sps
 
 from stream_monitor.config import AlertingConfig, ProfileConfig, parse_config
 from stream_monitor.detectors import (
-    BlockLayout,
     ModelDetectors,
     adjacent_cells,
     block_statistics,
