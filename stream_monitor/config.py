@@ -123,8 +123,25 @@ class AlertingConfig(Strict):
     dataset_drift: Thresholds = Thresholds(warning=0.3, critical=0.5)
 
 
+class DetectorConfig(Strict):
+    """A feature's sequential detector (see detectors.py); `none` in YAML switches it off."""
+
+    method: Literal["cusum", "page_hinkley"] = "cusum"
+    # allowance per block in block-standard-deviations: shifts smaller than this are
+    # tolerated, larger ones accumulate evidence
+    k: float = Field(default=0.5, gt=0, le=5)
+    # expected run length without drift, in blocks per feature: the false-alarm target
+    arl: float = Field(default=1e6, ge=10, le=1e12)
+
+
+# a feature's or model's `detector:`: settings, or "none" to switch it off
+DetectorSetting = DetectorConfig | Literal["none"]
+
+
 class Defaults(Strict):
     window: WindowConfig = WindowConfig(events=10_000)
+    block: int = Field(default=1000, ge=100, le=1_000_000)
+    detector: DetectorSetting = DetectorConfig()
     min_events: int = Field(default=200, ge=1)
     significance: float = Field(default=0.01, gt=0, lt=1)
     numeric: DriftRule = DriftRule(method="psi", warning=0.1, critical=0.25)
@@ -139,6 +156,7 @@ class FeatureOverride(Strict):
     drift: DriftRule | None = None
     data_quality: DataQualityThresholds | None = None
     ignore: bool = False
+    detector: DetectorSetting | None = None
 
 
 class BaselineConfig(Strict):
@@ -149,6 +167,8 @@ class ModelConfig(Strict):
     reference: Path | None = None
     baseline: BaselineConfig | None = None
     window: WindowConfig | None = None
+    block: int | None = Field(default=None, ge=100, le=1_000_000)
+    detector: DetectorSetting | None = None
     min_events: int | None = Field(default=None, ge=1)
     numeric: DriftRule | None = None
     categorical: DriftRule | None = None
@@ -395,6 +415,14 @@ class ModelSettings(BaseModel):
     alerting: AlertingConfig
     profile: ProfileConfig
     overrides: dict[str, FeatureOverride]
+    block: int = 1000
+    detector: DetectorSetting = DetectorConfig()
+
+    def detector_for(self, name: str) -> DetectorConfig | None:
+        """The detector settings of one feature, None when switched off."""
+        o = self.overrides.get(name)
+        d = o.detector if o is not None and o.detector is not None else self.detector
+        return None if d == "none" else d
 
     def feature(self, name: str, kind: FeatureKind) -> FeatureSettings:
         o = self.overrides.get(name)
@@ -431,4 +459,6 @@ def model_settings(cfg: Config, name: str) -> ModelSettings:
         alerting=overlay(d.alerting, m.alerting),
         profile=d.profile,
         overrides=m.features,
+        block=m.block or d.block,
+        detector=m.detector if m.detector is not None else d.detector,
     )

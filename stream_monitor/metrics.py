@@ -48,6 +48,8 @@ METRIC_NAMES: frozenset[str] = frozenset({
     "stream_monitor_dead_letters_truncated_total",
     "stream_monitor_reread_messages_skipped_total",
     "stream_monitor_loop_heartbeat_timestamp_seconds",
+    "stream_monitor_detector_block_statistic",         # {model, feature, statistic}
+    "stream_monitor_detector_alarms_total",            # {model, feature, method}
 })
 
 UNKNOWN_MODEL = "unknown"  # the one model label value of every unconfigured model name
@@ -167,6 +169,13 @@ class MonitorMetrics:
                                       "applied twice", registry=r)
         self.heartbeat = Gauge(p + "loop_heartbeat_timestamp_seconds",
                                "Unix time of the consume loop's last turn", registry=r)
+        self.block_stat = Gauge(p + "detector_block_statistic",
+                                "Last complete block's statistic, about N(0,1) without drift "
+                                "(pit_mean: location, chi2: shape)",
+                                ["model", "feature", "statistic"], registry=r)
+        self.detector_alarms = Counter(_name(p + "detector_alarms_total"),
+                                       "Sequential detector alarms", ["model", "feature",
+                                                                      "method"], registry=r)
         self._models = LabelCap(cfg.max_models, "model", self.dropped)
         self._features: dict[str, LabelCap] = {}
         self._reasons = LabelCap(cfg.max_reasons, "reason", self.dropped)
@@ -211,6 +220,7 @@ class MonitorMetrics:
                 self.late.labels(model).inc()
         for report in result.reports:
             self.record_window(report, policy)
+        self.record_detectors(result)
         now = time.time()
         for model, fill in window_fill.items():
             if self._models.admit(model):
@@ -220,6 +230,19 @@ class MonitorMetrics:
                 self.event_lag.labels(model).set(max(0.0, now - ts))
         self.batch_seconds.observe(seconds)
         self.last_batch.set(now)
+
+    def record_detectors(self, result) -> None:
+        """Block statistics and alarms of the sequential detectors (detectors.py)."""
+        for model, feats in getattr(result, "block_stats", {}).items():
+            if not self._models.admit(model):
+                continue
+            for name, values in feats.items():
+                if self._feature_ok(model, name):
+                    for stat, v in values.items():
+                        self.block_stat.labels(model, name, stat).set(v)
+        for d in getattr(result, "detections", ()):
+            if self._models.admit(d.model) and self._feature_ok(d.model, d.feature):
+                self.detector_alarms.labels(d.model, d.feature, d.method).inc()
 
     def record_window(self, report: dict[str, Any], policy: AlertPolicy) -> None:
         model = report["model"]

@@ -32,6 +32,7 @@ from .decode import (
     ModelSchema,
     Reject,
 )
+from .detectors import Detection, ModelDetectors
 from .engine import ClosedWindow, ModelWindows
 from .evaluate import WindowEvaluator
 from .policy import AlertPolicy
@@ -47,6 +48,9 @@ class BatchResult:
     rejects: list[Reject] = field(default_factory=list)
     reports: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
+    detections: list[Detection] = field(default_factory=list)
+    # per model, feature and block statistic: the last complete block's value
+    block_stats: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def extend(self, other: BatchResult) -> None:
         self.messages += other.messages
@@ -54,6 +58,8 @@ class BatchResult:
         self.rejects += other.rejects
         self.reports += other.reports
         self.alerts += other.alerts
+        self.detections += other.detections
+        self.block_stats.update(other.block_stats)
 
 
 class ModelPipeline:
@@ -90,6 +96,9 @@ class ModelPipeline:
         self.evaluator = WindowEvaluator(self.settings, reference, self.schema.numeric,
                                          self.schema.categorical)
         self.windows = ModelWindows(name, self.evaluator.layout, self.settings.window)
+        detectors = ModelDetectors(name, self.settings, reference, self.schema.numeric,
+                                   self.schema.categorical)
+        self.detectors = detectors if detectors.active else None
 
 
 def _some(names: list[str], limit: int = 20) -> str:
@@ -170,6 +179,8 @@ class Monitor:
                                             "allowed_lateness")
                 result.rejects.append(Reject(int(batch.positions[i]), reason, batch.raw[i],
                                              model=model, detail=detail))
+            if pipe.detectors is not None:
+                self._detect(pipe, batch, late, result)
             self._close(pipe, closed, result)
         return result
 
@@ -215,6 +226,28 @@ class Monitor:
             report = pipe.evaluator.evaluate(window)
             result.reports.append(report)
             result.alerts += self.policy.evaluate(report)
+
+    def _detect(self, pipe: ModelPipeline, batch, late: np.ndarray, result: BatchResult) -> None:
+        """Sequential detectors over the batch's counted events (late ones are rejects)."""
+        x, codes, pos, ts = batch.numeric, batch.categorical, batch.positions, batch.ts
+        if late.size:
+            keep = np.ones(len(batch), bool)
+            keep[late] = False
+            x, codes, pos, ts = x[keep], codes[keep], pos[keep], ts[keep]
+        blocks = pipe.detectors.blocks
+        found = pipe.detectors.update(x, codes, pos, ts)
+        result.detections += found
+        by_block: dict[int, list[Detection]] = {}
+        for d in found:     # a feature's first alarm in a block (location before shape)
+            group = by_block.setdefault(d.window["block"], [])
+            if all(g.feature != d.feature for g in group):
+                group.append(d)
+        for group in by_block.values():     # one block's alarms are judged together
+            result.alerts += self.policy.detections(
+                pipe.name, [(d.feature, d.method, d.value, d.threshold) for d in group],
+                group[0].window)
+        if pipe.detectors.blocks != blocks:
+            result.block_stats[pipe.name] = dict(pipe.detectors.last)
 
     def _collect_baselines(self, decoded: DecodedBatch, result: BatchResult) -> None:
         fields = self.config.decode.fields

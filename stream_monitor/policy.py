@@ -186,6 +186,10 @@ class AlertPolicy:
     states: dict[tuple, _State] = field(default_factory=dict)
     windows_seen: dict[str, int] = field(default_factory=dict)
     _resolved_severity: int = 0
+    # sequential detectors: alarms since the model's last window, and its last report's
+    # features (what a mid-window grouped alert lists for the features already firing)
+    detected: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    _last_features: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def severity(self, model: str, feature: str | None, kind: str) -> int:
         """Current alert severity of a finding (0 when not firing)."""
@@ -241,7 +245,14 @@ class AlertPolicy:
         events = []
         drift_changes = []
         now = _window_end(report)
+        alarmed = self.detected.pop(model, {})
+        self._last_features[model] = report["features"]
         for f in findings(report):
+            if f.kind == "feature_drift" and f.severity == 0 and f.feature in alarmed:
+                # a detector alarmed during this window: the feature stays firing
+                a = alarmed[f.feature]
+                f = replace(f, severity=1, method=a["method"], value=a["value"],
+                            threshold=a["threshold"])
             key = (f.model, f.feature, f.kind)
             change, started = self._step(key, f.severity, cfg, now)
             if change is None:
@@ -254,6 +265,32 @@ class AlertPolicy:
                 events.append(self._event(f, change, report, diagnosis, started=started))
         events = self._grouped(report, cfg, drift_changes, diagnosis) + events
         return events
+
+    def detections(self, model: str, alarms: list[tuple[str, str, float, float]],
+                   window: dict[str, Any]) -> list[dict[str, Any]]:
+        """Sequential detectors' alarms of one block, mid-window: (feature, method, value,
+        threshold) each. The features fire at once (warning), grouped as window findings
+        are; a feature already firing is not paged again. The model's next window report
+        then confirms it (window drift) or keeps it while its detector keeps alarming;
+        without either it resolves after `resolve_after` windows, as window findings do.
+        """
+        detected = self.detected.setdefault(model, {})
+        changes = []
+        now = window.get("end") or iso_now()
+        for feature, method, value, threshold in alarms:
+            detected[feature] = {"method": method, "value": value, "threshold": threshold}
+            key = (model, feature, "feature_drift")
+            st = self.states.get(key)
+            if st is not None and st.severity:
+                continue
+            self.states[key] = _State(severity=1, started=now)
+            changes.append((Finding("feature_drift", model, feature, 1, method, value,
+                                    threshold), "firing", now))
+        if not changes:
+            return []
+        report = {"model": model, "window": window,
+                  "features": {**self._last_features.get(model, {}), **detected}}
+        return self._grouped(report, self.config[model], changes, None)
 
     def _grouped(self, report: dict[str, Any], cfg: AlertingConfig,
                  changes: list[tuple[Finding, str, str]], diagnosis) -> list[dict[str, Any]]:

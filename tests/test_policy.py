@@ -125,8 +125,11 @@ def test_grouped_alert_from_a_real_stream(minimal_config: Path, tmp_path: Path):
     alerts = [orjson.loads(x) for x in (tmp_path / "out" / "alerts.jsonl").read_bytes()
               .splitlines()]
     drift_alerts = [a for a in alerts if a["kind"] == "feature_drift"]
-    assert len(drift_alerts) == 1, summary.as_text()
-    assert len(drift_alerts[0]["features"]) >= 18  # lognormal features shift less in PSI
+    # one grouped alert (the detectors fire it as a warning mid-window, the window test
+    # escalates the same alert to critical): never a page per feature
+    assert len({a["fingerprint"] for a in drift_alerts}) == 1, summary.as_text()
+    assert all("feature" not in a["labels"] for a in drift_alerts)
+    assert len(drift_alerts[-1]["features"]) >= 18  # lognormal features shift less in PSI
     assert any(a["kind"] == "dataset_drift" for a in alerts)
 
 
@@ -137,8 +140,11 @@ def test_rescaled_feature_is_diagnosed_as_recalibration(minimal_config: Path, tm
     alerts = [orjson.loads(x) for x in (tmp_path / "out" / "alerts.jsonl").read_bytes()
               .splitlines()]
     assert {a["kind"] for a in alerts} >= {"feature_drift", "out_of_range"}
-    assert all(a["diagnosis"]["root_cause"] == "feature_recalibration" for a in alerts
-               if a["status"] == "firing")
+    # window alerts carry the diagnosis (a detector's mid-window alert has no window yet)
+    window_alerts = [a for a in alerts if a["status"] == "firing"
+                     and not a["method"].startswith(("cusum_", "page_hinkley_"))]
+    assert window_alerts
+    assert all(a["diagnosis"]["root_cause"] == "feature_recalibration" for a in window_alerts)
 
 
 def test_grouped_alert_is_updated_when_features_join_or_leave():

@@ -45,9 +45,14 @@ def test_drift_flags_exactly_the_shifted_features_in_first_full_window(
                    for q in f["data_quality"].values())
     alerts = _read(out / "alerts.jsonl")
     firing = [a for a in alerts if a["status"] == "firing"]
-    # one grouped model-level alert, raised by the first full window after the change
-    assert len(firing) == 1
-    alert = firing[0]
+    # one grouped model-level alert: the sequential detectors raise it (warning) from the
+    # first block after the change, the first full window escalates it with a diagnosis
+    assert len(firing) == 2
+    early, alert = firing
+    assert early["fingerprint"] == alert["fingerprint"]
+    assert early["method"].startswith("cusum_")
+    assert {f["feature"] for f in early["features"]} == DRIFTED
+    assert 250_000 < early["window"]["last_line"] <= 253_000
     assert "feature" not in alert["labels"]
     assert {f["feature"] for f in alert["features"]} == DRIFTED
     assert alert["window"]["first_line"] == 250_001

@@ -1,0 +1,524 @@
+"""Detectors: per-feature sequential drift detection on small-block statistics.
+
+Every `block` events of a model (default 1,000) each feature gets block statistics whose
+distribution under "no drift" is the same for every feature, so one calibration serves
+heavy-tailed, tied, sparse and categorical features alike:
+
+* ``pit_mean`` (numeric, location): the block mean of the mid-rank probability
+  integral transform of each value in the reference CDF (the reference bin gives the
+  value's CDF interval; the mid-point handles ties and atoms), standardised with its
+  exact reference mean (1/2) and variance. About N(0, 1) without drift.
+* ``chi2`` (numeric and categorical, shape): Pearson's chi-square of the block's
+  counts against the reference frequencies over cells with at least 5 expected values
+  per block (sparse bins and categories are pooled), scaled for the reference's own
+  sampling noise and mapped to N(0, 1) by the Wilson-Hilferty cube root. It sees what
+  a location statistic misses: variance changes, a unimodal feature splitting in two,
+  categories trading places.
+
+Missing values are not values: they count in neither statistic.
+
+Each statistic feeds a detector: by default a CUSUM with known in-control mean
+(vectorised across features: one numpy update per block for all of them), or river's
+`PageHinkley`. The alarm threshold is derived from a target expected run length
+(blocks per feature without drift) by the Brook-Evans Markov-chain approximation of the
+CUSUM's run length, not picked by hand. State is a few floats per feature plus the
+open block's sums, serialisable with `to_state` / `from_state`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from scipy.special import ndtr
+
+from .config import DetectorConfig, ModelSettings
+from .reference import CategoricalProfile, NumericProfile, Reference
+from .stats import bin_index
+
+LOCATION, SHAPE = "pit_mean", "chi2"
+MIN_EXPECTED = 5.0      # expected values per chi-square cell per block
+MIN_VALUES = 30         # fewer non-missing values in a block: the feature is not judged
+REF_TOLERANCE = 3.0     # reference sampling noise allowed for in the location allowance
+
+# -- pure statistics ----------------------------------------------------------------------
+
+
+def midrank_pit(ref_counts: np.ndarray) -> tuple[np.ndarray, float]:
+    """Mid-rank PIT value of each reference bin and the PIT's variance under the reference.
+
+    A value in bin b has CDF interval [F(b-1), F(b)); its mid-rank PIT is the midpoint.
+    Under the reference the mean is exactly 1/2 and the variance
+    ``sum p_b m_b^2 - 1/4`` (1/12 minus the ties' share).
+    """
+    p = np.asarray(ref_counts, np.float64)
+    p = p / p.sum()
+    upper = np.cumsum(p)
+    mid = upper - p / 2
+    var = float(np.dot(p, mid * mid) - 0.25)
+    return mid, max(var, 0.0)
+
+
+def adjacent_cells(p: np.ndarray, n: float, min_expected: float = MIN_EXPECTED) -> np.ndarray:
+    """Cell of each ordered bin: adjacent bins pooled until n*p >= min_expected per cell."""
+    cell = np.empty(p.size, np.int64)
+    c, acc = 0, 0.0
+    for i, pi in enumerate(p):          # start-up only, not the hot path
+        cell[i] = c
+        acc += pi
+        if acc * n >= min_expected:
+            c, acc = c + 1, 0.0
+    if acc > 0 and c > 0 and acc * n < min_expected:
+        cell[cell == c] = c - 1         # a short last cell joins its neighbour
+    return cell
+
+
+def category_cells(p: np.ndarray, other: float, n: float,
+                   min_expected: float = MIN_EXPECTED) -> tuple[np.ndarray, np.ndarray]:
+    """Cells of categories (most frequent first) and their reference probabilities.
+
+    Categories with n*p >= min_expected keep a cell each; the rest, the reference's
+    'other' share and unseen values pool into one cell (or join the last kept cell
+    when the pool is itself too small). Returns (cell of each category + one for
+    unseen, probability of each cell).
+    """
+    keep = p * n >= min_expected
+    keep[0] = True
+    k = int(keep.sum())
+    cell = np.where(keep, np.cumsum(keep) - 1, k)
+    pool = float(p[~keep].sum() + other)
+    if pool * n < min_expected:
+        cell[cell == k] = k - 1
+        probs = np.bincount(cell, weights=p, minlength=k)
+        probs[k - 1] += other
+        return np.append(cell, k - 1), probs
+    probs = np.append(np.bincount(cell[keep], weights=p[keep], minlength=k), pool)
+    return np.append(cell, k), probs
+
+
+def wilson_hilferty(x2: np.ndarray, df: np.ndarray) -> np.ndarray:
+    """Chi-square(df) values mapped to about N(0, 1) (Wilson-Hilferty cube root)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        v = 2.0 / (9.0 * df)
+        return (np.cbrt(x2 / df) - (1.0 - v)) / np.sqrt(v)
+
+
+def cusum_arl(k: float, h: float, states: int = 400) -> float:
+    """Expected run length of the one-sided CUSUM ``S = max(0, S + z - k) > h``, z ~ N(0,1).
+
+    Brook & Evans (1972): the statistic as a Markov chain on `states` cells of [0, h].
+    """
+    w = h / states
+    centre = np.arange(states) * w
+    upper = (np.arange(states) + 0.5) * w
+    # P[i, j] = P(S' in cell j | S = centre_i); cell 0 also takes everything below w/2
+    cdf = ndtr(upper[None, :] - centre[:, None] + k)
+    p = np.diff(np.concatenate([np.zeros((states, 1)), cdf], axis=1), axis=1)
+    a = np.eye(states) - p
+    return float(np.linalg.solve(a, np.ones(states))[0])
+
+
+def siegmund_arl(k: float, h: float) -> float:
+    """Siegmund's closed-form approximation of the same run length (for cross-checking)."""
+    b = h + 1.166
+    return (math.exp(2 * k * b) - 2 * k * b - 1) / (2 * k * k)
+
+
+@lru_cache(maxsize=64)
+def cusum_threshold(k: float, arl: float) -> float:
+    """Smallest h whose one-sided CUSUM run length (allowance k) is at least `arl`.
+
+    Log run length is nearly linear in h, so a secant search started from Siegmund's
+    closed form converges in a few Brook-Evans solves (start-up cost, cached).
+    """
+    lo, hi = 0.0, 200.0
+    for _ in range(60):                 # invert the closed form first (cheap)
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if siegmund_arl(k, mid) < arl else (lo, mid)
+    target = math.log(arl)
+    h0, h1 = hi, hi * 1.05
+    f0, f1 = math.log(cusum_arl(k, h0)) - target, math.log(cusum_arl(k, h1)) - target
+    for _ in range(20):
+        if abs(f1) < 1e-6 or f1 == f0:
+            break
+        h0, h1, f0 = h1, h1 - f1 * (h1 - h0) / (f1 - f0), f1
+        f1 = math.log(cusum_arl(k, h1)) - target
+    h = h1
+    while cusum_arl(k, h) < arl:        # round up: never below the target
+        h *= 1.0001
+    return round(h, 6)
+
+
+# -- layout: the reference, prepared once -------------------------------------------------
+
+
+class BlockLayout:
+    """Everything a block statistic needs from the reference, as flat arrays."""
+
+    def __init__(self, reference: Reference, numeric: list[str], categorical: list[str],
+                 block: int):
+        self.numeric, self.categorical, self.block = numeric, categorical, block
+        self.names = numeric + categorical
+        self.edges: list[np.ndarray] = []
+        mids, bin_cells, cell_p, feat_of_cell, n_ref = [], [], [], [], []
+        bin_off, var, cells = [0], [], 0
+        for j, name in enumerate(numeric):
+            prof: NumericProfile = reference.features[name]
+            counts = prof.counts.astype(np.float64)
+            p = counts / counts.sum()
+            mid, v = midrank_pit(counts)
+            n = block * (1 - prof.missing_rate)
+            cell = adjacent_cells(p, n)
+            self.edges.append(prof.edges)
+            mids.append(mid)
+            bin_cells.append(cell + cells)
+            cell_p.append(np.bincount(cell, weights=p))
+            feat_of_cell.append(np.full(cell.max() + 1, j))
+            cells += int(cell.max()) + 1
+            bin_off.append(bin_off[-1] + p.size)
+            var.append(v)
+            n_ref.append(prof.count)
+        self.bin_offsets = np.array(bin_off[:-1], np.int64)
+        self.mid = np.concatenate(mids) if mids else np.zeros(0)
+        self.pit_var = np.array(var, np.float64)
+        self.num_cell = np.concatenate(bin_cells) if bin_cells else np.zeros(0, np.int64)
+        self.num_cells = cells
+        code_off, code_cells = [0], []
+        for j, name in enumerate(categorical):
+            prof: CategoricalProfile = reference.features[name]
+            total = float(prof.count)
+            p = prof.counts / total
+            n = block * (1 - prof.missing_rate)
+            cell, probs = category_cells(p, prof.other / total, n)
+            # codes: categories, then unseen, then missing (the decoder's layout)
+            code_cells.append(np.append(cell + cells, -1))
+            cell_p.append(probs)
+            feat_of_cell.append(np.full(probs.size, len(numeric) + j))
+            cells += probs.size
+            code_off.append(code_off[-1] + cell.size + 1)
+            n_ref.append(prof.count)
+        self.code_offsets = np.array(code_off[:-1], np.int64)
+        self.cells = cells
+        self.drop = cells                       # slot of missing values
+        lut = np.concatenate(code_cells) if code_cells else np.zeros(0, np.int64)
+        self.cat_cell = np.where(lut < 0, self.drop, lut)
+        self.cell_p = np.concatenate(cell_p) if cell_p else np.zeros(0)
+        self.feature_of_cell = (np.concatenate(feat_of_cell) if feat_of_cell
+                                else np.zeros(0, np.int64))
+        self.cell_starts = np.flatnonzero(np.diff(self.feature_of_cell, prepend=-1))
+        n_feat = len(self.names)
+        self.df = np.bincount(self.feature_of_cell, minlength=n_feat).astype(np.float64) - 1
+        self.n_ref = np.array(n_ref, np.float64)
+
+
+# -- block statistics ---------------------------------------------------------------------
+
+
+@dataclass
+class BlockSums:
+    """Sufficient statistics of blocks: rows are blocks."""
+
+    pit: np.ndarray             # (blocks, n_numeric) sums of mid-rank PIT values
+    cells: np.ndarray           # (blocks, cells) counts per chi-square cell
+    first: np.ndarray           # (blocks,) first position
+    last: np.ndarray            # (blocks,) last position
+    ts_min: np.ndarray
+    ts_max: np.ndarray
+    events: np.ndarray          # (blocks,) events
+
+
+def block_sums(layout: BlockLayout, numeric: np.ndarray, codes: np.ndarray,
+               positions: np.ndarray, ts: np.ndarray, offset: int) -> BlockSums:
+    """Per-block sums of a batch whose first event is number `offset` of its block."""
+    n = positions.size
+    size = layout.block
+    blk = (offset + np.arange(n)) // size
+    starts = np.flatnonzero(np.diff(blk, prepend=-1))
+    nb = starts.size
+    width = layout.cells + 1
+    slots = np.empty((n, len(layout.names)), np.int64)
+    k = len(layout.numeric)
+    if k:
+        missing = np.isnan(numeric)
+        bins = np.empty((n, k), np.int64)
+        for j, edges in enumerate(layout.edges):   # per column per batch, as the engine
+            bins[:, j] = bin_index(edges, numeric[:, j])
+        bins += layout.bin_offsets
+        u = layout.mid[bins]
+        u[missing] = 0.0
+        pit = np.add.reduceat(u, starts, axis=0)
+        s = layout.num_cell[bins]
+        s[missing] = layout.drop
+        slots[:, :k] = s
+    else:
+        pit = np.zeros((nb, 0))
+    if len(layout.categorical):
+        slots[:, k:] = layout.cat_cell[codes + layout.code_offsets]
+    slots += (blk * width)[:, None]
+    cells = np.bincount(slots.ravel(), minlength=nb * width).reshape(nb, width)[:, :-1]
+    with np.errstate(invalid="ignore"):
+        ts_min = np.fmin.reduceat(ts, starts) if n else np.zeros(0)
+        ts_max = np.fmax.reduceat(ts, starts) if n else np.zeros(0)
+    return BlockSums(pit, cells, np.minimum.reduceat(positions, starts),
+                     np.maximum.reduceat(positions, starts), ts_min, ts_max,
+                     np.diff(np.append(starts, n)))
+
+
+def block_statistics(layout: BlockLayout, pit: np.ndarray, cells: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Location z (blocks, numeric), shape z (blocks, features) and values per feature.
+
+    NaN where a feature had fewer than MIN_VALUES values in the block (or one cell).
+    """
+    counts = (np.add.reduceat(cells, layout.cell_starts, axis=1) if cells.shape[1]
+              else np.zeros((cells.shape[0], 0)))
+    k = len(layout.numeric)
+    ok = counts >= MIN_VALUES
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nk = counts[:, :k]
+        loc = (pit / nk - 0.5) / np.sqrt(layout.pit_var / nk)
+        expected = counts[:, layout.feature_of_cell] * layout.cell_p
+        terms = (cells - expected) ** 2 / expected
+        x2 = np.add.reduceat(terms, layout.cell_starts, axis=1) if terms.shape[1] else terms
+        # the reference is a sample too: two-sample scaling of the statistic
+        x2 = x2 / (1.0 + counts / layout.n_ref)
+        shape = wilson_hilferty(x2, layout.df)
+    loc[~ok[:, :k] | ~np.isfinite(loc)] = np.nan
+    shape[~ok | (layout.df < 1) | ~np.isfinite(shape)] = np.nan
+    return loc, shape, counts
+
+
+# -- detectors ----------------------------------------------------------------------------
+
+
+@dataclass
+class Channel:
+    """One detector input: a statistic of a feature."""
+
+    feature: int                # index into layout.names
+    statistic: str              # LOCATION | SHAPE
+    two_sided: bool
+    method: str                 # cusum | page_hinkley
+    k: float                    # allowance used in the update
+    h: float                    # alarm threshold
+
+
+class CusumBank:
+    """CUSUMs of many channels, updated together: ``S = max(0, S + z - k)``, alarm at S > h."""
+
+    def __init__(self, k: np.ndarray, h: np.ndarray, two_sided: np.ndarray):
+        self.k, self.h, self.two = k, h, two_sided
+        self.up = np.zeros(k.size)
+        self.down = np.zeros(k.size)
+
+    def update(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One block; returns the alarm mask and the statistic of each channel."""
+        ok = ~np.isnan(z)
+        zz = np.where(ok, z, 0.0)
+        self.up = np.where(ok, np.maximum(0.0, self.up + zz - self.k), self.up)
+        self.down = np.where(ok & self.two, np.maximum(0.0, self.down - zz - self.k), self.down)
+        stat = np.maximum(self.up, self.down)
+        alarm = stat > self.h
+        self.up[alarm] = 0.0
+        self.down[alarm] = 0.0
+        return alarm, stat
+
+    def state(self) -> dict[str, list[float]]:
+        return {"up": self.up.tolist(), "down": self.down.tolist()}
+
+    def load(self, state: dict[str, list[float]]) -> None:
+        self.up = np.array(state["up"], np.float64)
+        self.down = np.array(state["down"], np.float64)
+
+
+class PageHinkleyBank:
+    """river's PageHinkley per channel (its own running mean; no fading: alpha = 1)."""
+
+    _FIELDS = ("_sum_increase", "_sum_decrease", "_min_increase", "_max_decrease")
+
+    def __init__(self, k: np.ndarray, h: np.ndarray, two_sided: np.ndarray):
+        from river.drift import PageHinkley
+
+        self.detectors = [PageHinkley(min_instances=30, delta=float(ki), threshold=float(hi),
+                                      alpha=1.0, mode="both" if two else "up")
+                          for ki, hi, two in zip(k, h, two_sided, strict=True)]
+
+    def update(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        alarm = np.zeros(z.size, bool)
+        stat = np.zeros(z.size)
+        for i, (ph, zi) in enumerate(zip(self.detectors, z.tolist(), strict=True)):
+            if zi != zi:
+                continue
+            ph.update(zi)
+            alarm[i] = ph.drift_detected
+            up = ph._sum_increase - ph._min_increase
+            down = ph._max_decrease - ph._sum_decrease if ph.mode == "both" else 0.0
+            stat[i] = max(up, down)
+        return alarm, stat
+
+    def state(self) -> dict[str, Any]:
+        return {"detectors": [
+            {"n": ph._x_mean.n, "mean": ph._x_mean.get(), "detected": ph.drift_detected,
+             **{f: getattr(ph, f) for f in self._FIELDS}} for ph in self.detectors]}
+
+    def load(self, state: dict[str, Any]) -> None:
+        for ph, s in zip(self.detectors, state["detectors"], strict=True):
+            ph._reset()
+            ph._x_mean.n, ph._x_mean._mean = s["n"], s["mean"]
+            ph._drift_detected = s["detected"]
+            for f in self._FIELDS:
+                setattr(ph, f, s[f])
+
+
+@dataclass
+class Detection:
+    """A detector's alarm on one feature, with the block that raised it."""
+
+    model: str
+    feature: str
+    method: str                 # detector_statistic, e.g. cusum_pit_mean
+    statistic: str
+    value: float                # the detector statistic at the alarm
+    threshold: float
+    z: float                    # the block statistic
+    window: dict[str, Any]      # the block: start, end, events, first_line, last_line
+
+
+def _iso(ts: float) -> str | None:
+    if not math.isfinite(ts):
+        return None
+    from datetime import UTC, datetime
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+BANKS = {"cusum": CusumBank, "page_hinkley": PageHinkleyBank}
+
+
+class ModelDetectors:
+    """The sequential detectors of one model: block sums in, detections out."""
+
+    def __init__(self, model: str, settings: ModelSettings, reference: Reference,
+                 numeric: list[str], categorical: list[str]):
+        self.model = model
+        self.layout = lay = BlockLayout(reference, numeric, categorical, settings.block)
+        channels: list[Channel] = []
+        for i, name in enumerate(lay.names):
+            cfg: DetectorConfig | None = settings.detector_for(name)
+            if cfg is None:
+                continue
+            is_num = i < len(numeric)
+            # one run-length budget per feature: each one-sided CUSUM gets its share
+            sides = 3 if is_num else 1
+            h = cusum_threshold(cfg.k, cfg.arl * sides)
+            if is_num:
+                tol = REF_TOLERANCE * math.sqrt(settings.block / max(lay.n_ref[i], 1.0))
+                channels.append(Channel(i, LOCATION, True, cfg.method, cfg.k + tol, h))
+            channels.append(Channel(i, SHAPE, False, cfg.method, cfg.k, h))
+        self.channels = channels
+        self.groups: dict[str, tuple[np.ndarray, Any]] = {}
+        for method, bank in BANKS.items():
+            idx = np.array([c for c, ch in enumerate(channels) if ch.method == method], np.int64)
+            if idx.size:
+                self.groups[method] = (idx, bank(
+                    np.array([channels[c].k for c in idx]), np.array([channels[c].h for c in idx]),
+                    np.array([channels[c].two_sided for c in idx], bool)))
+        # where each channel's z sits in [location z of numeric features, shape z of all]
+        self._zidx = np.array([ch.feature if ch.statistic == LOCATION
+                               else len(numeric) + ch.feature for ch in channels], np.int64)
+        self._pending: BlockSums | None = None
+        self.blocks = 0
+        self.last: dict[str, dict[str, float]] = {}     # last block's z per feature
+        self.alarms = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.channels)
+
+    @property
+    def filled(self) -> int:
+        return 0 if self._pending is None else int(self._pending.events[0])
+
+    def update(self, numeric: np.ndarray, codes: np.ndarray, positions: np.ndarray,
+               ts: np.ndarray) -> list[Detection]:
+        """Feed one batch of the model's events (the engine's columns); returns alarms."""
+        if positions.size == 0:
+            return []
+        sums = block_sums(self.layout, numeric, codes, positions, ts, self.filled)
+        if self._pending is not None:
+            p = self._pending
+            sums.pit[0] += p.pit[0]
+            sums.cells[0] += p.cells[0]
+            sums.first[0] = min(sums.first[0], p.first[0])
+            sums.last[0] = max(sums.last[0], p.last[0])
+            sums.ts_min[0] = np.fmin(sums.ts_min[0], p.ts_min[0])
+            sums.ts_max[0] = np.fmax(sums.ts_max[0], p.ts_max[0])
+            sums.events[0] += p.events[0]
+        done = int(np.count_nonzero(sums.events >= self.layout.block))
+        self._pending = (None if done == sums.events.size else BlockSums(
+            *(a[done:done + 1].copy() for a in (sums.pit, sums.cells, sums.first, sums.last,
+                                                 sums.ts_min, sums.ts_max, sums.events))))
+        if done == 0:
+            return []
+        loc, shape, _ = block_statistics(self.layout, sums.pit[:done], sums.cells[:done])
+        out: list[Detection] = []
+        zs = np.concatenate([loc, shape], axis=1)[:, self._zidx]
+        for b in range(done):                       # one detector step per block
+            z = zs[b]
+            for method, (idx, bank) in self.groups.items():
+                alarm, stat = bank.update(z[idx])
+                for c in np.flatnonzero(alarm):
+                    out.append(self._detection(idx[c], method, float(stat[c]), float(
+                        z[idx[c]]), sums, b))
+            self.blocks += 1
+        self._record_last(loc[done - 1], shape[done - 1])
+        self.alarms += len(out)
+        return out
+
+    def _detection(self, c: int, method: str, stat: float, z: float, sums: BlockSums,
+                   b: int) -> Detection:
+        ch = self.channels[c]
+        window = {"start": _iso(float(sums.ts_min[b])), "end": _iso(float(sums.ts_max[b])),
+                  "events": int(sums.events[b]), "block": self.blocks,
+                  "first_line": int(sums.first[b]), "last_line": int(sums.last[b])}
+        return Detection(self.model, self.layout.names[ch.feature], f"{method}_{ch.statistic}",
+                         ch.statistic, stat, ch.h, z, window)
+
+    def _record_last(self, loc: np.ndarray, shape: np.ndarray) -> None:
+        lay = self.layout
+        for i, name in enumerate(lay.names):
+            d = {}
+            if i < loc.size and loc[i] == loc[i]:
+                d[LOCATION] = float(loc[i])
+            if shape[i] == shape[i]:
+                d[SHAPE] = float(shape[i])
+            if d:
+                self.last[name] = d
+
+    # -- state ----------------------------------------------------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        """JSON-able snapshot: detector statistics and the open block's sums."""
+        p = self._pending
+        return {
+            "blocks": self.blocks,
+            "alarms": self.alarms,
+            "banks": {m: bank.state() for m, (_, bank) in self.groups.items()},
+            "pending": None if p is None else {
+                "pit": p.pit[0].tolist(), "cells": p.cells[0].tolist(),
+                "first": int(p.first[0]), "last": int(p.last[0]),
+                "ts_min": float(p.ts_min[0]), "ts_max": float(p.ts_max[0]),
+                "events": int(p.events[0])},
+        }
+
+    def from_state(self, state: dict[str, Any]) -> None:
+        self.blocks, self.alarms = int(state["blocks"]), int(state["alarms"])
+        for m, s in state["banks"].items():
+            self.groups[m][1].load(s)
+        p = state["pending"]
+        self._pending = None if p is None else BlockSums(
+            np.array([p["pit"]], np.float64), np.array([p["cells"]], np.int64),
+            np.array([p["first"]]), np.array([p["last"]]), np.array([p["ts_min"]]),
+            np.array([p["ts_max"]]), np.array([p["events"]]))
