@@ -43,6 +43,9 @@ REASONS = (TOO_LARGE, NOT_JSON, NOT_OBJECT, NO_MODEL, UNKNOWN_MODEL, BAD_FEATURE
 _NUMBER_TYPES = frozenset({int, float, type(None)})
 _CATEGORY_TYPES = frozenset({str, type(None)})
 _MAX_UNEXPECTED_NAMES = 50
+# fields the label join needs besides the columns (Decoder.outcomes turns them on)
+OUTCOME_EXTRAS = ("event_id", "scores", "segment")
+OUTCOME_KEYS = ("event_id", "prediction", "scores", "label", "segment")
 
 
 @dataclass
@@ -101,7 +104,7 @@ class ModelSchema:
         for codes in self.cat_codes:
             codes[msgspec.UNSET] = codes.missing
 
-    def event_type(self, fields: FieldMapping) -> type:
+    def event_type(self, fields: FieldMapping, outcomes: bool = False) -> type:
         """A msgspec Struct that decodes this model's well-formed events in one C call.
 
         Unknown feature names are refused (so such events take the slow path, which
@@ -125,10 +128,12 @@ class ModelSchema:
              ("ts", float | str | None, None),
              ("prediction", types[self.prediction.kind] if self.prediction else Any, None),
              ("label", types[self.label.kind] if self.label else Any, None),
-             ("model_version", str | int | None, None)],
+             ("model_version", str | int | None, None)]
+            + ([(k, Any, None) for k in OUTCOME_EXTRAS] if outcomes else []),
             rename={"features": fields.features, "ts": fields.ts,
                     "prediction": fields.prediction, "label": fields.label,
-                    "model_version": fields.model_version},
+                    "model_version": fields.model_version,
+                    **({k: getattr(fields, k) for k in OUTCOME_EXTRAS} if outcomes else {})},
             tag_field=fields.model, tag=self.model, gc=False)
         self._num_attr = _getter([f"n{i}" for i in range(len(self.numeric))], attrgetter)
         self._cat_attr = _getter([f"c{i}" for i in range(len(self.categorical))], attrgetter)
@@ -174,6 +179,9 @@ class ModelBatch:
     unexpected_names: Counter = field(default_factory=Counter)
     model_version: str | None = None
     raw: list[bytes] = field(default_factory=list)  # message bytes, kept for late rejects
+    # per-event raw values for the label join (performance monitoring on): lists keyed by
+    # OUTCOME_KEYS, parallel to the rows; None when the decoder does not extract them
+    outcomes: dict[str, list] | None = None
 
     def __len__(self) -> int:
         return int(self.positions.size)
@@ -208,14 +216,16 @@ class Decoder:
         self.schemas = schemas
         self.config = config
         self.pending: set[str] = set()  # models whose reference is still being collected
+        self.outcomes = False  # also extract OUTCOME_KEYS per event (the label join)
         f = config.fields
         self._model_key, self._features_key, self._ts_key = f.model, f.features, f.ts
         self._version_key, self._pred_key, self._label_key = f.model_version, f.prediction, f.label
 
     def _fast_decoder(self):
-        key = tuple(sorted(self.schemas))
+        key = (*sorted(self.schemas), self.outcomes)
         if getattr(self, "_fast_key", None) != key:
-            types = {self.schemas[m].event_type(self.config.fields): m for m in key}
+            types = {self.schemas[m].event_type(self.config.fields, self.outcomes): m
+                     for m in key[:-1]}
             # msgspec treats the tag of a lone tagged struct as optional; in a union it is
             # required, so a never-matching member keeps events without a model out
             never = msgspec.defstruct("_no_model", [], tag_field=self.config.fields.model,
@@ -306,8 +316,14 @@ class Decoder:
                             if v is msgspec.UNSET and not b)
         version = evs[-1].model_version
         pos = np.array(positions, np.int64)
+        outcomes = None
+        if self.outcomes:
+            outcomes = {k: [getattr(e, k) for e in evs] for k in OUTCOME_KEYS}
         if bad.any():
             keep = ~bad
+            if outcomes is not None:
+                outcomes = {k: [v for v, b in zip(vs, bad, strict=True) if not b]
+                            for k, vs in outcomes.items()}
             for i in np.flatnonzero(bad):
                 reason, detail = reasons[int(i)]
                 rejects.append(Reject(positions[i], reason, raws[i], model=schema.model,
@@ -321,7 +337,8 @@ class Decoder:
         return ModelBatch(model=schema.model, positions=pos, ts=ts, numeric=numeric,
                           categorical=categorical, prediction=prediction, label=label,
                           absent=absent, type_violations=violations,
-                          model_version=None if version is None else str(version), raw=raws)
+                          model_version=None if version is None else str(version), raw=raws,
+                          outcomes=outcomes)
 
     @staticmethod
     def _struct_optional(column: Column | None, values: list) -> np.ndarray | None:
@@ -430,6 +447,11 @@ class Decoder:
         version = group[-1][1].get(self._version_key)
         positions = np.fromiter((g[0] for g in group), np.int64, len(group))
         raw = [g[2] for g in group]
+        outcomes = None
+        if self.outcomes:
+            fm = self.config.fields
+            outcomes = {k: [g[1].get(getattr(fm, k)) for g, b in zip(group, bad, strict=True)
+                            if not b] for k in OUTCOME_KEYS}
         if bad.any():
             for i in np.flatnonzero(bad):
                 reason, detail = reasons[int(i)]
@@ -448,7 +470,8 @@ class Decoder:
                           categorical=categorical, prediction=prediction, label=label,
                           absent=absent, type_violations=violations,
                           unexpected_events=unexpected_events, unexpected_names=unexpected_names,
-                          model_version=None if version is None else str(version), raw=raw)
+                          model_version=None if version is None else str(version), raw=raw,
+                          outcomes=outcomes)
 
     @staticmethod
     def _rows(schema: ModelSchema, feats: list[dict]) -> tuple[list, list, bool]:
@@ -571,7 +594,10 @@ def _concat(a: ModelBatch, b: ModelBatch) -> ModelBatch:
         absent=a.absent + b.absent, type_violations=a.type_violations + b.type_violations,
         unexpected_events=a.unexpected_events + b.unexpected_events,
         unexpected_names=a.unexpected_names + b.unexpected_names,
-        model_version=b.model_version or a.model_version, raw=[raw[i] for i in order])
+        model_version=b.model_version or a.model_version, raw=[raw[i] for i in order],
+        outcomes=None if a.outcomes is None or b.outcomes is None else {
+            k: [both[i] for i in order] for k in a.outcomes
+            for both in (a.outcomes[k] + b.outcomes[k],)})
 
 
 def parse_timestamp(v: Any) -> float:
