@@ -145,7 +145,6 @@ class SegmentsConfig(Strict):
     fields: list[str] = []
     max_values: int = Field(default=20, ge=1, le=1000)   # per field; the rest is cut
     min_labels: int = Field(default=100, ge=1)           # per segment and window
-    gap: Thresholds = Thresholds(warning=0.10, critical=0.20)
 
 
 class RetrainConfig(Strict):
@@ -166,7 +165,6 @@ class PerformanceConfig(Strict):
     significance: float = Field(default=0.001, gt=0, lt=1)
     concept_drift: Literal["adwin", "ddm", "hddm_a", "page_hinkley", "off"] = "adwin"
     drift_delta: float = Field(default=1e-5, gt=0, lt=1)
-    drift_block: int = Field(default=100, ge=1)
     label_shift: LabelShiftConfig = LabelShiftConfig()
     segments: SegmentsConfig = SegmentsConfig()
     retrain: RetrainConfig = RetrainConfig()

@@ -45,7 +45,7 @@ _CATEGORY_TYPES = frozenset({str, type(None)})
 _MAX_UNEXPECTED_NAMES = 50
 # fields the label join needs besides the columns (Decoder.outcomes turns them on)
 OUTCOME_EXTRAS = ("event_id", "scores", "segment")
-OUTCOME_KEYS = ("event_id", "prediction", "scores", "label", "segment")
+OUTCOME_KEYS = ("event_id", "prediction", "scores", "label", "segment", "model_version")
 
 
 @dataclass

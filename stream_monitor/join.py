@@ -141,14 +141,21 @@ class JoinBuffer:
     # -- input ----------------------------------------------------------------------
 
     def add_predictions(self, positions: Sequence[int], ts: Sequence[float],
-                        version: str | None, outcomes: dict[str, list]) -> list[Pair]:
-        """Buffer a batch of predictions; those carrying a label are joined at once."""
+                        outcomes: dict[str, list]) -> list[Pair]:
+        """Buffer a batch of predictions; those carrying a label are joined at once.
+
+        `outcomes` holds per-event lists (decode.OUTCOME_KEYS): event_id, prediction,
+        scores, label, segment and model_version.
+        """
         pairs: list[Pair] = []
+        versions = outcomes.get("model_version") or [None] * len(ts)
         preds, labels, joined_ids, unjoined = self.predictions, self.labels, self.joined_ids, \
             self.unjoined
-        for pos, t, eid, pred, scores, label, seg in zip(
+        for pos, t, eid, pred, scores, label, seg, version in zip(
                 positions, ts, outcomes["event_id"], outcomes["prediction"], outcomes["scores"],
-                outcomes["label"], outcomes["segment"], strict=True):
+                outcomes["label"], outcomes["segment"], versions, strict=True):
+            if version is not None and type(version) is not str:
+                version = str(version)
             key = eid if type(eid) is str and eid else event_key(eid)
             if label is not None:  # inline label: joined at once
                 if key is not None:

@@ -19,12 +19,16 @@ from .config import (
     Config,
     ConfigError,
     model_settings,
+    performance_settings,
 )
 from .decode import BAD_FEATURES, BAD_TIMESTAMP, LATE, DecodedBatch, Decoder, ModelSchema, Reject
 from .engine import ClosedWindow, ModelWindows
 from .evaluate import WindowEvaluator
+from .join import LABEL_UNKNOWN_MODEL, decode_labels
+from .performance import PerformanceStage, fault_state, performance_enabled
 from .policy import AlertPolicy
 from .reference import Reference, ReferenceBuilder, ReferenceError
+from .retrain import RetrainPolicy
 
 
 @dataclass
@@ -36,6 +40,12 @@ class BatchResult:
     rejects: list[Reject] = field(default_factory=list)
     reports: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
+    # performance monitoring: label events counted, closed performance windows,
+    # retraining requests, labels that could not go to any model's join
+    labels: Counter = field(default_factory=Counter)        # per model, label events counted
+    performance: list[dict[str, Any]] = field(default_factory=list)
+    retrain: list[dict[str, Any]] = field(default_factory=list)
+    unjoined: Counter = field(default_factory=Counter)      # reason -> labels (no model)
 
     def extend(self, other: BatchResult) -> None:
         self.messages += other.messages
@@ -43,6 +53,10 @@ class BatchResult:
         self.rejects += other.rejects
         self.reports += other.reports
         self.alerts += other.alerts
+        self.labels.update(other.labels)
+        self.performance += other.performance
+        self.retrain += other.retrain
+        self.unjoined.update(other.unjoined)
 
 
 class ModelPipeline:
@@ -83,7 +97,8 @@ class ModelPipeline:
 class Monitor:
     """All models of a config; `process` applies one batch of raw messages."""
 
-    def __init__(self, config: Config, references: dict[str, Reference] | None = None):
+    def __init__(self, config: Config, references: dict[str, Reference] | None = None,
+                 *, labels: bool = False):
         self.config = config
         self.models: dict[str, ModelPipeline] = {}
         self.baselines: dict[str, tuple[ReferenceBuilder, int]] = {}
@@ -106,6 +121,17 @@ class Monitor:
         self.decoder.pending = set(self.baselines)
         self.policy = AlertPolicy({n: model_settings(config, n).alerting for n in config.models})
         self.newest_event: dict[str, float] = {}  # newest event time per model (epoch s)
+        # Performance monitoring (label join) runs when labels can arrive: a labels topic,
+        # `replay --labels`, or a model with a `performance` section.
+        self.performance: PerformanceStage | None = None
+        self.retrain: RetrainPolicy | None = None
+        if labels or performance_enabled(config):
+            self.performance = PerformanceStage(config, self.policy)
+            self.retrain = RetrainPolicy({n: performance_settings(config, n).retrain
+                                          for n in config.models})
+            for name, pipe in self.models.items():
+                self.performance.add_model(name, pipe.reference)
+            self.decoder.outcomes = True
 
     def process(self, messages: Sequence[bytes], positions: Sequence[int]) -> BatchResult:
         decoded = self.decoder.decode(messages, positions)
@@ -119,6 +145,8 @@ class Monitor:
                                                float(np.nanmax(batch.ts)))
             closed, late = pipe.windows.add(batch)
             result.events[model] += len(batch) - late.size
+            if self.performance is not None and batch.outcomes is not None:
+                self._join_predictions(model, batch, late, result)
             for i in late:
                 if np.isnan(batch.ts[i]):
                     reason, detail = BAD_TIMESTAMP, "ts: required for event-time windows"
@@ -130,18 +158,63 @@ class Monitor:
             self._close(pipe, closed, result)
         return result
 
+    def process_labels(self, messages: Sequence[bytes], positions: Sequence[int]) -> BatchResult:
+        """Apply a batch of label events (the labels topic, or label lines of a file)."""
+        result = BatchResult(messages=len(messages))
+        if self.performance is None:
+            raise ValueError("label events need performance monitoring (topics.labels)")
+        d = self.config.decode
+        events, result.rejects = decode_labels(messages, positions, d.fields, d.default_model)
+        closed, unknown = self.performance.labels(events)
+        for ev in events:
+            if ev.model in self.performance.models:
+                result.labels[ev.model] += 1
+        result.unjoined[LABEL_UNKNOWN_MODEL] += sum(unknown.values())
+        for model, windows in closed.items():
+            self._close_performance(model, windows, result)
+        return result
+
     def flush(self) -> BatchResult:
         """Close every open window (end of input)."""
         result = BatchResult()
         for pipe in self.models.values():
             self._close(pipe, pipe.windows.flush(), result)
+        if self.performance is not None:
+            for model, mp in self.performance.models.items():
+                self._close_performance(model, mp.flush(), result)
         return result
 
     def _close(self, pipe: ModelPipeline, closed: list[ClosedWindow], result: BatchResult) -> None:
         for window in closed:
             report = pipe.evaluator.evaluate(window)
             result.reports.append(report)
-            result.alerts += self.policy.evaluate(report)
+            alerts = self.policy.evaluate(report)
+            result.alerts += alerts
+            if self.retrain is not None and alerts:
+                result.retrain += self.retrain.on_alerts(
+                    alerts, lambda m: fault_state(self.policy, m)[0])
+
+    def _join_predictions(self, model: str, batch, late: np.ndarray, result: BatchResult) -> None:
+        """Predictions of a decoded batch into the model's join buffer (late ones excluded)."""
+        outcomes, positions, ts = batch.outcomes, batch.positions, batch.ts
+        if late.size:
+            keep = np.ones(len(batch), bool)
+            keep[late] = False
+            idx = np.flatnonzero(keep).tolist()
+            outcomes = {k: [v[i] for i in idx] for k, v in outcomes.items()}
+            positions, ts = positions[keep], ts[keep]
+        closed = self.performance.predictions(model, positions.tolist(), ts.tolist(), outcomes)
+        self._close_performance(model, closed, result)
+
+    def _close_performance(self, model: str, closed: list, result: BatchResult) -> None:
+        if not closed:
+            return
+        reports, alerts, states = self.performance.close(model, closed)
+        result.performance += reports
+        result.alerts += alerts
+        faults = fault_state(self.policy, model)[0]
+        for st in states:
+            result.retrain += self.retrain.on_window(st["report"], st["findings"], faults)
 
     def _collect_baselines(self, decoded: DecodedBatch, result: BatchResult) -> None:
         fields = self.config.decode.fields
@@ -173,3 +246,5 @@ class Monitor:
         del self.baselines[model]
         self.decoder.schemas[model] = pipe.schema
         self.decoder.pending.discard(model)
+        if self.performance is not None:
+            self.performance.add_model(model, reference)

@@ -15,11 +15,11 @@ from stream_monitor.join import JoinBuffer, LabelEvent, decode_labels, looks_lik
 FIELDS = FieldMapping()
 
 
-def outcomes(ids, preds=None, labels=None, scores=None, segs=None):
+def outcomes(ids, preds=None, labels=None, scores=None, segs=None, version=None):
     n = len(ids)
     return {"event_id": list(ids), "prediction": list(preds or [1] * n),
             "scores": list(scores or [None] * n), "label": list(labels or [None] * n),
-            "segment": list(segs or [None] * n)}
+            "segment": list(segs or [None] * n), "model_version": [version] * n}
 
 
 def labels(ids, ts, values=None, pos0=1000):
@@ -66,7 +66,7 @@ def test_out_of_order_and_late_labels_join_to_their_predictions():
     n = 500
     ts = 1000.0 + np.arange(n) * 10.0
     preds = rng.integers(0, 2, n).tolist()
-    buf.add_predictions(list(range(n)), ts.tolist(), "v1", outcomes(range(n), preds))
+    buf.add_predictions(list(range(n)), ts.tolist(), outcomes(range(n), preds, version="v1"))
     order = rng.permutation(n)
     lab = labels(order, ts[order] + 3 * 3600.0, [preds[i] for i in order])  # 3 h late
     pairs = buf.add_labels(lab)
@@ -81,16 +81,14 @@ def test_labels_before_predictions_wait_and_join():
     buf = JoinBuffer(JoinConfig())
     assert buf.add_labels(labels(["x", "y"], [5.0, 6.0], [0, 1])) == []
     assert len(buf.labels) == 2
-    pairs = buf.add_predictions([1, 2, 3], [1.0, 2.0, 3.0], None,
-                                outcomes(["y", "z", "x"], [1, 1, 0]))
+    pairs = buf.add_predictions([1, 2, 3], [1.0, 2.0, 3.0], outcomes(["y", "z", "x"], [1, 1, 0]))
     assert sorted((p[4], p[7]) for p in pairs) == [(0, 0), (1, 1)]
     assert list(buf.predictions) == ["z"] and not buf.labels
 
 
 def test_unjoined_counted_by_reason():
     buf = JoinBuffer(JoinConfig(max_age=100.0, max_predictions=1000))
-    buf.add_predictions([1, 2, 3, 4], [0.0, 1.0, 2.0, 3.0], None,
-                        outcomes(["a", "b", None, "a"]))
+    buf.add_predictions([1, 2, 3, 4], [0.0, 1.0, 2.0, 3.0], outcomes(["a", "b", None, "a"]))
     assert buf.unjoined[join.PREDICTION_NO_ID] == 1
     assert buf.unjoined[join.PREDICTION_DUPLICATE] == 1
     buf.add_labels(labels(["a", "a"], [10.0, 11.0]))
@@ -99,14 +97,14 @@ def test_unjoined_counted_by_reason():
     buf.add_labels(labels(["zz"], [500.0]))
     assert buf.unjoined[join.PREDICTION_EXPIRED] == 1 and not buf.predictions
     # "zz" waits for a prediction; predictions past its time + max_age expire it
-    buf.add_predictions([9], [700.0], None, outcomes(["q"]))
+    buf.add_predictions([9], [700.0], outcomes(["q"]))
     assert buf.unjoined[join.LABEL_UNKNOWN_EVENT] == 1 and not buf.labels
 
 
 def test_inline_label_joins_at_once_and_a_later_topic_label_is_a_duplicate():
     buf = JoinBuffer(JoinConfig())
-    pairs = buf.add_predictions([1, 2], [1.0, 2.0], "v2",
-                                outcomes(["a", None], [1, 0], labels=[1, 1]))
+    pairs = buf.add_predictions([1, 2], [1.0, 2.0],
+                                outcomes(["a", None], [1, 0], labels=[1, 1], version="v2"))
     assert len(pairs) == 2 and not buf.predictions
     assert buf.add_labels(labels(["a"], [3.0])) == []
     assert buf.unjoined[join.LABEL_DUPLICATE] == 1
@@ -121,7 +119,7 @@ def test_bounds_hold_over_a_long_unlabelled_stream(seed):
     for b in range(40):
         ids = [f"{b}-{i}" for i in range(100)]
         ts = (b * 100 + np.arange(100)).astype(float).tolist()
-        buf.add_predictions(list(range(100)), ts, None, outcomes(ids))
+        buf.add_predictions(list(range(100)), ts, outcomes(ids))
         n_in += 100
         stray = labels([f"nope-{b}-{i}" for i in range(20)], [ts[-1]] * 20)
         lab = labels([ids[i] for i in rng.choice(100, 10, replace=False)], [ts[-1]] * 10)
@@ -135,8 +133,9 @@ def test_bounds_hold_over_a_long_unlabelled_stream(seed):
 
 def test_state_round_trips_through_json():
     buf = JoinBuffer(JoinConfig())
-    buf.add_predictions([1, 2], [1.0, math.nan], "v", outcomes(["a", "b"], ["yes", "no"],
-                        scores=[{"yes": 0.8, "no": 0.2}, None], segs=[{"r": "eu"}, None]))
+    buf.add_predictions([1, 2], [1.0, math.nan], outcomes(
+        ["a", "b"], ["yes", "no"], scores=[{"yes": 0.8, "no": 0.2}, None],
+        segs=[{"r": "eu"}, None], version="v"))
     buf.add_labels(labels(["c"], [5.0]))
     state = orjson.loads(orjson.dumps(buf.state()))
     again = JoinBuffer.from_state(JoinConfig(), state)
