@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import orjson
 import perfstream as ps
 import pytest
@@ -215,3 +216,85 @@ def test_monitor_accounts_every_label(tmp_path, ref_path):
     assert counted + len(res.rejects) == len(labs)
     assert buf.joined + len(buf.labels) + buf.unjoined["label_duplicate"] == sum(
         res.labels.values())
+
+
+def _regression_config(tmp_path: Path) -> Path:
+    cfg = {"topics": {"labels": "labels"},
+           "defaults": {"performance": {"window": 1000, "task": "regression"}},
+           "models": {"price": {"baseline": {"events": 2000}}}}
+    path = tmp_path / "reg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _regression_events(n: int, seed: int, change_at: int | None = None) -> tuple[list, list]:
+    rng = np.random.default_rng(seed)
+    x = rng.gamma(2.0, 2.0, n)
+    noise = rng.standard_t(3, n)  # heavy-tailed errors
+    y = 3.0 * x + 5.0 + noise
+    if change_at is not None:
+        y[change_at:] = 4.0 * x[change_at:] + 5.0 + noise[change_at:]   # the relation moved
+    pred = 3.0 * x + 5.0
+    evs = [orjson.dumps({"model": "price", "event_id": i, "ts": 1e9 + i,
+                         "features": {"x": float(x[i]), "k": int(i % 7)},
+                         "prediction": float(pred[i])}) for i in range(n)]
+    labs = [orjson.dumps({"model": "price", "event_id": i, "label": float(y[i]),
+                          "ts": 1e9 + i + 30}) for i in range(n)]
+    return evs, labs
+
+
+def _run(mon: Monitor, evs: list, labs: list, chunk: int = 5000) -> dict[str, list]:
+    out: dict[str, list] = {"perf": [], "alerts": [], "retrain": []}
+    for s in range(0, len(evs), chunk):
+        for res in (mon.process(evs[s:s + chunk], list(range(s, s + chunk))),
+                    mon.process_labels(labs[s:s + chunk], list(range(s, s + chunk)))):
+            out["perf"] += res.performance
+            out["alerts"] += res.alerts
+            out["retrain"] += res.retrain
+    res = mon.flush()
+    out["perf"] += res.performance
+    out["alerts"] += res.alerts
+    return out
+
+
+def test_regression_metrics_alert_and_concept_drift(tmp_path):
+    cfg = load_config(_regression_config(tmp_path))
+    evs, labs = _regression_events(40_000, seed=12, change_at=20_500)
+    out = _run(Monitor(cfg), evs, labs)
+    perf = out["perf"]
+    assert perf[0]["task"] == "regression" and perf[0]["alert_metric"] == "mae"
+    assert {"mae", "rmse", "mape"} <= set(perf[0]["metrics"])
+    before = [p for p in perf if p["window"]["last_line"] < 20_500 and p["reference"]]
+    assert before and all(p["severity"] == "ok" for p in before)
+    fired = {a["kind"] for a in out["alerts"] if a["status"] == "firing"}
+    assert {"performance", "concept_drift"} <= fired
+    assert perf[-1]["label_shift"]["label_mean"] > perf[0]["label_shift"]["label_mean"]
+
+
+@pytest.mark.slow
+def test_stationary_million_labelled_events_raise_nothing(tmp_path, ref_path):
+    """1,000,000 labelled events (half inline, half hours late on the label stream)."""
+    cfg = load_config(_config(tmp_path, ref_path, segments={"fields": ["region"]}))
+    mon = Monitor(cfg)
+    kinds = ("performance", "concept_drift", "label_shift")
+    fired, windows = [], 0
+    pending: list[bytes] = []
+    for chunk in range(50):
+        d = ps.draw(20_000, seed=1000 + chunk)
+        d["ts"] = d["ts"] + chunk * 10_000.0
+        prefix = f"c{chunk}-"
+        evs = ps.events(d, inline_every=2, prefix=prefix)
+        res = mon.process(evs, list(range(chunk * 20_000, (chunk + 1) * 20_000)))
+        labs = ps.labels(d, skip_every=2, prefix=prefix)
+        res2 = mon.process_labels(pending, list(range(len(pending))))  # the previous chunk's
+        pending = labs
+        for r in (res, res2):
+            windows += len(r.performance)
+            fired += [a for a in r.alerts if a["kind"] in kinds]
+    res = mon.process_labels(pending, list(range(len(pending))))
+    fired += [a for a in res.alerts if a["kind"] in kinds]
+    windows += len(res.performance)
+    assert windows == 500
+    assert fired == []
+    buf = mon.performance.models["churn"].buffer
+    assert buf.joined == 1_000_000 and not buf.predictions and not buf.labels
