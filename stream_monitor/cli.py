@@ -133,9 +133,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"{out}: cannot create the output directory: {exc.strerror}") from None
-    summary = replay(cfg, path, out, progress=False if args.quiet else None)
+    labels = Path(args.labels) if args.labels else None
+    if labels is not None and not labels.exists():
+        raise UsageError(f"{labels}: labels file not found")
+    summary = replay(cfg, path, out, progress=False if args.quiet else None, labels=labels)
     print(summary.as_text())
-    print(f"wrote {args.out}/windows.jsonl, alerts.jsonl, rejects.jsonl")
+    print(f"wrote {args.out}/windows.jsonl, alerts.jsonl, rejects.jsonl"
+          + (", performance.jsonl, retrain.jsonl" if hasattr(summary, "performance") else ""))
     return 0
 
 
@@ -374,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True,
                    help="output directory (windows.jsonl, alerts.jsonl, rejects.jsonl)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--labels", help="JSONL of delayed label events, merged by event time")
     r.set_defaults(func=_cmd_replay)
 
     s = sub.add_parser("sample", help="write a synthetic training file and a drifting stream")

@@ -138,6 +138,61 @@ class DetectorConfig(Strict):
 DetectorSetting = DetectorConfig | Literal["none"]
 
 
+# -- performance monitoring (label join, realized/estimated performance, retraining) --------
+
+
+class JoinConfig(Strict):
+    """Bounds of one model's join buffer (predictions and labels waiting for each other)."""
+
+    max_predictions: int = Field(default=200_000, ge=1)
+    max_labels: int = Field(default=100_000, ge=1)
+    max_age: float = Field(default=7 * 86400.0, gt=0)  # seconds of event time
+
+
+class DropThresholds(Strict):
+    """Degradation of the alert metric against its reference, absolute and relative."""
+
+    absolute: Thresholds | None = Thresholds(warning=0.05, critical=0.10)
+    relative: Thresholds | None = Thresholds(warning=0.10, critical=0.25)
+
+
+class LabelShiftConfig(Strict):
+    absolute: Thresholds = Thresholds(warning=0.05, critical=0.10)   # rate difference
+    relative: Thresholds = Thresholds(warning=0.25, critical=0.50)   # rate ratio - 1
+    mean_shift: Thresholds = Thresholds(warning=0.2, critical=0.5)   # regression, in ref sd
+
+
+class SegmentsConfig(Strict):
+    fields: list[str] = []
+    max_values: int = Field(default=20, ge=1, le=1000)   # per field; the rest is cut
+    min_labels: int = Field(default=100, ge=1)           # per segment and window
+
+
+class RetrainConfig(Strict):
+    after_windows: int | None = Field(default=3, ge=1)     # performance alert lasting N windows
+    every_labels: int | None = Field(default=None, ge=1)   # N new joined labels
+    on_schema_change: bool = True
+
+
+class PerformanceConfig(Strict):
+    task: Literal["auto", "classification", "regression"] = "auto"
+    positive: str | None = None          # positive class (binary); inferred when absent
+    threshold: float = Field(default=0.5, gt=0, lt=1)  # a probability prediction's cut
+    window: int = Field(default=2000, ge=10)            # joined labels per window
+    reference_windows: int = Field(default=5, ge=1)     # when the reference has no figure
+    min_labels: int = Field(default=200, ge=1)          # a flushed partial window's minimum
+    metric: str | None = None            # alert metric; accuracy / mae by default
+    drop: DropThresholds = DropThresholds()
+    significance: float = Field(default=0.001, gt=0, lt=1)
+    concept_drift: Literal["adwin", "ddm", "hddm_a", "page_hinkley", "off"] = "adwin"
+    drift_delta: float = Field(default=1e-5, gt=0, lt=1)
+    label_shift: LabelShiftConfig = LabelShiftConfig()
+    segments: SegmentsConfig = SegmentsConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    join: JoinConfig = JoinConfig()
+    estimate: bool = True                # CBPE estimates from scores
+
+
 class Defaults(Strict):
     window: WindowConfig = WindowConfig(events=10_000)
     block: int = Field(default=1000, ge=100, le=1_000_000)
@@ -149,6 +204,7 @@ class Defaults(Strict):
     data_quality: DataQualityThresholds = DataQualityThresholds()
     profile: ProfileConfig = ProfileConfig()
     alerting: AlertingConfig = AlertingConfig()
+    performance: PerformanceConfig = PerformanceConfig()
 
 
 class FeatureOverride(Strict):
@@ -174,6 +230,7 @@ class ModelConfig(Strict):
     categorical: DriftRule | None = None
     data_quality: DataQualityThresholds | None = None
     alerting: AlertingConfig | None = None
+    performance: PerformanceConfig | None = None
     features: dict[str, FeatureOverride] = {}
 
     @model_validator(mode="after")
@@ -210,6 +267,7 @@ class Topics(Strict):
     labels: str | None = None
     alerts: str = "model-alerts"
     dead_letter: str = "model-events-dlq"
+    retrain: str = "model-retrain"       # retraining requests (performance monitoring)
 
     @field_validator("inferences", mode="before")
     @classmethod
@@ -444,6 +502,11 @@ def overlay(base: BaseModel, override: BaseModel | None) -> BaseModel:
         update[name] = overlay(inner, value) if isinstance(inner, Strict) and isinstance(
             value, Strict) and not isinstance(inner, Thresholds) else value
     return base.model_copy(update=update)
+
+
+def performance_settings(cfg: Config, name: str) -> PerformanceConfig:
+    """A model's performance settings: defaults with the model's explicit keys on top."""
+    return overlay(cfg.defaults.performance, cfg.models[name].performance)
 
 
 def model_settings(cfg: Config, name: str) -> ModelSettings:

@@ -52,6 +52,9 @@ TOO_DEEP = "nested deeper than the decoder's limit (about 1,000 levels)"
 _NUMBER_TYPES = frozenset({int, float, type(None)})
 _CATEGORY_TYPES = frozenset({str, type(None)})
 _MAX_UNEXPECTED_NAMES = 50
+# fields the label join needs besides the columns (Decoder.outcomes turns them on)
+OUTCOME_EXTRAS = ("event_id", "scores", "segment")
+OUTCOME_KEYS = ("event_id", "prediction", "scores", "label", "segment", "model_version")
 
 # The typed decoder fills an absent numeric key with this NaN (a quiet NaN with a payload
 # no JSON number can produce), so absent and null both land in the float column as NaN
@@ -177,7 +180,7 @@ class ModelSchema:
         self._cat_get = _getter(self.categorical)
         self._fast_codes = [codes.fast_lookup() for codes in self.cat_codes]
 
-    def event_type(self, fields: FieldMapping) -> type:
+    def event_type(self, fields: FieldMapping, outcomes: bool = False) -> type:
         """A msgspec Struct that decodes this model's well-formed events in one C call.
 
         Every valid value decodes here: numbers (integers too) or null for numeric
@@ -218,10 +221,12 @@ class ModelSchema:
              ("ts", float | str | None, None),
              ("prediction", column_type(self.prediction), None),
              ("label", column_type(self.label), None),
-             ("model_version", str | int | None, None)],
+             ("model_version", str | int | None, None)]
+            + ([(k, Any, None) for k in OUTCOME_EXTRAS] if outcomes else []),
             rename={"features": fields.features, "ts": fields.ts,
                     "prediction": fields.prediction, "label": fields.label,
-                    "model_version": fields.model_version},
+                    "model_version": fields.model_version,
+                    **({k: getattr(fields, k) for k in OUTCOME_EXTRAS} if outcomes else {})},
             tag_field=fields.model, tag=self.model, gc=False)
         self._n_fields = len(spec)
         return event
@@ -276,6 +281,9 @@ class ModelBatch:
     dropped: tuple[np.ndarray, np.ndarray] | None = None
     model_version: str | None = None
     raw: list[bytes] = field(default_factory=list)  # message bytes, kept for late rejects
+    # per-event raw values for the label join (performance monitoring on): lists keyed by
+    # OUTCOME_KEYS, parallel to the rows; None when the decoder does not extract them
+    outcomes: dict[str, list] | None = None
 
     def __len__(self) -> int:
         return int(self.positions.size)
@@ -350,14 +358,16 @@ class Decoder:
         self.config = config
         self.pending: set[str] = set()  # models whose reference is still being collected
         self.typed = True  # False: every event through the per-event path (tests compare)
+        self.outcomes = False  # also extract OUTCOME_KEYS per event (the label join)
         f = config.fields
         self._model_key, self._features_key, self._ts_key = f.model, f.features, f.ts
         self._version_key, self._pred_key, self._label_key = f.model_version, f.prediction, f.label
 
     def _fast_decoder(self):
-        key = tuple(sorted(self.schemas))
+        key = (*sorted(self.schemas), self.outcomes)
         if getattr(self, "_fast_key", None) != key:
-            types = {self.schemas[m].event_type(self.config.fields): m for m in key}
+            types = {self.schemas[m].event_type(self.config.fields, self.outcomes): m
+                     for m in key[:-1]}
             # msgspec treats the tag of a lone tagged struct as optional; in a union it is
             # required, so a never-matching member keeps events without a model out
             never = msgspec.defstruct("_no_model", [], tag_field=self.config.fields.model,
@@ -459,7 +469,9 @@ class Decoder:
         astuple = msgspec.structs.astuple
         top = list(chain.from_iterable(map(astuple, evs)))
         # event fields, in the order of `event_type`: features, ts, prediction, label, version
-        flat = list(chain.from_iterable(map(astuple, top[0::5])))
+        # (then OUTCOME_EXTRAS when the label join is on)
+        nf = 5 + (len(OUTCOME_EXTRAS) if self.outcomes else 0)
+        flat = list(chain.from_iterable(map(astuple, top[0::nf])))
         width = schema._n_fields
         bad = np.zeros(n, dtype=bool)
         reasons: dict[int, tuple[str, str]] = {}
@@ -483,15 +495,22 @@ class Decoder:
                                                 strict=True)):
             categorical[j] = self._lookup(lookup, codes, flat[n_num + j::width], absent_cat[j])
         categorical = categorical.T
-        prediction = self._struct_optional(schema.prediction, top[2::5])
-        label = self._struct_optional(schema.label, top[3::5])
-        ts = self._timestamps(top[1::5], bad, reasons)
+        prediction = self._struct_optional(schema.prediction, top[2::nf])
+        label = self._struct_optional(schema.label, top[3::nf])
+        ts = self._timestamps(top[1::nf], bad, reasons)
         absent_rows = None
         if absent_num.any() or absent_cat.any():
             absent_rows = np.concatenate([absent_num, absent_cat.T], axis=1)
-        version = top[-1]
+        version = top[4 - nf]  # the last event's model_version
+        outcomes = None
+        if self.outcomes:  # event fields by position, as in `event_type`
+            outcomes = {k: top[i::nf] for i, k in enumerate(
+                ("prediction", "label", "model_version", *OUTCOME_EXTRAS), start=2)}
         if bad.any():
             keep = ~bad
+            if outcomes is not None:
+                outcomes = {k: [v for v, b in zip(vs, bad, strict=True) if not b]
+                            for k, vs in outcomes.items()}
             for i in np.flatnonzero(bad):
                 reason, detail = reasons[int(i)]
                 rejects.append(Reject(int(positions[i]), reason, raws[i], model=schema.model,
@@ -507,7 +526,8 @@ class Decoder:
         return ModelBatch(model=schema.model, positions=positions, ts=ts, numeric=numeric,
                           categorical=categorical, prediction=prediction, label=label,
                           absent_rows=absent_rows,
-                          model_version=None if version is None else str(version), raw=raws)
+                          model_version=None if version is None else str(version), raw=raws,
+                          outcomes=outcomes)
 
     @staticmethod
     def _lookup(lookup: dict, codes: CategoryCodes, col: list, absent: np.ndarray) -> np.ndarray:
@@ -632,6 +652,11 @@ class Decoder:
         positions = all_positions = np.fromiter((g[0] for g in group), np.int64, len(group))
         raw = [g[2] for g in group]
         dropped = None
+        outcomes = None
+        if self.outcomes:
+            fm = self.config.fields
+            outcomes = {k: [g[1].get(getattr(fm, k)) for g, b in zip(group, bad, strict=True)
+                            if not b] for k in OUTCOME_KEYS}
         if bad.any():
             for i in np.flatnonzero(bad):
                 reason, detail = reasons[int(i)]
@@ -655,7 +680,8 @@ class Decoder:
                           categorical=categorical, prediction=prediction, label=label,
                           absent_rows=absent_rows, violation_rows=violation_rows,
                           unexpected_rows=unexpected_rows, dropped=dropped,
-                          model_version=None if version is None else str(version), raw=raw)
+                          model_version=None if version is None else str(version), raw=raw,
+                          outcomes=outcomes)
 
     @staticmethod
     def _rows(schema: ModelSchema, feats: list[dict]) -> tuple[list, list, bool]:
@@ -811,7 +837,9 @@ def _join(parts: list[ModelBatch]) -> ModelBatch:
         categorical=cat("categorical"), prediction=cat("prediction"), label=cat("label"),
         absent_rows=cat("absent_rows"), violation_rows=cat("violation_rows"),
         unexpected_rows=cat("unexpected_rows"), dropped=None,
-        model_version=last.model_version, raw=list(chain.from_iterable(p.raw for p in parts)))
+        model_version=last.model_version, raw=list(chain.from_iterable(p.raw for p in parts)),
+        outcomes=None if last.outcomes is None else {
+            k: list(chain.from_iterable(p.outcomes[k] for p in parts)) for k in last.outcomes})
 
 
 def _concat(a: ModelBatch, b: ModelBatch) -> ModelBatch:
@@ -839,7 +867,10 @@ def _concat(a: ModelBatch, b: ModelBatch) -> ModelBatch:
         violation_rows=rows(a.violation_rows, b.violation_rows, na, nb, (nf,), 0),
         unexpected_rows=rows(a.unexpected_rows, b.unexpected_rows, na, nb, (), None),
         dropped=_join_dropped(a.dropped, b.dropped),
-        model_version=b.model_version or a.model_version, raw=[raw[i] for i in order])
+        model_version=b.model_version or a.model_version, raw=[raw[i] for i in order],
+        outcomes=None if a.outcomes is None or b.outcomes is None else {
+            k: [both[i] for i in order] for k in a.outcomes
+            for both in (a.outcomes[k] + b.outcomes[k],)})
 
 
 def _unparsable(pos: int, raw: bytes, exc: Exception, model_key: str,

@@ -193,12 +193,13 @@ class BlockLayout:
             p = prof.counts / total
             n = block * (1 - prof.missing_rate)
             cell, probs = category_cells(p, prof.other / total, n)
-            # codes: categories, then unseen, then missing (the decoder's layout)
-            code_cells.append(np.append(cell + cells, -1))
+            # codes: categories, then 'other' and 'unseen' (both in the pooled cell, the
+            # last of `cell`), then missing (the decoder's layout, `decode.CategoryCodes`)
+            code_cells.append(np.concatenate([cell + cells, cell[-1:] + cells, [-1]]))
             cell_p.append(probs)
             feat_of_cell.append(np.full(probs.size, len(numeric) + j))
             cells += probs.size
-            code_off.append(code_off[-1] + cell.size + 1)
+            code_off.append(code_off[-1] + cell.size + 2)
             n_ref.append(prof.count)
         self.code_offsets = np.array(code_off[:-1], np.int64)
         self.cells = cells

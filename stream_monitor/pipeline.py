@@ -21,6 +21,7 @@ from .config import (
     Config,
     ConfigError,
     model_settings,
+    performance_settings,
 )
 from .decode import (
     BAD_FEATURES,
@@ -35,8 +36,11 @@ from .decode import (
 from .detectors import Detection, ModelDetectors
 from .engine import ClosedWindow, ModelWindows
 from .evaluate import WindowEvaluator
+from .join import LABEL_UNKNOWN_MODEL, decode_labels
+from .performance import PerformanceStage, fault_state, performance_enabled
 from .policy import AlertPolicy
 from .reference import Reference, ReferenceBuilder, ReferenceError
+from .retrain import RetrainPolicy
 
 
 @dataclass
@@ -51,6 +55,12 @@ class BatchResult:
     detections: list[Detection] = field(default_factory=list)
     # per model, feature and block statistic: the last complete block's value
     block_stats: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # performance monitoring: label events counted, closed performance windows,
+    # retraining requests, labels that could not go to any model's join
+    labels: Counter = field(default_factory=Counter)        # per model, label events counted
+    performance: list[dict[str, Any]] = field(default_factory=list)
+    retrain: list[dict[str, Any]] = field(default_factory=list)
+    unjoined: Counter = field(default_factory=Counter)      # reason -> labels (no model)
 
     def extend(self, other: BatchResult) -> None:
         self.messages += other.messages
@@ -60,6 +70,10 @@ class BatchResult:
         self.alerts += other.alerts
         self.detections += other.detections
         self.block_stats.update(other.block_stats)
+        self.labels.update(other.labels)
+        self.performance += other.performance
+        self.retrain += other.retrain
+        self.unjoined.update(other.unjoined)
 
 
 class ModelPipeline:
@@ -126,7 +140,8 @@ def load_model_reference(name: str, path: Path) -> Reference:
 class Monitor:
     """All models of a config; `process` applies one batch of raw messages."""
 
-    def __init__(self, config: Config, references: dict[str, Reference] | None = None):
+    def __init__(self, config: Config, references: dict[str, Reference] | None = None,
+                 *, labels: bool = False):
         self.config = config
         self.models: dict[str, ModelPipeline] = {}
         self.baselines: dict[str, tuple[ReferenceBuilder, int]] = {}
@@ -153,6 +168,17 @@ class Monitor:
         self.decoder.pending = set(self.baselines)
         self.policy = AlertPolicy({n: model_settings(config, n).alerting for n in config.models})
         self.newest_event: dict[str, float] = {}  # newest event time per model (epoch s)
+        # Performance monitoring (label join) runs when labels can arrive: a labels topic,
+        # `replay --labels`, or a model with a `performance` section.
+        self.performance: PerformanceStage | None = None
+        self.retrain: RetrainPolicy | None = None
+        if labels or performance_enabled(config):
+            self.performance = PerformanceStage(config, self.policy)
+            self.retrain = RetrainPolicy({n: performance_settings(config, n).retrain
+                                          for n in config.models})
+            for name, pipe in self.models.items():
+                self.performance.add_model(name, pipe.reference)
+            self.decoder.outcomes = True
 
     def process(self, messages: Sequence[bytes], positions: Sequence[int]) -> BatchResult:
         decoded = self.decoder.decode(messages, positions)
@@ -168,6 +194,8 @@ class Monitor:
                                                float(np.nanmax(ts)))
             result.events[model] += len(batch) - late.size
             future = set(pipe.windows.future.tolist()) if late.size else ()
+            if self.performance is not None and batch.outcomes is not None:
+                self._join_predictions(model, batch, late, result)
             for i in late:
                 if np.isnan(batch.ts[i]):
                     reason, detail = BAD_TIMESTAMP, "ts: required for event-time windows"
@@ -196,14 +224,16 @@ class Monitor:
             for shared in (p.reference, p.schema, p.evaluator, p.settings, p.windows.layout,
                            p.windows.window):
                 memo[id(shared)] = shared
-        state = copy.deepcopy((self.models, self.policy, self.newest_event), memo)
+        # the performance stage shares the policy: one deepcopy keeps them together
+        state = copy.deepcopy((self.models, self.policy, self.newest_event, self.performance),
+                              memo)
         builders = {n: (b, target, b.rows, set(b.columns))
                     for n, (b, target) in self.baselines.items()}
         return state, builders
 
     def rollback(self, checkpoint: Any) -> None:
         """Back to the state of `checkpoint` (taken by `checkpoint()`; usable once)."""
-        (self.models, self.policy, self.newest_event), builders = checkpoint
+        (self.models, self.policy, self.newest_event, self.performance), builders = checkpoint
         for name, (builder, target, rows, columns) in builders.items():
             for col in [c for c in builder.columns if c not in columns]:
                 del builder.columns[col]
@@ -214,18 +244,63 @@ class Monitor:
         self.decoder.schemas = {n: p.schema for n, p in self.models.items()}
         self.decoder.pending = set(self.baselines)
 
+    def process_labels(self, messages: Sequence[bytes], positions: Sequence[int]) -> BatchResult:
+        """Apply a batch of label events (the labels topic, or label lines of a file)."""
+        result = BatchResult(messages=len(messages))
+        if self.performance is None:
+            raise ValueError("label events need performance monitoring (topics.labels)")
+        d = self.config.decode
+        events, result.rejects = decode_labels(messages, positions, d.fields, d.default_model)
+        closed, unknown = self.performance.labels(events)
+        for ev in events:
+            if ev.model in self.performance.models:
+                result.labels[ev.model] += 1
+        result.unjoined[LABEL_UNKNOWN_MODEL] += sum(unknown.values())
+        for model, windows in closed.items():
+            self._close_performance(model, windows, result)
+        return result
+
     def flush(self) -> BatchResult:
         """Close every open window (end of input)."""
         result = BatchResult()
         for pipe in self.models.values():
             self._close(pipe, pipe.windows.flush(), result)
+        if self.performance is not None:
+            for model, mp in self.performance.models.items():
+                self._close_performance(model, mp.flush(), result)
         return result
 
     def _close(self, pipe: ModelPipeline, closed: list[ClosedWindow], result: BatchResult) -> None:
         for window in closed:
             report = pipe.evaluator.evaluate(window)
             result.reports.append(report)
-            result.alerts += self.policy.evaluate(report)
+            alerts = self.policy.evaluate(report)
+            result.alerts += alerts
+            if self.retrain is not None and alerts:
+                result.retrain += self.retrain.on_alerts(
+                    alerts, lambda m: fault_state(self.policy, m)[0])
+
+    def _join_predictions(self, model: str, batch, late: np.ndarray, result: BatchResult) -> None:
+        """Predictions of a decoded batch into the model's join buffer (late ones excluded)."""
+        outcomes, positions, ts = batch.outcomes, batch.positions, batch.ts
+        if late.size:
+            keep = np.ones(len(batch), bool)
+            keep[late] = False
+            idx = np.flatnonzero(keep).tolist()
+            outcomes = {k: [v[i] for i in idx] for k, v in outcomes.items()}
+            positions, ts = positions[keep], ts[keep]
+        closed = self.performance.predictions(model, positions.tolist(), ts.tolist(), outcomes)
+        self._close_performance(model, closed, result)
+
+    def _close_performance(self, model: str, closed: list, result: BatchResult) -> None:
+        if not closed:
+            return
+        reports, alerts, states = self.performance.close(model, closed)
+        result.performance += reports
+        result.alerts += alerts
+        faults = fault_state(self.policy, model)[0]
+        for st in states:
+            result.retrain += self.retrain.on_window(st["report"], st["findings"], faults)
 
     def _detect(self, pipe: ModelPipeline, batch, late: np.ndarray, result: BatchResult) -> None:
         """Sequential detectors over the batch's counted events (late ones are rejects)."""
@@ -279,3 +354,5 @@ class Monitor:
         del self.baselines[model]
         self.decoder.schemas[model] = pipe.schema
         self.decoder.pending.discard(model)
+        if self.performance is not None:
+            self.performance.add_model(model, reference)

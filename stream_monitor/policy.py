@@ -34,6 +34,9 @@ KINDS: dict[str, tuple[str, str | None]] = {
     "unseen_categories": ("DataQuality", "unseen_categories"),
     "type_violations": ("DataQuality", "type_violations"),
     "schema_change": ("DataQuality", "schema"),
+    # performance monitoring (performance.py): realized performance, error-stream detectors
+    "performance": ("ModelPerformance", None),
+    "concept_drift": ("ConceptDrift", None),
 }
 CHECK_KIND = {check: kind for kind, (_, check) in KINDS.items() if check}
 
@@ -49,6 +52,8 @@ _SUMMARY = {
     "type_violations": "{value:.1%} of values of feature {feature} of model {model} "
                        "have a wrong type",
     "schema_change": "Schema of model {model} changed at {feature} ({value:.1%} of events)",
+    "performance": "Performance of model {model} fell ({method} {value:.3g})",
+    "concept_drift": "Concept drift in model {model}: error {value:.3g} ({method} detector)",
 }
 _ACTION = {
     "feature_drift": "Compare the feature's current distribution with the reference "
@@ -68,6 +73,10 @@ _ACTION = {
     "type_violations": "The producer sends values of the wrong type: check the serving "
                        "schema against the model's reference.",
     "schema_change": "Fields appeared or disappeared: check the serving schema.",
+    "performance": "Realized performance on labelled outcomes fell below the reference: read "
+                   "the diagnosis before retraining (a pipeline fault is fixed upstream).",
+    "concept_drift": "The error stream changed while serving: the input-outcome relation moved; "
+                     "retrain on recent labelled data.",
 }
 
 

@@ -13,6 +13,7 @@ from itertools import repeat
 from pathlib import Path
 
 from .config import Config
+from .performance import performance_enabled
 from .pipeline import Monitor
 from .sinks import ReplayFiles
 
@@ -95,8 +96,11 @@ def _batches(path: Path, size: int, block: int = BLOCK_BYTES):
 
 
 def replay(config: Config, input_path: Path, out_dir: Path, *, progress: bool | None = None,
-           monitor: Monitor | None = None) -> ReplaySummary:
+           monitor: Monitor | None = None, labels: Path | None = None) -> ReplaySummary:
     """Run the engine over `input_path`, writing windows, alerts and rejects to `out_dir`."""
+    if labels is not None or (monitor.performance if monitor else performance_enabled(config)):
+        from .replay_labels import replay_labelled  # delayed labels: merged by event time
+        return replay_labelled(config, input_path, labels, out_dir, monitor=monitor)
     monitor = monitor or Monitor(config)
     files = ReplayFiles(out_dir)
     summary = ReplaySummary()

@@ -1,0 +1,835 @@
+"""Performance: joined (prediction, label) pairs -> performance windows and findings.
+
+Owns, per model: the join buffer (`join.JoinBuffer`), windows by count of joined labels
+per model version, the reference performance, a sequential concept-drift detector on
+the error stream, label shift, confidence-based estimates (CBPE) and segment slices.
+Each closed window becomes one report (a `performance.jsonl` line); its findings go
+through the same `AlertPolicy` as the drift findings (kinds `performance`,
+`concept_drift`, `label_shift`), with a diagnosis that tells concept drift from data
+drift and from pipeline faults using the policy's state of the model's input alerts.
+
+Window statistics are exact and vectorised per window (`perfstats`); only the join and
+the per-pair value conversion run per labelled event.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from river import drift as river_drift
+
+from . import perfstats as ps
+from .config import Config, ConfigError, PerformanceConfig, Thresholds, performance_settings
+from .evaluate import SEVERITY_NAMES, _iso
+from .join import JoinBuffer, LabelEvent, Pair
+from .policy import AlertPolicy, Finding, fingerprint
+from .reference import CategoricalProfile, NumericProfile, Reference, category_key
+
+CLASSIFICATION_METRICS = ("accuracy", "log_loss")
+REGRESSION_METRICS = ("mae", "rmse", "mape")
+HIGHER_IS_BETTER = {"accuracy"}
+_POSITIVE_NAMES = ("1", "true", "yes", "positive", "pos")
+_NEGATIVE_OF = {"1": "0", "true": "false", "yes": "no", "positive": "negative", "pos": "neg"}
+MISSING_SEGMENT = "(missing)"
+OTHER_SEGMENT = "(other)"
+MAX_CLASSES = 1000
+
+# Input-side alert kinds the diagnosis reads from the policy: pipeline faults (retraining
+# cannot fix them) and input drift.
+PIPELINE_FAULTS = {
+    "missing_values": ("feature_unavailable", "restore the upstream source of the feature "
+                                              "(values are missing)"),
+    "stuck_feature": ("stale_feature", "the feature is frozen at one value: fix the stale "
+                                       "cache or failed lookup"),
+    "schema_change": ("schema_change", "fields appeared or disappeared: fix the producer or "
+                                       "rebuild the reference for the new schema"),
+    "type_violations": ("schema_change", "values arrive with the wrong type: fix the producer"),
+    "out_of_range": ("feature_recalibration", "a unit or scale change upstream: restore the "
+                                              "feature's units"),
+}
+INPUT_DRIFT = ("feature_drift", "dataset_drift")
+
+
+def performance_enabled(config: Config) -> bool:
+    """Labels can arrive: a labels topic, or a model with a `performance` section."""
+    return bool(config.topics.labels) or any(m.performance is not None
+                                             for m in config.models.values())
+
+
+def severity_of(value: float, thresholds: Thresholds | None) -> int:
+    return 0 if thresholds is None or value != value else thresholds.severity(value)
+
+
+@dataclass
+class _RefStats:
+    """The reference performance of a model, pooled over its first labelled windows."""
+
+    windows: int = 0
+    source: str = "first_windows"
+    metric_sums: Counter = field(default_factory=Counter)
+    metric_counts: Counter = field(default_factory=Counter)
+    loss_n: int = 0
+    loss_s1: float = 0.0
+    loss_s2: float = 0.0
+    label_k: Counter = field(default_factory=Counter)   # class index -> count
+    label_n: int = 0
+    pred_pos: int = 0
+    label_s1: float = 0.0
+    label_s2: float = 0.0
+    segments: dict = field(default_factory=dict)         # (field, value) -> [n, correct]
+    file_rate: float | None = None                       # positive rate of the reference file
+    file_n: int = 0
+    file_ppr: float | None = None
+
+    def metrics(self) -> dict[str, float]:
+        return {k: self.metric_sums[k] / self.metric_counts[k] for k in self.metric_sums
+                if self.metric_counts[k]}
+
+    @property
+    def loss_mean(self) -> float:
+        return self.loss_s1 / self.loss_n if self.loss_n else math.nan
+
+    @property
+    def loss_var(self) -> float:
+        if self.loss_n < 2:
+            return 0.0
+        m = self.loss_mean
+        return max(self.loss_s2 / self.loss_n - m * m, 0.0)
+
+
+@dataclass
+class _Window:
+    pairs: list = field(default_factory=list)
+    index: int = 0
+
+
+class ModelPerformance:
+    """Join buffer, performance windows, reference, detector and segments of one model."""
+
+    def __init__(self, model: str, settings: PerformanceConfig, reference: Reference | None,
+                 where: str = ""):
+        self.model = model
+        self.s = settings
+        self.buffer = JoinBuffer(settings.join)
+        self.reference = reference
+        self.task = settings.task if settings.task != "auto" else _task_from(reference)
+        self.classes: dict[str, int] = {}
+        self.positive: int | None = None
+        self.metric = settings.metric
+        if self.metric is not None:
+            allowed = CLASSIFICATION_METRICS + REGRESSION_METRICS
+            if self.metric not in allowed:
+                raise ConfigError([f"{where}performance.metric: unknown metric {self.metric!r} "
+                                   f"(expected one of {', '.join(allowed)})"])
+        self.windows: dict[str | None, _Window] = {}
+        self.ref = _RefStats()
+        self.detector = None
+        self.ref_errors: list[np.ndarray] = []  # reference windows' errors (regression)
+        self.ref_error_scale = 1.0
+        self.segment_values: dict[str, dict[str, None]] = {f: {} for f in settings.segments.fields}
+        self.segments_cut = 0
+        self.lags: list[float] = []          # label lags of pairs joined since last read
+        self.labels_total = 0                # joined labels (for retraining triggers)
+
+    # -- joining ------------------------------------------------------------------
+
+    def add_pairs(self, pairs: list[Pair]) -> list[tuple[str | None, list]]:
+        """Route joined pairs to their version's window; return the windows that filled."""
+        if not pairs:
+            return []
+        pairs.sort(key=lambda p: p[0])
+        closed = []
+        size = self.s.window
+        self.labels_total += len(pairs)
+        self.lags.extend(p[2] - p[1] for p in pairs if p[1] == p[1] and p[2] == p[2])
+        for p in pairs:
+            w = self.windows.get(p[3])
+            if w is None:
+                w = self.windows[p[3]] = _Window()
+            w.pairs.append(p)
+            if len(w.pairs) >= size:
+                closed.append((p[3], w.pairs, w.index))
+                w.pairs = []
+                w.index += 1
+        return closed
+
+    def flush(self) -> list[tuple[str | None, list, int]]:
+        out = []
+        for version, w in self.windows.items():
+            if len(w.pairs) >= self.s.min_labels:
+                out.append((version, w.pairs, w.index))
+                w.pairs = []
+                w.index += 1
+        return out
+
+    # -- value conversion -----------------------------------------------------------
+
+    def _class(self, key: str) -> int:
+        idx = self.classes.get(key)
+        if idx is None:
+            if len(self.classes) >= MAX_CLASSES:
+                key = OTHER_SEGMENT
+                idx = self.classes.get(key)
+                if idx is not None:
+                    return idx
+            idx = self.classes[key] = len(self.classes)
+        return idx
+
+    def _settle_task(self, pairs: list) -> None:
+        if self.task is None:
+            labels = [p[7] for p in pairs[:200]]
+            preds = [p[4] for p in pairs[:200]]
+            scored = any(isinstance(p[5], dict) for p in pairs[:200])
+            cat = any(isinstance(v, str | bool) for v in labels + preds)
+            ints = all(isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+                       for v in labels)
+            few = len({category_key(v) for v in labels}) <= 20
+            self.task = "classification" if cat or scored or (ints and few) else "regression"
+        if self.metric is None:
+            self.metric = "accuracy" if self.task == "classification" else "mae"
+        if self.task == "classification" and self.metric not in CLASSIFICATION_METRICS or (
+                self.task == "regression" and self.metric not in REGRESSION_METRICS):
+            raise ConfigError([f"models.{self.model}.performance.metric: {self.metric!r} does "
+                               f"not apply to a {self.task} model"])
+
+    def _settle_classes(self, pairs: list) -> None:
+        """Fix the class space and the positive class at the first window."""
+        if self.classes:
+            return
+        known: dict[str, int] = {}
+        for prof in (self.reference.label if self.reference else None,
+                     self.reference.prediction if self.reference else None):
+            if isinstance(prof, CategoricalProfile):
+                for c, n in zip(prof.categories, prof.counts, strict=True):
+                    known[c] = known.get(c, 0) + int(n)
+        for p in pairs:
+            known.setdefault(category_key(p[7]), 0)
+            if not _is_probability(p[4]) and p[4] is not None:
+                known.setdefault(category_key(p[4]), 0)
+            if isinstance(p[5], dict):
+                for c in p[5]:
+                    known.setdefault(str(c), 0)
+        positive = self.s.positive
+        if positive is None and len(known) <= 2:
+            named = [c for c in _POSITIVE_NAMES if c in known]
+            if named:
+                positive = named[0]
+            elif len(known) == 2:
+                a, b = sorted(known, key=lambda c: (known[c], c))
+                positive = a  # the rarer class in the reference
+            elif known:
+                positive = next(iter(known))
+        if positive is not None:
+            others = [c for c in known if c != positive]
+            negative = others[0] if others else _NEGATIVE_OF.get(positive, "__negative__")
+            self.classes = {negative: 0, positive: 1}
+            self.positive = 1
+            for c in others[1:]:
+                self._class(c)
+            if len(self.classes) > 2:
+                self.positive = None if self.s.positive is None else 1
+        else:
+            for c in sorted(known):
+                self._class(c)
+
+    def _classification_arrays(self, pairs: list) -> dict[str, np.ndarray]:
+        thr = self.s.threshold
+        pos = self.positive
+        y = np.fromiter((self._class(category_key(p[7])) for p in pairs), np.int64, len(pairs))
+        yhat = np.empty(len(pairs), np.int64)
+        rows = []
+        for i, p in enumerate(pairs):
+            pred, scores = p[4], p[5]
+            if _is_probability(pred) and pos is not None:
+                q = float(pred)
+                yhat[i] = pos if q >= thr else 1 - pos
+                rows.append({1 - pos: 1 - q, pos: q})
+                continue
+            if isinstance(scores, dict) and scores:
+                row = {}
+                for c, v in scores.items():
+                    if type(v) in (int, float):
+                        row[self._class(str(c))] = float(v)
+                rows.append(row)
+                if pred is None and row:
+                    yhat[i] = max(row, key=row.get)
+                    continue
+            else:
+                rows.append(None)
+            yhat[i] = self._class(category_key(pred))
+        k = len(self.classes)
+        proba = np.full((len(pairs), k), np.nan)
+        for i, row in enumerate(rows):
+            if row:
+                proba[i] = 0.0
+                for c, v in row.items():
+                    proba[i, c] = v
+                if pos is not None and k == 2 and len(row) == 1:  # only one class scored
+                    (c, v), = row.items()
+                    proba[i, 1 - c] = 1.0 - v
+        return {"y": y, "yhat": yhat, "proba": proba}
+
+    # -- one window -----------------------------------------------------------------
+
+    def evaluate(self, version: str | None, pairs: list, index: int
+                 ) -> tuple[dict[str, Any], list[tuple[str, Finding, dict]]]:
+        """The report of one closed window and its findings (scope, finding, extra)."""
+        self._settle_task(pairs)
+        pts = np.array([p[1] for p in pairs], float)
+        lts = np.array([p[2] for p in pairs], float)
+        positions = [p[0] for p in pairs]
+        report: dict[str, Any] = {
+            "model": self.model, "model_version": version, "task": self.task,
+            "window": {"index": index, "start": _iso(_nanmin(pts)), "end": _iso(_nanmax(pts)),
+                       "labels": len(pairs), "label_start": _iso(_nanmin(lts)),
+                       "label_end": _iso(_nanmax(lts)), "first_line": min(positions),
+                       "last_line": max(positions)},
+        }
+        if self.task == "classification":
+            self._settle_classes(pairs)
+            arr = self._classification_arrays(pairs)
+            y, yhat, proba = arr["y"], arr["yhat"], arr["proba"]
+            if proba.shape[1] < len(self.classes):  # classes met while converting
+                proba = np.column_stack([proba, np.full((len(pairs), len(self.classes)
+                                                        - proba.shape[1]), np.nan)])
+            metrics = ps.classification_metrics(y, yhat, proba, len(self.classes), self.positive)
+            if self.metric == "log_loss":
+                have = ~np.isnan(proba).any(axis=1)
+                loss = -np.log(np.clip(proba[have, y[have]], ps.EPS, 1.0))
+            else:
+                loss = (y != yhat).astype(float)
+            errors = (y != yhat).astype(float)
+            if self.s.estimate:
+                est = ps.cbpe(proba, yhat, self.positive)
+                if est:
+                    report["estimated"] = est
+                    report["estimation_gap"] = {
+                        k: (est[k] - metrics[k]) for k in ("accuracy", "roc_auc")
+                        if est.get(k) is not None and metrics.get(k) is not None}
+        else:
+            y = np.array([_number(p[7]) for p in pairs], float)
+            yhat = np.array([_number(p[4]) for p in pairs], float)
+            metrics = ps.regression_metrics(y, yhat)
+            ok = ~(np.isnan(y) | np.isnan(yhat))
+            err = np.abs(yhat - y)[ok]
+            if self.metric == "rmse":
+                loss = err ** 2
+            elif self.metric == "mape":
+                nz = y[ok] != 0
+                loss = err[nz] / np.abs(y[ok][nz])
+            else:
+                loss = err
+            errors = err
+        report["metrics"] = metrics
+        report["alert_metric"] = self.metric
+        findings: list[tuple[str, Finding, dict]] = []
+        in_reference = self.ref.windows < self.s.reference_windows
+        seg = self._segments(pairs, y, yhat) if self.s.segments.fields else None
+        if in_reference:
+            self._add_reference(metrics, loss, y, yhat, seg)
+            report["reference"] = None
+            report["reference_source"] = "pending"
+            report["severity"] = "ok"
+        else:
+            findings += self._performance_finding(report, metrics, loss)
+            findings += self._concept_drift(report, errors)
+        ls = self._label_shift(report, y, yhat, in_reference)
+        if ls:
+            findings.append(ls)
+        if seg is not None:
+            report["segments"] = self._segment_report(seg)
+            if not in_reference:
+                findings += self._segment_findings(report, seg)
+        if in_reference and self.task == "regression":
+            self.ref_errors.append(errors)
+        if in_reference and self.ref.windows == self.s.reference_windows:
+            if self.ref_errors:
+                q = float(np.quantile(np.concatenate(self.ref_errors), 0.99))
+                self.ref_error_scale = q if q > 0 else 1.0
+                self.ref_errors = []
+            self._start_detector()
+        report["join"] = self.join_counters()
+        if self.lags:
+            lag = np.array(self.lags)
+            report["label_lag"] = {"p50": float(np.median(lag)), "p95": float(
+                np.quantile(lag, 0.95)), "max": float(lag.max())}
+        return report, findings
+
+    def join_counters(self) -> dict[str, Any]:
+        b = self.buffer
+        return {"joined": b.joined, "waiting_predictions": len(b.predictions),
+                "waiting_labels": len(b.labels), "unjoined": dict(b.unjoined),
+                "oldest_prediction_age": b.oldest_prediction_age()}
+
+    # -- reference ------------------------------------------------------------------
+
+    def _add_reference(self, metrics, loss, y, yhat, seg) -> None:
+        r = self.ref
+        r.windows += 1
+        for k, v in metrics.items():
+            if v is not None and k != "scored":
+                r.metric_sums[k] += v
+                r.metric_counts[k] += 1
+        r.loss_n += loss.size
+        r.loss_s1 += float(loss.sum())
+        r.loss_s2 += float((loss ** 2).sum())
+        if self.task == "classification":
+            values, counts = np.unique(y, return_counts=True)
+            r.label_k.update(dict(zip(values.tolist(), counts.tolist(), strict=True)))
+            r.label_n += y.size
+            if self.positive is not None:
+                r.pred_pos += int((yhat == self.positive).sum())
+        else:
+            ok = y[~np.isnan(y)]
+            r.label_n += ok.size
+            r.label_s1 += float(ok.sum())
+            r.label_s2 += float((ok ** 2).sum())
+        if seg is not None:
+            for key, (n, correct, *_rest) in seg["cells"].items():
+                cell = r.segments.setdefault(key, [0, 0])
+                cell[0] += n
+                cell[1] += correct
+
+    def _performance_finding(self, report, metrics, loss) -> list:
+        r = self.ref
+        ref_metrics = r.metrics()
+        report["reference"] = ref_metrics
+        report["reference_source"] = r.source
+        cur, ref = metrics.get(self.metric), ref_metrics.get(self.metric)
+        severity, drop, rel, p = 0, None, None, None
+        if cur is not None and ref is not None:
+            drop = ref - cur if self.metric in HIGHER_IS_BETTER else cur - ref
+            rel = drop / abs(ref) if ref else math.inf if drop > 0 else 0.0
+            # the per-event loss is higher in this window than in the reference?
+            p = ps.mean_test_p(loss.size, float(loss.mean()) if loss.size else 0.0,
+                               float(loss.var()) if loss.size else 0.0,
+                               r.loss_n, r.loss_mean, r.loss_var)
+            if p < self.s.significance:
+                severity = max(severity_of(drop, self.s.drop.absolute if self.metric in (
+                    "accuracy", "log_loss") else None), severity_of(rel, self.s.drop.relative))
+        report["drop"] = drop
+        report["relative_drop"] = rel
+        report["p_value"] = p
+        report["severity"] = SEVERITY_NAMES[severity]
+        thr = self.s.drop.relative or self.s.drop.absolute
+        f = Finding("performance", self.model, None, severity, self.metric,
+                    cur if cur is not None else 0.0,
+                    (ref or 0.0) - thr.warning if self.metric in HIGHER_IS_BETTER else
+                    (ref or 0.0) + thr.warning)
+        return [("performance", f, {"reference_value": ref, "drop": drop,
+                                    "relative_drop": rel})]
+
+    # -- concept drift ----------------------------------------------------------------
+
+    def _start_detector(self) -> None:
+        kind = self.s.concept_drift
+        if kind == "off":
+            return
+        if kind in ("ddm", "hddm_a") and self.task != "classification":
+            kind = "adwin"
+        self.detector_kind = kind
+        self.detector = {
+            "adwin": lambda: river_drift.ADWIN(delta=self.s.drift_delta),
+            "page_hinkley": lambda: river_drift.PageHinkley(delta=0.005, threshold=50.0),
+            "ddm": lambda: river_drift.binary.DDM(),
+            "hddm_a": lambda: river_drift.binary.HDDMA(drift_confidence=self.s.drift_delta),
+        }[kind]()
+
+    def _concept_drift(self, report, errors: np.ndarray) -> list:
+        if self.detector is None:
+            return []
+        detected = False
+        if self.task == "regression":
+            # ADWIN's bound is for values in [0, 1]: absolute errors in units of the
+            # reference's 99th percentile error, capped, so heavy tails cannot trip it
+            values = np.minimum(errors / self.ref_error_scale, 1.0).tolist()
+        else:
+            values = errors.tolist()
+        update = self.detector.update
+        for v in values:
+            update(v)
+            if self.detector.drift_detected:
+                detected = True
+        mean_err = float(errors.mean()) if errors.size else math.nan
+        ref_err = self._reference_error()
+        worse = mean_err > ref_err
+        severity = 1 if detected and worse else 0
+        report["concept_drift"] = {"detector": self.detector_kind, "detected": detected,
+                                   "error_rate" if self.task == "classification" else
+                                   "mean_abs_error": mean_err, "reference": ref_err,
+                                   "severity": SEVERITY_NAMES[severity]}
+        f = Finding("concept_drift", self.model, None, severity, self.detector_kind, mean_err,
+                    ref_err)
+        return [("concept_drift", f, {})]
+
+    def _reference_error(self) -> float:
+        m = self.ref.metrics()
+        if self.task == "classification":
+            return 1.0 - m.get("accuracy", math.nan)
+        return m.get("mae", math.nan)
+
+    # -- label shift -----------------------------------------------------------------
+
+    def _label_shift(self, report, y, yhat, in_reference: bool):
+        r, cfg = self.ref, self.s.label_shift
+        if self.task == "classification":
+            if self.positive is None:
+                counts = np.bincount(y, minlength=len(self.classes))
+                rates = counts / max(y.size, 1)
+                if in_reference or not r.label_n:
+                    return None
+                ref_rates = np.array([r.label_k.get(i, 0) for i in range(len(self.classes))],
+                                     float) / r.label_n
+                diff = np.abs(rates - ref_rates)
+                c = int(diff.argmax())
+                p = ps.proportion_test_p(int(counts[c]), y.size, int(r.label_k.get(c, 0)),
+                                         r.label_n) * len(self.classes)
+                rate, ref_rate, ppr, ref_ppr = float(rates[c]), float(ref_rates[c]), None, None
+                method = f"class_rate:{_name(self.classes, c)}"
+            else:
+                k = int((y == self.positive).sum())
+                rate = k / max(y.size, 1)
+                ppr = float((yhat == self.positive).mean()) if yhat.size else None
+                ref_rate, ref_n = self._reference_rate()
+                ref_ppr = self._reference_ppr()
+                if ref_rate is None:
+                    report["label_shift"] = {"label_rate": rate, "predicted_positive_rate": ppr}
+                    return None
+                p = ps.proportion_test_p(k, y.size, round(ref_rate * ref_n), ref_n)
+                method = "positive_rate"
+            d = abs(rate - ref_rate)
+            rel = d / ref_rate if ref_rate else math.inf if d else 0.0
+            severity = max(severity_of(d, cfg.absolute), severity_of(rel, cfg.relative)) \
+                if p < self.s.significance else 0
+            info = {"label_rate": rate, "reference_label_rate": ref_rate,
+                    "predicted_positive_rate": ppr, "reference_predicted_positive_rate": ref_ppr,
+                    "method": method, "p_value": p, "severity": SEVERITY_NAMES[severity]}
+            value, threshold = d, cfg.absolute.warning
+        else:
+            ok = y[~np.isnan(y)]
+            mean = float(ok.mean()) if ok.size else math.nan
+            ref_mean, ref_sd, ref_n = self._reference_label_moments()
+            if ref_mean is None:
+                report["label_shift"] = {"label_mean": mean}
+                return None
+            shift = abs(mean - ref_mean) / ref_sd if ref_sd else 0.0
+            p = 2 * min(ps.mean_test_p(ok.size, mean, float(ok.var()), ref_n, ref_mean,
+                                       ref_sd ** 2),
+                        ps.mean_test_p(ref_n, ref_mean, ref_sd ** 2, ok.size, mean,
+                                       float(ok.var())))
+            severity = severity_of(shift, cfg.mean_shift) if p < self.s.significance else 0
+            info = {"label_mean": mean, "reference_label_mean": ref_mean,
+                    "label_std": float(ok.std()) if ok.size else None,
+                    "reference_label_std": ref_sd, "prediction_mean": _f(np.nanmean(yhat)),
+                    "method": "mean_shift", "value": shift, "p_value": p,
+                    "severity": SEVERITY_NAMES[severity]}
+            method, value, threshold = "mean_shift", shift, cfg.mean_shift.warning
+        report["label_shift"] = info
+        f = Finding("label_shift", self.model, None, severity, method, value, threshold)
+        return ("label_shift", f, info)
+
+    def _reference_rate(self) -> tuple[float | None, int]:
+        """Positive-class rate of the reference file's labels, else the first windows'."""
+        prof = self.reference.label if self.reference else None
+        pos_key = _name(self.classes, self.positive)
+        if isinstance(prof, CategoricalProfile) and prof.count and pos_key in prof.categories:
+            n = int(prof.count)
+            return float(prof.counts[prof.categories.index(pos_key)]) / n, n
+        if self.ref.windows >= self.s.reference_windows and self.ref.label_n:
+            return self.ref.label_k.get(self.positive, 0) / self.ref.label_n, self.ref.label_n
+        return None, 0
+
+    def _reference_ppr(self) -> float | None:
+        prof = self.reference.prediction if self.reference else None
+        pos_key = _name(self.classes, self.positive)
+        if isinstance(prof, CategoricalProfile) and prof.count and pos_key in prof.categories:
+            return float(prof.counts[prof.categories.index(pos_key)]) / prof.count
+        if self.ref.windows >= self.s.reference_windows and self.ref.label_n:
+            return self.ref.pred_pos / self.ref.label_n
+        return None
+
+    def _reference_label_moments(self) -> tuple[float | None, float, int]:
+        prof = self.reference.label if self.reference else None
+        if isinstance(prof, NumericProfile) and prof.count:
+            return prof.mean, prof.std, int(prof.count)
+        r = self.ref
+        if r.windows >= self.s.reference_windows and r.label_n > 1:
+            m = r.label_s1 / r.label_n
+            return m, math.sqrt(max(r.label_s2 / r.label_n - m * m, 0.0)), r.label_n
+        return None, 0.0, 0
+
+    # -- segments --------------------------------------------------------------------
+
+    def _segments(self, pairs: list, y: np.ndarray, yhat: np.ndarray) -> dict[str, Any]:
+        """Per (field, value): n, correct, tp, fn, fp, tn, predicted positives."""
+        cells: dict[tuple[str, str], list[int]] = {}
+        pos = self.positive
+        correct = (y == yhat) if self.task == "classification" else None
+        for fname, seen in self.segment_values.items():
+            keys = []
+            for p in pairs:
+                seg = p[6]
+                v = seg.get(fname) if isinstance(seg, dict) else None
+                key = MISSING_SEGMENT if v is None or isinstance(v, dict | list) else \
+                    category_key(v)[:100]
+                if key not in seen:
+                    if len(seen) >= self.s.segments.max_values:
+                        self.segments_cut += 1
+                        key = OTHER_SEGMENT
+                    else:
+                        seen[key] = None
+                keys.append(key)
+            values, codes = np.unique(np.array(keys, dtype=object), return_inverse=True)
+            k = len(values)
+            n = np.bincount(codes, minlength=k)
+            if correct is None:
+                err = np.abs(yhat - y)
+                mae = np.bincount(codes, np.nan_to_num(err), minlength=k)
+                for j, v in enumerate(values):
+                    cells[(fname, v)] = [int(n[j]), 0, float(mae[j])]
+                continue
+            ok = np.bincount(codes, correct, minlength=k)
+            if pos is not None:
+                yt, yp = y == pos, yhat == pos
+                tp = np.bincount(codes, yt & yp, minlength=k)
+                fn = np.bincount(codes, yt & ~yp, minlength=k)
+                fp = np.bincount(codes, ~yt & yp, minlength=k)
+            else:
+                tp = fn = fp = np.zeros(k)
+            for j, v in enumerate(values):
+                cells[(fname, v)] = [int(n[j]), int(ok[j]), int(tp[j]), int(fn[j]), int(fp[j])]
+        return {"cells": cells}
+
+    def _segment_report(self, seg: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"fields": {}, "gaps": {}, "cut": self.segments_cut}
+        minimum = self.s.segments.min_labels
+        for (fname, value), cell in seg["cells"].items():
+            n = cell[0]
+            if self.task == "classification":
+                n_, ok, tp, fn, fp = cell
+                tn = n - tp - fn - fp
+                fig = {"labels": n, "accuracy": ok / n if n else None,
+                       "true_positive_rate": tp / (tp + fn) if tp + fn else None,
+                       "false_positive_rate": fp / (fp + tn) if fp + tn else None,
+                       "predicted_positive_rate": (tp + fp) / n if n else None}
+            else:
+                fig = {"labels": n, "mae": cell[2] / n if n else None}
+            out["fields"].setdefault(fname, {})[value] = fig
+        for fname, values in out["fields"].items():
+            gaps = {}
+            for metric in ("accuracy", "true_positive_rate", "false_positive_rate", "mae"):
+                vals = [v[metric] for v in values.values()
+                        if v["labels"] >= minimum and v.get(metric) is not None]
+                if len(vals) >= 2:
+                    gaps[metric] = max(vals) - min(vals)
+            out["gaps"][fname] = gaps
+        return out
+
+    def _segment_findings(self, report, seg: dict[str, Any]) -> list:
+        if self.task != "classification":
+            return []
+        minimum = self.s.segments.min_labels
+        compared = [(key, cell) for key, cell in seg["cells"].items()
+                    if cell[0] >= minimum and self.ref.segments.get(key, [0])[0] >= minimum]
+        out = []
+        for key, cell in compared:
+            n, ok = cell[0], cell[1]
+            rn, rok = self.ref.segments[key]
+            acc, ref_acc = ok / n, rok / rn
+            drop = ref_acc - acc
+            rel = drop / ref_acc if ref_acc else 0.0
+            p = ps.proportion_test_p(ok, n, rok, rn) * len(compared)
+            severity = max(severity_of(drop, self.s.drop.absolute),
+                           severity_of(rel, self.s.drop.relative)) \
+                if p < self.s.significance and drop > 0 else 0
+            f = Finding("performance", self.model, None, severity, "accuracy", acc,
+                        ref_acc - (self.s.drop.absolute.warning if self.s.drop.absolute else 0))
+            out.append((f"segment:{key[0]}={key[1]}", f,
+                        {"segment": {key[0]: key[1]}, "reference_value": ref_acc, "drop": drop,
+                         "relative_drop": rel, "labels": n}))
+        return out
+
+
+class PerformanceStage:
+    """All models' `ModelPerformance`, alerting through the shared `AlertPolicy`."""
+
+    def __init__(self, config: Config, policy: AlertPolicy):
+        self.config = config
+        self.policy = policy
+        self.models: dict[str, ModelPerformance] = {}
+
+    def add_model(self, name: str, reference: Reference | None) -> None:
+        self.models[name] = ModelPerformance(name, performance_settings(self.config, name),
+                                             reference, where=f"models.{name}.")
+
+    def predictions(self, model: str, positions: list, ts: list,
+                    outcomes: dict[str, list]) -> list:
+        """Join a model's decoded predictions; returns the windows that filled."""
+        mp = self.models.get(model)
+        if mp is None:
+            return []
+        return mp.add_pairs(mp.buffer.add_predictions(positions, ts, outcomes))
+
+    def labels(self, events: list[LabelEvent]) -> tuple[dict[str, list], Counter]:
+        """Join label events; returns closed windows per model and unknown-model counts."""
+        by_model: dict[str, list[LabelEvent]] = {}
+        unknown: Counter = Counter()
+        for ev in events:
+            if ev.model in self.models:
+                by_model.setdefault(ev.model, []).append(ev)
+            else:
+                unknown[ev.model[:100]] += 1
+        closed = {}
+        for model, evs in by_model.items():
+            mp = self.models[model]
+            closed[model] = mp.add_pairs(mp.buffer.add_labels(evs))
+        return closed, unknown
+
+    def close(self, model: str, closed: list) -> tuple[list[dict], list[dict], list[dict]]:
+        """Reports, alert events and window findings of the closed windows of a model."""
+        mp = self.models[model]
+        reports, alerts, states = [], [], []
+        cfg = self.policy.config[model]
+        for version, pairs, index in closed:
+            report, findings = mp.evaluate(version, pairs, index)
+            diagnosis = self.diagnose(model, findings)
+            if diagnosis:
+                report["diagnosis"] = diagnosis
+            now = report["window"]["end"] or report["window"]["label_end"] or ""
+            for scope, f, extra in findings:
+                key = (model, f"{version}\x1f{scope}", f.kind)
+                change, started = self.policy._step(key, f.severity, cfg, now)
+                if change is None:
+                    continue
+                if change == "resolved":
+                    f = Finding(f.kind, f.model, None, self.policy._resolved_severity, f.method,
+                                f.value, f.threshold)
+                alerts.append(self._event(f, change, report, diagnosis, started, version,
+                                          scope, extra))
+            states.append({"report": report, "findings": findings})
+            reports.append(report)
+        return reports, alerts, states
+
+    def _event(self, f: Finding, change: str, report: dict, diagnosis, started: str,
+               version: str | None, scope: str, extra: dict) -> dict[str, Any]:
+        ev = self.policy._event(f, change, report, diagnosis if f.kind != "label_shift" else None,
+                                started=started)
+        ev["fingerprint"] = fingerprint(f.model, f"{version or ''}\x1f{scope}", f.kind)
+        if version is not None:
+            ev["labels"]["model_version"] = str(version)
+        if "segment" in extra:
+            (sf, sv), = extra["segment"].items()
+            ev["labels"]["segment"] = f"{sf}={sv}"
+            ev["segment"] = extra["segment"]
+        for k in ("reference_value", "drop", "relative_drop", "label_rate",
+                  "reference_label_rate", "predicted_positive_rate",
+                  "reference_predicted_positive_rate", "label_mean", "reference_label_mean"):
+            if k in extra:
+                ev[k] = extra[k]
+        win = report["window"]
+        ev["window"] = {k: win[k] for k in ("start", "end", "labels", "first_line", "last_line")
+                        if k in win}
+        summary = ev["annotations"]["summary"]
+        if f.kind == "label_shift" and "label_rate" in extra:
+            ppr = extra.get("predicted_positive_rate")
+            rppr = extra.get("reference_predicted_positive_rate")
+            summary = (f"Label base rate of model {f.model} is {extra['label_rate']:.1%} against "
+                       f"{extra['reference_label_rate']:.1%} in the reference; predicted "
+                       f"positive rate {_pct(ppr)} against {_pct(rppr)}")
+        elif "segment" in extra:
+            summary = (f"Accuracy of model {f.model} in segment {ev['labels']['segment']} fell "
+                       f"to {f.value:.1%} (reference {extra['reference_value']:.1%})")
+        if change == "resolved" and not summary.startswith("Resolved"):
+            summary = "Resolved: " + summary
+        ev["annotations"]["summary"] = summary
+        return ev
+
+    def diagnose(self, model: str, findings: list) -> dict[str, Any] | None:
+        """Why performance fell: a pipeline fault, data and concept drift, or concept drift."""
+        perf = any(f.severity for _, f, _ in findings if f.kind in ("performance",
+                                                                    "concept_drift"))
+        if not perf:
+            return None
+        faults, drifted = fault_state(self.policy, model)
+        if faults:
+            cause, fix, feats = faults[0]
+            return {"root_cause": cause, "explanation": f"a pipeline fault, not the model: {fix}",
+                    "top_features": feats[:10], "pipeline_fault": True}
+        label = any(f.severity for _, f, _ in findings if f.kind == "label_shift")
+        if drifted:
+            return {"root_cause": "data_and_concept_drift",
+                    "explanation": "performance fell and the inputs drifted too: the new "
+                                   "population is handled worse",
+                    "top_features": drifted[:10]}
+        if label:
+            return {"root_cause": "label_shift",
+                    "explanation": "performance fell with the base rate of the target while "
+                                   "inputs did not drift", "top_features": []}
+        return {"root_cause": "concept_drift",
+                "explanation": "performance fell while the inputs did not drift: the relation "
+                               "between inputs and outcome changed", "top_features": []}
+
+
+def fault_state(policy: AlertPolicy, model: str) -> tuple[list, list[str]]:
+    """Firing pipeline faults [(cause, fix, features)] and drifted features of a model."""
+    faults: dict[str, tuple[str, str, list[str]]] = {}
+    drifted: list[str] = []
+    for (m, feature, kind), st in policy.states.items():
+        if m != model or not st.severity:
+            continue
+        if kind in PIPELINE_FAULTS:
+            cause, fix = PIPELINE_FAULTS[kind]
+            entry = faults.setdefault(kind, (cause, fix, []))
+            if isinstance(feature, str) and "\x1f" not in feature:
+                entry[2].append(feature)
+        elif kind in INPUT_DRIFT and isinstance(feature, str) and "\x1f" not in feature:
+            drifted.append(feature)
+        elif kind == "dataset_drift":
+            drifted.append("(dataset)")
+    return [faults[k] for k in PIPELINE_FAULTS if k in faults], drifted
+
+
+def _task_from(reference: Reference | None) -> str | None:
+    if reference is None:
+        return None
+    for prof in (reference.label, reference.prediction):
+        if isinstance(prof, CategoricalProfile):
+            return "classification"
+    if isinstance(reference.label, NumericProfile):
+        return "regression"
+    return None
+
+
+def _is_probability(v: Any) -> bool:
+    return type(v) is float and 0.0 <= v <= 1.0 and not v.is_integer()
+
+
+def _number(v: Any) -> float:
+    return float(v) if type(v) in (int, float) else math.nan
+
+
+def _name(classes: dict[str, int], idx: int | None) -> str | None:
+    for k, v in classes.items():
+        if v == idx:
+            return k
+    return None
+
+
+def _nanmin(a: np.ndarray) -> float | None:
+    return float(np.nanmin(a)) if a.size and not np.isnan(a).all() else None
+
+
+def _nanmax(a: np.ndarray) -> float | None:
+    return float(np.nanmax(a)) if a.size and not np.isnan(a).all() else None
+
+
+def _f(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"

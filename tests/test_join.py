@@ -1,0 +1,144 @@
+"""Label join: decoding label events, the join buffer, its bounds and its counters."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import orjson
+import pytest
+
+from stream_monitor import join
+from stream_monitor.config import FieldMapping, JoinConfig
+from stream_monitor.join import JoinBuffer, LabelEvent, decode_labels, looks_like_label
+
+FIELDS = FieldMapping()
+
+
+def outcomes(ids, preds=None, labels=None, scores=None, segs=None, version=None):
+    n = len(ids)
+    return {"event_id": list(ids), "prediction": list(preds or [1] * n),
+            "scores": list(scores or [None] * n), "label": list(labels or [None] * n),
+            "segment": list(segs or [None] * n), "model_version": [version] * n}
+
+
+def labels(ids, ts, values=None, pos0=1000):
+    values = values or [1] * len(ids)
+    return [LabelEvent("m", str(i), v, float(t), pos0 + k)
+            for k, (i, t, v) in enumerate(zip(ids, ts, values, strict=True))]
+
+
+def test_decode_labels_accepts_and_rejects_with_reasons():
+    lines = [
+        b'{"model": "m", "event_id": "a", "label": 1, "ts": 10}',
+        b'{"model": "m", "event_id": 7, "label": "yes", "ts": "2026-11-22T10:00:00Z"}',
+        b'{"model": "m", "event_id": "b", "label": true, "ts": 1.5}',
+        b'not json',
+        b'[1, 2]',
+        b'{"event_id": "c", "label": 1, "ts": 1}',
+        b'{"model": "m", "label": 1, "ts": 1}',
+        b'{"model": "m", "event_id": "d", "ts": 1}',
+        b'{"model": "m", "event_id": "e", "label": null, "ts": 1}',
+        b'{"model": "m", "event_id": "f", "label": {"x": 1}, "ts": 1}',
+        b'{"model": "m", "event_id": "g", "label": 1}',
+        b'{"model": "m", "event_id": "h", "label": 1, "ts": "yesterday"}',
+        b'{"model": "m", "event_id": true, "label": 1, "ts": 1}',
+    ]
+    events, rejects = decode_labels(lines, list(range(1, len(lines) + 1)), FIELDS)
+    assert [(e.event_id, e.label) for e in events] == [("a", 1), ("7", "yes"), ("b", True)]
+    assert events[1].ts == pytest.approx(1795341600.0)
+    assert [r.position for r in rejects] == list(range(4, 14))
+    assert {r.reason for r in rejects} == {join.LABEL_MALFORMED}
+    details = [r.detail for r in rejects]
+    assert "not JSON" in details[0] and "list" in details[1] and "'model'" in details[2]
+    assert "'event_id'" in details[3] and "'label'" in details[4] and "'ts'" in details[7]
+
+
+def test_looks_like_label_is_a_byte_test():
+    assert looks_like_label(b'{"model":"m","event_id":"a","label":1,"ts":1}', FIELDS)
+    assert not looks_like_label(b'{"model":"m","event_id":"a","features":{},"label":1}', FIELDS)
+    assert not looks_like_label(b'garbage', FIELDS)
+
+
+def test_out_of_order_and_late_labels_join_to_their_predictions():
+    rng = np.random.default_rng(3)
+    buf = JoinBuffer(JoinConfig(max_age=86400.0))
+    n = 500
+    ts = 1000.0 + np.arange(n) * 10.0
+    preds = rng.integers(0, 2, n).tolist()
+    buf.add_predictions(list(range(n)), ts.tolist(), outcomes(range(n), preds, version="v1"))
+    order = rng.permutation(n)
+    lab = labels(order, ts[order] + 3 * 3600.0, [preds[i] for i in order])  # 3 h late
+    pairs = buf.add_labels(lab)
+    assert len(pairs) == n and buf.joined == n and not buf.predictions
+    for pos, pts, lts, version, pred, _, _, label in pairs:
+        eid = pos - 1000
+        assert version == "v1" and pts == ts[order[eid]] and lts == pts + 3 * 3600.0
+        assert pred == label  # each label went to its own prediction
+
+
+def test_labels_before_predictions_wait_and_join():
+    buf = JoinBuffer(JoinConfig())
+    assert buf.add_labels(labels(["x", "y"], [5.0, 6.0], [0, 1])) == []
+    assert len(buf.labels) == 2
+    pairs = buf.add_predictions([1, 2, 3], [1.0, 2.0, 3.0], outcomes(["y", "z", "x"], [1, 1, 0]))
+    assert sorted((p[4], p[7]) for p in pairs) == [(0, 0), (1, 1)]
+    assert list(buf.predictions) == ["z"] and not buf.labels
+
+
+def test_unjoined_counted_by_reason():
+    buf = JoinBuffer(JoinConfig(max_age=100.0, max_predictions=1000))
+    buf.add_predictions([1, 2, 3, 4], [0.0, 1.0, 2.0, 3.0], outcomes(["a", "b", None, "a"]))
+    assert buf.unjoined[join.PREDICTION_NO_ID] == 1
+    assert buf.unjoined[join.PREDICTION_DUPLICATE] == 1
+    buf.add_labels(labels(["a", "a"], [10.0, 11.0]))
+    assert buf.unjoined[join.LABEL_DUPLICATE] == 1 and buf.joined == 1
+    # a label far ahead in event time expires "b" (no label within max_age)
+    buf.add_labels(labels(["zz"], [500.0]))
+    assert buf.unjoined[join.PREDICTION_EXPIRED] == 1 and not buf.predictions
+    # "zz" waits for a prediction; predictions past its time + max_age expire it
+    buf.add_predictions([9], [700.0], outcomes(["q"]))
+    assert buf.unjoined[join.LABEL_UNKNOWN_EVENT] == 1 and not buf.labels
+
+
+def test_inline_label_joins_at_once_and_a_later_topic_label_is_a_duplicate():
+    buf = JoinBuffer(JoinConfig())
+    pairs = buf.add_predictions([1, 2], [1.0, 2.0],
+                                outcomes(["a", None], [1, 0], labels=[1, 1], version="v2"))
+    assert len(pairs) == 2 and not buf.predictions
+    assert buf.add_labels(labels(["a"], [3.0])) == []
+    assert buf.unjoined[join.LABEL_DUPLICATE] == 1
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bounds_hold_over_a_long_unlabelled_stream(seed):
+    rng = np.random.default_rng(seed)
+    bounds = JoinConfig(max_predictions=300, max_labels=50, max_age=1e9)
+    buf = JoinBuffer(bounds)
+    n_in = 0
+    for b in range(40):
+        ids = [f"{b}-{i}" for i in range(100)]
+        ts = (b * 100 + np.arange(100)).astype(float).tolist()
+        buf.add_predictions(list(range(100)), ts, outcomes(ids))
+        n_in += 100
+        stray = labels([f"nope-{b}-{i}" for i in range(20)], [ts[-1]] * 20)
+        lab = labels([ids[i] for i in rng.choice(100, 10, replace=False)], [ts[-1]] * 10)
+        buf.add_labels(stray + lab)
+        assert len(buf.predictions) <= 300 and len(buf.labels) <= 50
+        assert len(buf.joined_ids) <= 300
+    # every prediction is joined, waiting, or counted unjoined
+    assert n_in == buf.joined + len(buf.predictions) + buf.unjoined[join.PREDICTION_EVICTED]
+    assert buf.unjoined[join.LABEL_UNKNOWN_EVENT] == 40 * 20 - len(buf.labels)
+
+
+def test_state_round_trips_through_json():
+    buf = JoinBuffer(JoinConfig())
+    buf.add_predictions([1, 2], [1.0, math.nan], outcomes(
+        ["a", "b"], ["yes", "no"], scores=[{"yes": 0.8, "no": 0.2}, None],
+        segs=[{"r": "eu"}, None], version="v"))
+    buf.add_labels(labels(["c"], [5.0]))
+    state = orjson.loads(orjson.dumps(buf.state()))
+    again = JoinBuffer.from_state(JoinConfig(), state)
+    assert again.state() == buf.state()
+    pairs = again.add_labels(labels(["a"], [9.0], ["yes"]))
+    assert pairs[0][4:] == ("yes", {"yes": 0.8, "no": 0.2}, {"r": "eu"}, "yes")
