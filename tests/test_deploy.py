@@ -1221,15 +1221,21 @@ def test_compose_monitor_detects_the_generators_drift(kafka_broker, tmp_path):
                 flagged.add((labels["model"], labels["feature"], labels.get("check", "drift")))
         return windows, flagged
 
+    def probe(command: list[str]) -> int:
+        """A healthcheck command of the Dockerfile or the compose file, run here."""
+        assert command[:2] == ["python", "-c"], command
+        code = command[2].replace(f"127.0.0.1:{METRICS_PORT}", f"127.0.0.1:{port}")
+        return subprocess.run(["python3", "-c", code], capture_output=True, timeout=30).returncode
+
+    readiness = services()["stream-monitor"]["healthcheck"]["test"][1:]   # after "CMD"
+    health = instructions(dockerfile_stages()[-1], "HEALTHCHECK")[0]
+    liveness = json.loads(health[health.index("CMD") + 3:].strip())
     try:
         deadline = time.monotonic() + 60
-        while True:   # ready: partitions assigned (what compose's healthcheck waits for)
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=1):
-                    break
-            except OSError:
-                assert mon.poll() is None and time.monotonic() < deadline, "monitor not ready"
-                time.sleep(0.3)
+        while probe(readiness) != 0:   # what compose waits for before starting the traffic
+            assert mon.poll() is None and time.monotonic() < deadline, "monitor not ready"
+            time.sleep(0.3)
+        assert probe(liveness) == 0
         gen = subprocess.Popen([exe, "generate", "--bootstrap-servers",
                                 kafka_broker.bootstrap_servers, "--topic",
                                 topics["inferences"][0], "--rate", "8000", "--drift-after", "10",
