@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
 
 from .decode import Reject
+
+log = logging.getLogger("stream_monitor")
 
 
 def reject_record(reject: Reject) -> dict[str, Any]:
@@ -62,6 +66,10 @@ class ReplayFiles:
             sink.close()
 
 
+def _instant(iso: str) -> datetime:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
 def alertmanager_payload(alert: dict[str, Any], now: str | None = None) -> dict[str, Any]:
     """An alert event as Alertmanager's v2 API takes it.
 
@@ -70,10 +78,13 @@ def alertmanager_payload(alert: dict[str, Any], now: str | None = None) -> dict[
     """
     from .policy import iso_now
     now = now or iso_now()
+    # compared as instants, not strings: event times carry fractions of a second and the
+    # clock does not, and a startsAt after endsAt makes Alertmanager refuse the alert
+    starts = min(alert["startsAt"], now, key=_instant)
     payload = {"labels": alert["labels"], "annotations": alert["annotations"],
-               "startsAt": min(alert["startsAt"], now)}
+               "startsAt": starts}
     if alert["status"] == "resolved":
-        payload["endsAt"] = now
+        payload["endsAt"] = max(now, starts, key=_instant)
     if alert.get("generatorURL"):
         payload["generatorURL"] = alert["generatorURL"]
     return payload
@@ -144,6 +155,20 @@ class AlertmanagerPush:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 ok = 200 <= resp.status < 300
+        except urllib.error.HTTPError as exc:
+            ok = False
+            if 400 <= exc.code < 500 and exc.code != 429:
+                # refused for its content: Alertmanager keeps the valid alerts of a post
+                # and names the others; sending them again would block every later alert
+                detail = exc.read()[:300].decode(errors="replace")
+                log.error("Alertmanager refused %d alert(s) (HTTP %d): %s",
+                          len(self.pending), exc.code, detail)
+                if self.on_failure is not None:
+                    self.on_failure(len([p for p in self.pending
+                                         if id(p) not in self._counted]))
+                self.pending, self._counted = [], set()
+                self.last_sent = time.monotonic()
+                return False
         except (urllib.error.URLError, OSError):
             ok = False
         if ok:

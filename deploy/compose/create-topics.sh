@@ -13,6 +13,7 @@ TOPICS=(
   "labels 3"                            # delayed ground truth
   "model-alerts 1"                      # alert events, key = fingerprint
   "model-events-dlq 1"                  # rejected messages with their reason in headers
+  "model-retrain 1"                     # retraining requests (performance monitoring)
 )
 
 for spec in "${TOPICS[@]}"; do
