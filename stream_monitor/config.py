@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 FeatureKind = Literal["numeric", "categorical"]
 
-# "wasserstein" was offered until the reference format 2: binned, it was biased 3-5x on
+# "wasserstein" was offered until reference format 2: binned, it was biased 2.5-5x on
 # heavy-tailed and skewed data (see README, methods), so it is no longer a method.
 NUMERIC_METHODS = ("psi", "jensen_shannon", "ks", "mean_shift")
 CATEGORICAL_METHODS = ("psi", "jensen_shannon")

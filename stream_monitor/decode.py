@@ -87,7 +87,7 @@ class CategoryCodes(dict):
     `_MEMO` values, so memory stays bounded), so repeats are plain dict hits.
     """
 
-    _MEMO = 65_536
+    _MEMO = 16_384
 
     def __init__(self, categories: Sequence[str], seen: Any = None):
         super().__init__((c, i) for i, c in enumerate(categories))

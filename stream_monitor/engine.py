@@ -71,8 +71,11 @@ class NumericState:
 
     counts: np.ndarray          # (layout.size,) binned counts incl. missing slot
     n: np.ndarray               # non-missing values per column
-    s1: np.ndarray              # sum of standardised values (Python ints, 2**-32 units)
-    s2: np.ndarray              # sum of squared standardised values (same)
+    # Sums of standardised values and of their squares: object arrays of Python ints in
+    # units of 2**-32 (exact, unbounded; `stats.fixed_point_value` turns one into a
+    # float). A snapshot should store them as integers (`.tolist()`), not as floats.
+    s1: np.ndarray
+    s2: np.ndarray
     min: np.ndarray
     max: np.ndarray
     out_of_range: np.ndarray

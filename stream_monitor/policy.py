@@ -330,6 +330,11 @@ class AlertPolicy:
         if not firing:
             del self.states[gkey]
             gf = replace(gf, severity=group.severity)
+            # the resolved event names the features it was last sent with, now back at ok
+            listed = [{"feature": n, "method": feats[n]["method"], "value": feats[n]["value"],
+                       "threshold": feats[n]["threshold"], "severity": "ok"}
+                      for n in sorted(group.members & feats.keys(),
+                                      key=lambda n: -(feats[n]["value"] or 0.0))]
             return [self._event(gf, "resolved", report, diagnosis, listed, group.started)]
         if severity != group.severity or frozenset(firing) != group.members:
             # a feature joined or left (or the severity moved): one update per window,

@@ -320,7 +320,9 @@ def binomial_excess_pvalue(k: int, n: int, p0: float) -> float:
     if n <= 0 or k <= 0:
         return 1.0
     p0 = min(max(p0, 0.0), 1.0)
-    return float(special.bdtrc(k - 1, n, p0))  # = scipy.stats.binom.sf(k - 1, n, p0)
+    # special.bdtrc(k-1, n, p) = P(X > k-1): the ufunc costs ~1 us where
+    # scipy.stats.binom.sf costs ~40 us, and it runs for every check of every feature
+    return float(min(max(special.bdtrc(k - 1, n, p0), 0.0), 1.0))
 
 
 def quantile_edges(values: np.ndarray, bins: int) -> np.ndarray:

@@ -166,6 +166,8 @@ def test_grouped_alert_is_updated_when_features_join_or_leave():
     # f01 went back to ok in window 3 and resolves after resolve_after=2 windows
     assert {f["feature"] for f in left["features"]} == {"f02", "f03", "f04", "f05"}
     assert joined["startsAt"] == fired["startsAt"]
+    assert {f["feature"] for f in resolved["features"]} == {"f02", "f03", "f04", "f05"}
+    assert all(f["severity"] == "ok" for f in resolved["features"])
     # Alertmanager keeps only labels and annotations: the full list is an annotation
     assert joined["annotations"]["features"].split(", ") == [
         f["feature"] for f in joined["features"]]
