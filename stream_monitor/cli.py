@@ -23,7 +23,6 @@ from .config import (
     parse_config,
     read_document,
 )
-from .reference import ReferenceError, build_reference
 
 
 class UsageError(Exception):
@@ -90,6 +89,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_reference_build(args: argparse.Namespace) -> int:
+    from .reference import build_reference
     profile, fields, kinds = ProfileConfig(), FieldMapping(), {}
     if args.config:
         cfg = load_config(args.config)
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    except (ReferenceError, UsageError) as exc:
+    except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file or socket the user named: still one line, no traceback
@@ -441,6 +441,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # imported here: the engine (numpy, scipy) is loaded by the commands that use it,
+        # not by every start of the CLI (`run` joins its consumer group meanwhile)
+        from .reference import ReferenceError
+        if isinstance(exc, ReferenceError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

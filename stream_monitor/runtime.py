@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import orjson
@@ -28,9 +28,10 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from prometheus_client import make_wsgi_app
 
 from .config import Config, ConfigError, load_config
-from .metrics import MonitorMetrics
-from .pipeline import BatchResult, Monitor
-from .sinks import AlertmanagerPush
+
+if TYPE_CHECKING:  # imported where used: `run` joins its group while the engine loads
+    from .metrics import MonitorMetrics
+    from .pipeline import BatchResult, Monitor
 
 log = logging.getLogger("stream_monitor")
 
@@ -261,17 +262,30 @@ class KafkaSidecar:
     def __init__(self, config: Config, monitor: Monitor | None = None,
                  metrics: MonitorMetrics | None = None,
                  on_alert: Callable[[dict[str, Any]], None] | None = None,
-                 on_batch: Callable[[BatchResult], None] | None = None):
+                 on_batch: Callable[[BatchResult], None] | None = None,
+                 join_early: bool = False):
         self.config = config
-        self.monitor = monitor or Monitor(config)
-        self.metrics = metrics or MonitorMetrics(config.metrics)
-        self.on_alert, self.on_batch = on_alert, on_batch
-        self.stopping = threading.Event()
         self.kafka_log = KafkaLogBridge()
         self.consumer = Consumer({**consumer_config(config.kafka), "logger": self.kafka_log,
                                   "error_cb": self._on_kafka_error})
         self.producer = Producer({**producer_config(config.kafka), "logger": self.kafka_log,
                                   "error_cb": self._on_kafka_error})
+        self._subscribed = False
+        if join_early:
+            # The group join takes seconds (on the embedded broker half the session
+            # timeout): start it now, so it overlaps with loading the engine and the
+            # references below. Callbacks only run inside consume(), after __init__.
+            self.subscribe()
+        from .metrics import MonitorMetrics
+        from .pipeline import Monitor
+        try:
+            self.monitor = monitor or Monitor(config)
+        except BaseException:
+            self.consumer.close()
+            raise
+        self.metrics = metrics or MonitorMetrics(config.metrics)
+        self.on_alert, self.on_batch = on_alert, on_batch
+        self.stopping = threading.Event()
         self.assigned: set[tuple[str, int]] = set()
         self.broker_ok = False
         self.last_error = ""
@@ -283,6 +297,7 @@ class KafkaSidecar:
         self.http: HttpEndpoints | None = None
         self.push = None
         if config.alertmanager.url:
+            from .sinks import AlertmanagerPush
             self.push = AlertmanagerPush(config.alertmanager.url, config.alertmanager.timeout,
                                          on_failure=self.metrics.alert_failures.inc)
             # (the failure counter counts each failed alert once, not each retry)
@@ -468,6 +483,9 @@ class KafkaSidecar:
         return len(messages)
 
     def subscribe(self) -> None:
+        if self._subscribed:  # again would make the group rebalance
+            return
+        self._subscribed = True
         self.consumer.subscribe(list(self.config.topics.inferences), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke)
 
@@ -531,7 +549,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 probe.bind((cfg.http.host, cfg.http.port))
             except OSError as exc:
                 raise ConfigError([http_port_problem(cfg, exc)]) from None
-    sidecar = KafkaSidecar(cfg)
+    sidecar = KafkaSidecar(cfg, join_early=True)
     try:
         http = sidecar.serve_http()
     except OSError as exc:
