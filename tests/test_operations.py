@@ -235,3 +235,37 @@ def test_log_bridge_reminds_periodically_and_rate_limits_repeats(caplog):
     clock.now += 61.0
     bridge.log(logging.WARNING, "%s [%s] %s", "COMMITFAIL", "c", "Offset commit failed for 14")
     assert caplog.records[-1].getMessage().endswith("for 14 (1 more like it since)")
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.mark.slow
+def test_demo_live_view_ends_ready_with_a_rate_and_leaves_no_files(tmp_path):
+    """The live view as a terminal shows it (rich's TTY_COMPATIBLE), default port."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "200", "TMPDIR": str(tmp),
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "stream_monitor", "demo", "--duration", "14",
+                           "--drift-after", "5", "--rate", "3000"], capture_output=True,
+                          text=True, timeout=180, env=env, cwd=tmp_path)
+    out = ANSI.sub("", proc.stdout)
+    assert proc.returncode == 0, out + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    # a free port was picked and printed
+    assert re.search(r"serving metrics at http://127\.0\.0\.1:\d+/metrics", out), out
+    heads = re.findall(r"stream-monitor demo +\d+s +produced ([\d,]+) +counted ([\d,]+) +"
+                       r"([\d,]+) events/s( on average)? +windows \d+ +(.*)", out)
+    assert heads, out
+    *running, final = heads
+    # the final frame: the run was ready (not "no partitions assigned yet" after close)
+    assert final[3] == " on average" and final[4].startswith("finished (was ready"), final
+    counted, rate = (int(final[i].replace(",", "")) for i in (1, 2))
+    assert counted > 10_000 and rate > 0, final
+    # while events were counted, the live rate never read 0
+    assert all(int(r.replace(",", "")) > 0 for _, c, r, _, _ in running[-5:]
+               if int(c.replace(",", "")) > 5000), running[-5:]
+    assert "FeatureDrift" in out and "DataQuality" in out
+    # everything the demo wrote is gone (references, training files, the broker's log)
+    assert list(tmp.iterdir()) == [], list(tmp.iterdir())
