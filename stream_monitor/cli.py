@@ -306,10 +306,13 @@ def _cmd_broker(args: argparse.Namespace) -> int:
         raise UsageError(f"--rate: must be positive (got {args.rate})")
     if args.partitions < 1:
         raise UsageError(f"--partitions: must be at least 1 (got {args.partitions})")
-    broker = EmbeddedBroker(port=args.port or None)
+    import tempfile
+    logs = tempfile.TemporaryDirectory(prefix="stream-monitor-broker-")  # removed at exit
+    broker = EmbeddedBroker(port=args.port or None, log_path=str(Path(logs.name) / "tansu.log"))
     try:
         broker.start()
     except RuntimeError as exc:
+        logs.cleanup()
         first = str(exc).splitlines()[0]
         hint = " (try --port 0 for any free port)" if args.port else ""
         raise UsageError(f"broker: {first}{hint}") from None
@@ -335,10 +338,12 @@ def _cmd_broker(args: argparse.Namespace) -> int:
                   "over and over", flush=True)
         while not stop.wait(0.5):
             if not broker.is_running:
+                last = (broker.log_tail(1) or "no output").strip()
                 raise UsageError(f"broker: the broker at {broker.bootstrap_servers} exited "
-                                 f"(log: {broker.log_path})")
+                                 f"(its last line: {last})")
     finally:
         broker.stop()
+        logs.cleanup()
     print("broker stopped (its topics and messages are gone: storage is in memory)")
     return 0
 
