@@ -116,15 +116,20 @@ class KafkaLogBridge:
     """librdkafka's log lines and client errors -> Python logging, quietly.
 
     Passed as the clients' `logger` (so librdkafka no longer writes raw lines to
-    stderr) and fed their `error_cb`. Losing the broker is one warning ("unreachable,
+    stderr) and fed their `error_cb`. Losing the cluster (librdkafka's "all brokers
+    down", or a failed request of the sidecar's own) is one warning ("unreachable,
     retrying"), getting it back one info line, with a reminder every `reminder`
-    seconds in between; any other librdkafka line is logged at its own level at most
-    once per `reminder` seconds per kind of message, with a count of the repeats.
+    seconds in between. Trouble with one broker connection (refused, disconnected:
+    librdkafka retries it several times a second, and idle connections are closed
+    routinely) is only logged at DEBUG: the cluster-level state says what matters.
+    Any other librdkafka line is logged at its own level at most once per `reminder`
+    seconds per kind of message, with a count of the repeats.
     """
 
-    _DOWN_CODES = (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE)
-    _DOWN_TEXT = re.compile(r"Connect to .* failed|brokers are down|Connection refused|"
-                            r"Failed to resolve|Disconnected")
+    _DOWN_CODES = (KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE)
+    _CONNECTION_CODES = (KafkaError._TRANSPORT,)
+    _CONNECTION_TEXT = re.compile(r"Connect to .* failed|brokers are down|Connection refused|"
+                                  r"Disconnected|Receive failed|Send failed|timed out")
 
     def __init__(self, logger: logging.Logger | None = None, reminder: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, grace: float = 5.0):
@@ -140,8 +145,8 @@ class KafkaLogBridge:
     def log(self, level: int, fmt: str, *args: Any) -> None:
         facility, message = (args[0], args[-1]) if len(args) >= 3 else ("", fmt % args)
         message = re.sub(r"^\[thrd:[^\]]*\]: ", "", str(message))
-        if level >= logging.WARNING and self._DOWN_TEXT.search(message):
-            self.unreachable(message)
+        if self._CONNECTION_TEXT.search(message):
+            self.logger.debug("kafka %s: %s", facility, message)
         else:
             self._limited(level, f"kafka {facility}: {message}")
 
@@ -149,6 +154,8 @@ class KafkaLogBridge:
         """The clients' `error_cb` and consume() errors."""
         if err.code() in self._DOWN_CODES:
             self.unreachable(err.str())
+        elif err.code() in self._CONNECTION_CODES:
+            self.logger.debug("kafka: %s", err.str())
         else:
             self._limited(logging.WARNING, f"kafka: {err.str()}")
 

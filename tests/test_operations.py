@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, Producer
 from helpers import wait_until
 
 from stream_monitor import synthetic
@@ -190,17 +190,19 @@ class _Clock:
 def test_log_bridge_reminds_periodically_and_rate_limits_repeats(caplog):
     clock = _Clock()
     bridge = KafkaLogBridge(logging.getLogger("test.kafka"), reminder=60.0, clock=clock)
-    caplog.set_level(logging.DEBUG, logger="test.kafka")
+    caplog.set_level(logging.INFO, logger="test.kafka")
     fail = "[thrd:x]: 127.0.0.1:9/bootstrap: Connect to ipv4#127.0.0.1:9 failed: refused"
+    down = KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down")
     for _ in range(50):  # librdkafka's retries within the first minute
         bridge.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", fail)
+        bridge.error(KafkaError(KafkaError._TRANSPORT, "Disconnected"))
+        bridge.error(down)
         clock.now += 1.0
     assert [r.getMessage() for r in caplog.records] == [
-        "kafka: broker unreachable (127.0.0.1:9/bootstrap: Connect to ipv4#127.0.0.1:9 "
-        "failed: refused); retrying"]
+        "kafka: broker unreachable (1/1 brokers are down); retrying"]
     clock.now += 15.0  # 65 s after the first failure: one reminder
-    bridge.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", fail)
-    bridge.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", fail)
+    bridge.error(down)
+    bridge.unreachable("Failed to get metadata", confirmed=True)
     assert len(caplog.records) == 2
     assert "still unreachable after 65 s" in caplog.records[1].getMessage()
     bridge.reachable()
@@ -208,14 +210,20 @@ def test_log_bridge_reminds_periodically_and_rate_limits_repeats(caplog):
     assert len(caplog.records) == 3
     assert caplog.records[2].levelno == logging.INFO
     assert "reachable again after 65 s" in caplog.records[2].getMessage()
-    # a late librdkafka line right after that (they are queued until the next poll) is
-    # not a new outage; a failed request of our own is
+    # a late "all brokers down" right after that (librdkafka queues its errors until the
+    # next poll) is not a new outage; a failed request of our own is
     clock.now += 1.0
-    bridge.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", fail)
-    assert len(caplog.records) == 4 and caplog.records[3].levelno == logging.DEBUG
+    bridge.error(down)
+    assert len(caplog.records) == 3
     bridge.unreachable("Failed to get metadata", confirmed=True)
-    assert len(caplog.records) == 5 and "broker unreachable" in caplog.records[4].getMessage()
+    assert len(caplog.records) == 4 and "broker unreachable" in caplog.records[3].getMessage()
     bridge.reachable()
+    # one broker of a cluster refusing connections is not an outage (debug only)
+    caplog.clear()
+    clock.now += 10.0
+    for _ in range(20):
+        bridge.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", fail)
+    assert caplog.records == []
     # any other line: at its level, once per minute per kind, with the count of repeats
     caplog.clear()
     caplog.set_level(logging.INFO, logger="test.kafka")
