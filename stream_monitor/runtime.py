@@ -140,9 +140,12 @@ class KafkaLogBridge:
         self._reminded = 0.0
         self.last_error = ""
         self._seen: dict[str, list[float]] = {}  # kind of message -> [last logged, repeats]
+        self.silenced = False
 
     # librdkafka's `logger` hook: log(level, "%s [%s] %s", facility, client, message)
     def log(self, level: int, fmt: str, *args: Any) -> None:
+        if self.silenced:
+            return
         facility, message = (args[0], args[-1]) if len(args) >= 3 else ("", fmt % args)
         message = re.sub(r"^\[thrd:[^\]]*\]: ", "", str(message))
         if self._CONNECTION_TEXT.search(message):
@@ -152,6 +155,8 @@ class KafkaLogBridge:
 
     def error(self, err: KafkaError) -> None:
         """The clients' `error_cb` and consume() errors."""
+        if self.silenced:
+            return
         if err.code() in self._DOWN_CODES:
             self.unreachable(err.str())
         elif err.code() in self._CONNECTION_CODES:
@@ -277,25 +282,26 @@ class KafkaSidecar:
                                   "error_cb": self._on_kafka_error})
         self.producer = Producer({**producer_config(config.kafka), "logger": self.kafka_log,
                                   "error_cb": self._on_kafka_error})
+        self.assigned: set[tuple[str, int]] = set()
+        self.broker_ok = False
+        self.last_error = ""
         self._subscribed = False
         if join_early:
             # The group join takes seconds (on the embedded broker half the session
             # timeout): start it now, so it overlaps with loading the engine and the
-            # references below. Callbacks only run inside consume(), after __init__.
+            # references below. Callbacks only run inside consume() (and close()).
             self.subscribe()
         from .metrics import MonitorMetrics
         from .pipeline import Monitor
+        self.metrics = metrics or MonitorMetrics(config.metrics)
         try:
             self.monitor = monitor or Monitor(config)
-        except BaseException:
+        except BaseException:  # e.g. a bad reference: leave the group before reporting it
+            self.kafka_log.silenced = True  # the error is the one line to show, nothing else
             self.consumer.close()
             raise
-        self.metrics = metrics or MonitorMetrics(config.metrics)
         self.on_alert, self.on_batch = on_alert, on_batch
         self.stopping = threading.Event()
-        self.assigned: set[tuple[str, int]] = set()
-        self.broker_ok = False
-        self.last_error = ""
         self._retry: list[tuple[str, bytes | None, bytes, list, str]] = []
         self._undelivered = 0
         self._sequence = 0

@@ -52,6 +52,7 @@ def files(tmp_path_factory, busy_port) -> dict[str, Path]:
         "kafka: {bootstrap.servers: '127.0.0.1:1'}\n"
         f"http: {{host: 127.0.0.1, port: {busy_port}}}\n"
         "models:\n  churn:\n    reference: churn.json\n")
+    (d / "noref.yaml").write_text("models:\n  churn:\n    reference: gone.json\n")
     (d / "a-file").write_text("not a directory\n")
     return {p.name: p for p in d.iterdir()}
 
@@ -64,6 +65,7 @@ CASES = {
     "run: bad config": ("run --config {bad}", "http.port"),
     "run: librdkafka property typo": ("run --config {typo}", "kafka.bootstrap.server"),
     "run: busy port": ("run --config {busy}", "http.port"),
+    "run: missing reference": ("run --config {noref}", "gone.json"),
     "replay: bad argument": ("replay --config {good} --input {events}", "--out"),
     "replay: missing config": ("replay --config {nope_yaml} --input {events} --out {out}",
                                "nope.yaml"),
@@ -77,6 +79,8 @@ CASES = {
                                       "--out {out}/r.json --bins many", "--bins"),
     "reference build: bad config": ("reference build --config {bad} --model churn "
                                     "--input {events} --out {out}/r.json", "http.port"),
+    "reference build: missing config": ("reference build --config {nope_yaml} --model churn "
+                                        "--input {events} --out {out}/r.json", "nope.yaml"),
     "reference build: missing input": ("reference build --model churn --input {nope_jsonl} "
                                        "--out {out}/r.json", "nope.jsonl"),
     "check-config: bad argument": ("check-config", "config"),
@@ -97,7 +101,7 @@ CASES = {
 
 # A busy port is tried by a real process (sockets, logging set-up, a child broker); the
 # other cases run `main` in-process (the same code, without paying an interpreter start).
-SUBPROCESS = ("busy port",)
+SUBPROCESS = ("busy port", "missing reference")
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
@@ -106,6 +110,7 @@ def test_user_error_is_one_line_and_exit_2(case, files, busy_port, tmp_path, cap
     line, expected = CASES[case]
     names = {"good": files["good.yaml"], "bad": files["bad.yaml"], "typo": files["typo.yaml"],
              "busy": files["busy.yaml"], "events": files["events.jsonl"],
+             "noref": files["noref.yaml"],
              "afile": files["a-file"], "nope_yaml": tmp_path / "nope.yaml",
              "nope_jsonl": tmp_path / "nope.jsonl", "nope": tmp_path / "nope",
              "out": tmp_path / "out", "port": busy_port}
