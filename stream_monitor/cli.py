@@ -23,7 +23,6 @@ from .config import (
     parse_config,
     read_document,
 )
-from .reference import ReferenceError, build_reference
 
 
 class UsageError(Exception):
@@ -90,6 +89,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_reference_build(args: argparse.Namespace) -> int:
+    from .reference import build_reference
     profile, fields, kinds = ProfileConfig(), FieldMapping(), {}
     if args.config:
         cfg = load_config(args.config)
@@ -310,10 +310,13 @@ def _cmd_broker(args: argparse.Namespace) -> int:
         raise UsageError(f"--rate: must be positive (got {args.rate})")
     if args.partitions < 1:
         raise UsageError(f"--partitions: must be at least 1 (got {args.partitions})")
-    broker = EmbeddedBroker(port=args.port or None)
+    import tempfile
+    logs = tempfile.TemporaryDirectory(prefix="stream-monitor-broker-")  # removed at exit
+    broker = EmbeddedBroker(port=args.port or None, log_path=str(Path(logs.name) / "tansu.log"))
     try:
         broker.start()
     except RuntimeError as exc:
+        logs.cleanup()
         first = str(exc).splitlines()[0]
         hint = " (try --port 0 for any free port)" if args.port else ""
         raise UsageError(f"broker: {first}{hint}") from None
@@ -339,10 +342,12 @@ def _cmd_broker(args: argparse.Namespace) -> int:
                   "over and over", flush=True)
         while not stop.wait(0.5):
             if not broker.is_running:
+                last = (broker.log_tail(1) or "no output").strip()
                 raise UsageError(f"broker: the broker at {broker.bootstrap_servers} exited "
-                                 f"(log: {broker.log_path})")
+                                 f"(its last line: {last})")
     finally:
         broker.stop()
+        logs.cleanup()
     print("broker stopped (its topics and messages are gone: storage is in memory)")
     return 0
 
@@ -439,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    except (ReferenceError, UsageError) as exc:
+    except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file or socket the user named: still one line, no traceback
@@ -448,6 +453,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # imported here: the engine (numpy, scipy) is loaded by the commands that use it,
+        # not by every start of the CLI (`run` joins its consumer group meanwhile)
+        from .reference import ReferenceError
+        if isinstance(exc, ReferenceError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

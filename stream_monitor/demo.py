@@ -18,18 +18,20 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Producer
 
-from . import synthetic
 from .config import ProfileConfig, parse_config
-from .reference import build_reference
+
+if TYPE_CHECKING:  # the engine is imported when the demo runs, not when the CLI starts
+    from . import synthetic
 
 MODELS = ("churn", "fraud")
 
 
 def _drift(model: str, at: int) -> synthetic.Drift:
+    from . import synthetic
     if model == "churn":
         return synthetic.Drift(at=at, mean_shift={"f01": 0.8, "f04": 0.8, "f09": 0.8},
                                categorical={"plan": synthetic.SHIFTED_PLAN})
@@ -49,6 +51,7 @@ class Traffic(threading.Thread):
         self.sent = 0
 
     def run(self) -> None:
+        from . import synthetic
         per_model = self.rate / len(MODELS)
         at = int(per_model * self.drift_after)
         gens = [synthetic.generate(10**9, seed=100 + i, model=m, drift=_drift(m, at),
@@ -162,6 +165,8 @@ class LiveView:
 
 
 def _references(directory: Path) -> dict[str, Path]:
+    from . import synthetic
+    from .reference import build_reference
     out = {}
     for i, model in enumerate(MODELS):
         train = synthetic.write_jsonl(directory / f"{model}-train.jsonl", 30_000, seed=10 + i,

@@ -22,7 +22,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import orjson
@@ -30,10 +30,11 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from prometheus_client import make_wsgi_app
 
 from .config import Config, ConfigError, load_config
-from .decode import PROCESSING_ERROR, Reject
-from .metrics import MonitorMetrics
-from .pipeline import BatchResult, Monitor
-from .sinks import AlertmanagerPush
+
+if TYPE_CHECKING:  # imported where used: `run` joins its group while the engine loads
+    from .decode import Reject
+    from .metrics import MonitorMetrics
+    from .pipeline import BatchResult, Monitor
 
 log = logging.getLogger("stream_monitor")
 
@@ -122,15 +123,20 @@ class KafkaLogBridge:
     """librdkafka's log lines and client errors -> Python logging, quietly.
 
     Passed as the clients' `logger` (so librdkafka no longer writes raw lines to
-    stderr) and fed their `error_cb`. Losing the broker is one warning ("unreachable,
+    stderr) and fed their `error_cb`. Losing the cluster (librdkafka's "all brokers
+    down", or a failed request of the sidecar's own) is one warning ("unreachable,
     retrying"), getting it back one info line, with a reminder every `reminder`
-    seconds in between; any other librdkafka line is logged at its own level at most
-    once per `reminder` seconds per kind of message, with a count of the repeats.
+    seconds in between. Trouble with one broker connection (refused, disconnected:
+    librdkafka retries it several times a second, and idle connections are closed
+    routinely) is only logged at DEBUG: the cluster-level state says what matters.
+    Any other librdkafka line is logged at its own level at most once per `reminder`
+    seconds per kind of message, with a count of the repeats.
     """
 
-    _DOWN_CODES = (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE)
-    _DOWN_TEXT = re.compile(r"Connect to .* failed|brokers are down|Connection refused|"
-                            r"Failed to resolve|Disconnected")
+    _DOWN_CODES = (KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE)
+    _CONNECTION_CODES = (KafkaError._TRANSPORT,)
+    _CONNECTION_TEXT = re.compile(r"Connect to .* failed|brokers are down|Connection refused|"
+                                  r"Disconnected|Receive failed|Send failed|timed out")
 
     def __init__(self, logger: logging.Logger | None = None, reminder: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, grace: float = 5.0):
@@ -141,20 +147,27 @@ class KafkaLogBridge:
         self._reminded = 0.0
         self.last_error = ""
         self._seen: dict[str, list[float]] = {}  # kind of message -> [last logged, repeats]
+        self.silenced = False
 
     # librdkafka's `logger` hook: log(level, "%s [%s] %s", facility, client, message)
     def log(self, level: int, fmt: str, *args: Any) -> None:
+        if self.silenced:
+            return
         facility, message = (args[0], args[-1]) if len(args) >= 3 else ("", fmt % args)
         message = re.sub(r"^\[thrd:[^\]]*\]: ", "", str(message))
-        if level >= logging.WARNING and self._DOWN_TEXT.search(message):
-            self.unreachable(message)
+        if self._CONNECTION_TEXT.search(message):
+            self.logger.debug("kafka %s: %s", facility, message)
         else:
             self._limited(level, f"kafka {facility}: {message}")
 
     def error(self, err: KafkaError) -> None:
         """The clients' `error_cb` and consume() errors."""
+        if self.silenced:
+            return
         if err.code() in self._DOWN_CODES:
             self.unreachable(err.str())
+        elif err.code() in self._CONNECTION_CODES:
+            self.logger.debug("kafka: %s", err.str())
         else:
             self._limited(logging.WARNING, f"kafka: {err.str()}")
 
@@ -337,13 +350,9 @@ class KafkaSidecar:
     def __init__(self, config: Config, monitor: Monitor | None = None,
                  metrics: MonitorMetrics | None = None,
                  on_alert: Callable[[dict[str, Any]], None] | None = None,
-                 on_batch: Callable[[BatchResult], None] | None = None):
+                 on_batch: Callable[[BatchResult], None] | None = None,
+                 join_early: bool = False):
         self.config = config
-        self.monitor = monitor or Monitor(config)
-        self.metrics = metrics or MonitorMetrics(config.metrics)
-        self.metrics.reserve_models(list(config.models))
-        self.on_alert, self.on_batch = on_alert, on_batch
-        self.stopping = threading.Event()
         self.kafka_log = KafkaLogBridge()
         self.consumer = Consumer({**consumer_config(config.kafka), "logger": self.kafka_log,
                                   "error_cb": self._on_kafka_error,
@@ -363,6 +372,24 @@ class KafkaSidecar:
         self._batch_firsts: dict[tuple[str, int], dict[int, int]] = {}
         self._rereading: set[tuple[str, int]] = set()
         self._paused = False
+        self._subscribed = False
+        if join_early:
+            # The group join takes seconds (on the embedded broker half the session
+            # timeout): start it now, so it overlaps with loading the engine and the
+            # references below. Callbacks only run inside consume() (and close()).
+            self.subscribe()
+        from .metrics import MonitorMetrics
+        from .pipeline import Monitor
+        self.metrics = metrics or MonitorMetrics(config.metrics)
+        self.metrics.reserve_models(list(config.models))
+        try:
+            self.monitor = monitor or Monitor(config)
+        except BaseException:  # e.g. a bad reference: leave the group before reporting it
+            self.kafka_log.silenced = True  # the error is the one line to show, nothing else
+            self.consumer.close()
+            raise
+        self.on_alert, self.on_batch = on_alert, on_batch
+        self.stopping = threading.Event()
         self._sequence = 0
         self._last_check = 0.0
         self._heartbeat = time.monotonic()
@@ -371,6 +398,7 @@ class KafkaSidecar:
         self.http: HttpEndpoints | None = None
         self.push = None
         if config.alertmanager.url:
+            from .sinks import AlertmanagerPush
             self.push = AlertmanagerPush(config.alertmanager.url, config.alertmanager.timeout,
                                          on_failure=self.metrics.alert_failures.inc)
             # (the failure counter counts each failed alert once, not each retry)
@@ -571,6 +599,7 @@ class KafkaSidecar:
             self.monitor.rollback(checkpoint)
             log.error("a batch of %d messages failed (%s: %s); isolating the message(s) "
                       "that cause it", len(values), type(exc).__name__, exc)
+        from .pipeline import BatchResult
         result, poison = BatchResult(), []
         mid = len(values) // 2
         self._bisect(values[:mid], positions[:mid], result, poison)
@@ -592,6 +621,7 @@ class KafkaSidecar:
             self.monitor.rollback(checkpoint)
             if len(values) == 1:
                 detail = f"{type(exc).__name__}: {exc}"[:500]
+                from .decode import PROCESSING_ERROR, Reject
                 poison.append(Reject(positions[0], PROCESSING_ERROR, values[0], detail=detail))
                 if len(poison) > _MAX_POISON:
                     raise PoisonBatch(f"more than {_MAX_POISON} messages of one batch fail; "
@@ -752,6 +782,9 @@ class KafkaSidecar:
         return len(messages)
 
     def subscribe(self) -> None:
+        if self._subscribed:  # again would make the group rebalance
+            return
+        self._subscribed = True
         self.consumer.subscribe(list(self.config.topics.inferences), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
 
@@ -854,7 +887,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 probe.bind((cfg.http.host, cfg.http.port))
             except OSError as exc:
                 raise ConfigError([http_port_problem(cfg, exc)]) from None
-    sidecar = KafkaSidecar(cfg)
+    sidecar = KafkaSidecar(cfg, join_early=True)
     try:
         http = sidecar.serve_http()
     except OSError as exc:

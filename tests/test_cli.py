@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def files(tmp_path_factory, busy_port) -> dict[str, Path]:
         "kafka: {bootstrap.servers: '127.0.0.1:1'}\n"
         f"http: {{host: 127.0.0.1, port: {busy_port}}}\n"
         "models:\n  churn:\n    reference: churn.json\n")
+    (d / "noref.yaml").write_text("models:\n  churn:\n    reference: gone.json\n")
     (d / "a-file").write_text("not a directory\n")
     return {p.name: p for p in d.iterdir()}
 
@@ -63,6 +65,7 @@ CASES = {
     "run: bad config": ("run --config {bad}", "http.port"),
     "run: librdkafka property typo": ("run --config {typo}", "kafka.bootstrap.server"),
     "run: busy port": ("run --config {busy}", "http.port"),
+    "run: missing reference": ("run --config {noref}", "gone.json"),
     "replay: bad argument": ("replay --config {good} --input {events}", "--out"),
     "replay: missing config": ("replay --config {nope_yaml} --input {events} --out {out}",
                                "nope.yaml"),
@@ -76,6 +79,8 @@ CASES = {
                                       "--out {out}/r.json --bins many", "--bins"),
     "reference build: bad config": ("reference build --config {bad} --model churn "
                                     "--input {events} --out {out}/r.json", "http.port"),
+    "reference build: missing config": ("reference build --config {nope_yaml} --model churn "
+                                        "--input {events} --out {out}/r.json", "nope.yaml"),
     "reference build: missing input": ("reference build --model churn --input {nope_jsonl} "
                                        "--out {out}/r.json", "nope.jsonl"),
     "check-config: bad argument": ("check-config", "config"),
@@ -96,7 +101,7 @@ CASES = {
 
 # A busy port is tried by a real process (sockets, logging set-up, a child broker); the
 # other cases run `main` in-process (the same code, without paying an interpreter start).
-SUBPROCESS = ("busy port",)
+SUBPROCESS = ("busy port", "missing reference")
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
@@ -105,6 +110,7 @@ def test_user_error_is_one_line_and_exit_2(case, files, busy_port, tmp_path, cap
     line, expected = CASES[case]
     names = {"good": files["good.yaml"], "bad": files["bad.yaml"], "typo": files["typo.yaml"],
              "busy": files["busy.yaml"], "events": files["events.jsonl"],
+             "noref": files["noref.yaml"],
              "afile": files["a-file"], "nope_yaml": tmp_path / "nope.yaml",
              "nope_jsonl": tmp_path / "nope.jsonl", "nope": tmp_path / "nope",
              "out": tmp_path / "out", "port": busy_port}
@@ -223,3 +229,61 @@ def test_check_config_accepts_kafka_section_with_only_the_brokers(tmp_path: Path
     cfg.write_text("kafka: {bootstrap.servers: 'broker-1:9093'}\n"
                    "models:\n  churn: {reference: churn.json}\n")
     assert main(["check-config", str(cfg)]) == 0, capsys.readouterr().err
+
+
+# -- diagnose: the windows that fired, rounded ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def drift_then_normal(churn_reference_file: Path, tmp_path_factory) -> Path:
+    """Windows 0-1 normal, 2-3 drifted (an alert fires at 2), 4-5 normal again."""
+    from stream_monitor import synthetic
+    tmp_path = tmp_path_factory.mktemp("diagnose")
+    events = tmp_path / "events.jsonl"
+    with events.open("wb") as fh:
+        for chunk in synthetic.generate(20_000, seed=51, drift=synthetic.default_drift(10_000)):
+            fh.write(b"\n".join(chunk) + b"\n")
+        for chunk in synthetic.generate(10_000, seed=52, start_index=20_000):
+            fh.write(b"\n".join(chunk) + b"\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"models:\n  churn:\n    reference: {churn_reference_file}\n"
+                   "defaults: {window: {events: 5000}}\n")
+    from stream_monitor.config import load_config
+    from stream_monitor.replay import replay
+    replay(load_config(cfg), events, tmp_path / "out", progress=False)
+    return tmp_path / "out"
+
+
+def test_diagnose_explains_the_window_that_fired_with_rounded_numbers(drift_then_normal, capsys):
+    capsys.readouterr()
+    assert main(["diagnose", str(drift_then_normal)]) == 0
+    out = capsys.readouterr().out
+    blocks = [ln for ln in out.splitlines() if ln.startswith("churn: window")]
+    # the window that fired (#2), not the latest one (#5, back to normal)
+    assert len(blocks) == 1 and blocks[0].startswith("churn: window #2 "), out
+    assert "fired: FeatureDrift" in blocks[0] and "lines 10001..15000" in blocks[0]
+    assert "root cause: data_drift" in out
+    for feature in ("f01", "f04", "f09", "f12", "plan"):
+        assert f"  - {feature}: psi " in out, out
+    # numbers are rounded to 3 significant digits (no 0.24837261...)
+    values = re.findall(r"psi (\S+) \(", out)
+    assert values and all(len(v.replace("0.", "").lstrip("0")) <= 4 for v in values), values
+
+    assert main(["diagnose", str(drift_then_normal), "--latest"]) == 0
+    latest = capsys.readouterr().out
+    assert "churn: window #5 " in latest and "no drift or data-quality finding" in latest
+    assert main(["diagnose", str(drift_then_normal / "windows.jsonl"), "--windows", "2:3"]) == 0
+    ranged = capsys.readouterr().out
+    assert "churn: window #2 " in ranged and "churn: window #3 " in ranged
+    assert "window #4" not in ranged
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--windows", "3:1"], "--windows"), (["--windows", "x"], "--windows"),
+    (["--windows", "40:50"], "no window"), (["--model", "fraud"], "--model"),
+])
+def test_diagnose_bad_selection_is_one_line(drift_then_normal, capsys, args, expected):
+    capsys.readouterr()
+    assert main(["diagnose", str(drift_then_normal), *args]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and expected in err[0], err

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, Producer
 from helpers import wait_until
 
 from stream_monitor import synthetic
@@ -103,7 +103,10 @@ def test_fresh_run_is_ready_within_5s_starts_at_the_end_and_logs_windows_and_ale
     kafka_broker.create_topics({topic: 1, f"{topic}-alerts": 1, f"{topic}-dlq": 1})
     # history already on the topic: a fresh monitor must not judge it (issue 10.7)
     history = [m for chunk in synthetic.generate(3000, seed=41) for m in chunk]
-    _produce(kafka_broker.bootstrap_servers, topic, history)
+    _produce(kafka_broker.bootstrap_servers, topic, history[:-1])
+    # alone in its batch: Tansu answers ListOffsets(latest) with the last batch's base
+    # offset + 1 (broker.py), which is the true end only for a one-record batch
+    _produce(kafka_broker.bootstrap_servers, topic, history[-1:])
     # the README's config: brokers and group only; everything else from the defaults
     cfg = _config(tmp_path / "c.yaml", {"bootstrap.servers": kafka_broker.bootstrap_servers,
                                         "group.id": f"ops-{uuid.uuid4().hex[:8]}"},
@@ -126,7 +129,8 @@ def test_fresh_run_is_ready_within_5s_starts_at_the_end_and_logs_windows_and_ale
         run.stop()
     assert run.proc.returncode == 0, run.text()
     # only the 6,000 events produced after the start were counted, not the history
-    assert 'stream_monitor_events_total{model="churn"} 6000.0' in metrics
+    counted = [ln for ln in metrics.splitlines() if ln.startswith("stream_monitor_events_total")]
+    assert counted == ['stream_monitor_events_total{model="churn"} 6000.0'], (status, counted)
     lines = [line for _, line in run.lines]
     windows = [ln for ln in lines if "window closed: model=churn" in ln]
     assert len(windows) == 3, windows
@@ -186,17 +190,19 @@ class _Clock:
 def test_log_bridge_reminds_periodically_and_rate_limits_repeats(caplog):
     clock = _Clock()
     bridge = KafkaLogBridge(logging.getLogger("test.kafka"), reminder=60.0, clock=clock)
-    caplog.set_level(logging.DEBUG, logger="test.kafka")
+    caplog.set_level(logging.INFO, logger="test.kafka")
     fail = "[thrd:x]: 127.0.0.1:9/bootstrap: Connect to ipv4#127.0.0.1:9 failed: refused"
+    down = KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down")
     for _ in range(50):  # librdkafka's retries within the first minute
         bridge.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", fail)
+        bridge.error(KafkaError(KafkaError._TRANSPORT, "Disconnected"))
+        bridge.error(down)
         clock.now += 1.0
     assert [r.getMessage() for r in caplog.records] == [
-        "kafka: broker unreachable (127.0.0.1:9/bootstrap: Connect to ipv4#127.0.0.1:9 "
-        "failed: refused); retrying"]
+        "kafka: broker unreachable (1/1 brokers are down); retrying"]
     clock.now += 15.0  # 65 s after the first failure: one reminder
-    bridge.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", fail)
-    bridge.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", fail)
+    bridge.error(down)
+    bridge.unreachable("Failed to get metadata", confirmed=True)
     assert len(caplog.records) == 2
     assert "still unreachable after 65 s" in caplog.records[1].getMessage()
     bridge.reachable()
@@ -204,14 +210,20 @@ def test_log_bridge_reminds_periodically_and_rate_limits_repeats(caplog):
     assert len(caplog.records) == 3
     assert caplog.records[2].levelno == logging.INFO
     assert "reachable again after 65 s" in caplog.records[2].getMessage()
-    # a late librdkafka line right after that (they are queued until the next poll) is
-    # not a new outage; a failed request of our own is
+    # a late "all brokers down" right after that (librdkafka queues its errors until the
+    # next poll) is not a new outage; a failed request of our own is
     clock.now += 1.0
-    bridge.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", fail)
-    assert len(caplog.records) == 4 and caplog.records[3].levelno == logging.DEBUG
+    bridge.error(down)
+    assert len(caplog.records) == 3
     bridge.unreachable("Failed to get metadata", confirmed=True)
-    assert len(caplog.records) == 5 and "broker unreachable" in caplog.records[4].getMessage()
+    assert len(caplog.records) == 4 and "broker unreachable" in caplog.records[3].getMessage()
     bridge.reachable()
+    # one broker of a cluster refusing connections is not an outage (debug only)
+    caplog.clear()
+    clock.now += 10.0
+    for _ in range(20):
+        bridge.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", fail)
+    assert caplog.records == []
     # any other line: at its level, once per minute per kind, with the count of repeats
     caplog.clear()
     caplog.set_level(logging.INFO, logger="test.kafka")
@@ -231,3 +243,37 @@ def test_log_bridge_reminds_periodically_and_rate_limits_repeats(caplog):
     clock.now += 61.0
     bridge.log(logging.WARNING, "%s [%s] %s", "COMMITFAIL", "c", "Offset commit failed for 14")
     assert caplog.records[-1].getMessage().endswith("for 14 (1 more like it since)")
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.mark.slow
+def test_demo_live_view_ends_ready_with_a_rate_and_leaves_no_files(tmp_path):
+    """The live view as a terminal shows it (rich's TTY_COMPATIBLE), default port."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "200", "TMPDIR": str(tmp),
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "stream_monitor", "demo", "--duration", "14",
+                           "--drift-after", "5", "--rate", "3000"], capture_output=True,
+                          text=True, timeout=180, env=env, cwd=tmp_path)
+    out = ANSI.sub("", proc.stdout)
+    assert proc.returncode == 0, out + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    # a free port was picked and printed
+    assert re.search(r"serving metrics at http://127\.0\.0\.1:\d+/metrics", out), out
+    heads = re.findall(r"stream-monitor demo +\d+s +produced ([\d,]+) +counted ([\d,]+) +"
+                       r"([\d,]+) events/s( on average)? +windows \d+ +(.*)", out)
+    assert heads, out
+    *running, final = heads
+    # the final frame: the run was ready (not "no partitions assigned yet" after close)
+    assert final[3] == " on average" and final[4].startswith("finished (was ready"), final
+    counted, rate = (int(final[i].replace(",", "")) for i in (1, 2))
+    assert counted > 10_000 and rate > 0, final
+    # while events were counted, the live rate never read 0
+    assert all(int(r.replace(",", "")) > 0 for _, c, r, _, _ in running[-5:]
+               if int(c.replace(",", "")) > 5000), running[-5:]
+    assert "FeatureDrift" in out and "DataQuality" in out
+    # everything the demo wrote is gone (references, training files, the broker's log)
+    assert list(tmp.iterdir()) == [], list(tmp.iterdir())
