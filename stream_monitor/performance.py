@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from river import drift as river_drift
 
 from . import perfstats as ps
 from .config import Config, ConfigError, PerformanceConfig, Thresholds, performance_settings
@@ -432,6 +431,9 @@ class ModelPerformance:
         if kind in ("ddm", "hddm_a") and self.task != "classification":
             kind = "adwin"
         self.detector_kind = kind
+        # river.drift imports scipy.stats (~1.5 s): only when labels are joined, so that
+        # `run` and `replay` without performance monitoring start fast
+        from river import drift as river_drift
         self.detector = {
             "adwin": lambda: river_drift.ADWIN(delta=self.s.drift_delta),
             "page_hinkley": lambda: river_drift.PageHinkley(delta=0.005, threshold=50.0),
