@@ -215,6 +215,7 @@ class KafkaSidecar:
         self._paused = False
         self._sequence = 0
         self._last_check = 0.0
+        self._last_data = 0.0
         self._heartbeat = time.monotonic()
         self.undelivered_at_exit = 0
         self.applied = Counter()     # events counted per model (for tests and the demo)
@@ -459,12 +460,15 @@ class KafkaSidecar:
         if now - self._last_check < _SERVICE_CHECK_SECONDS:
             return
         self._last_check = now
-        try:
-            self.consumer.list_topics(timeout=1.0)
-            self.broker_ok = True
-        except KafkaException as exc:
-            self.broker_ok = False
-            self.last_error = str(exc)
+        # a metadata round trip proves the broker answers; while data keeps arriving
+        # that is proven already, and the call costs a busy loop time
+        if now - self._last_data > _SERVICE_CHECK_SECONDS or not self.broker_ok:
+            try:
+                self.consumer.list_topics(timeout=1.0)
+                self.broker_ok = True
+            except KafkaException as exc:
+                self.broker_ok = False
+                self.last_error = str(exc)
         self.metrics.ready.set(1 if self.readiness()[0] else 0)
         if not self.assigned:
             return
@@ -498,8 +502,9 @@ class KafkaSidecar:
         except KafkaException as exc:
             log.warning("pause/resume failed: %s", exc.args[0].str())
 
-    def _fresh(self, raw: list) -> list:
-        """Messages not applied yet by this instance.
+    def _fresh(self, raw: list) -> tuple[list, list[bytes], dict, Counter]:
+        """The messages of a consumed batch not applied yet by this instance, their
+        values, the next offset per partition and the count per topic (one pass).
 
         After a failed commit (assignment lost in an outage) the same messages come back
         from the last committed offset: this instance already applied them, so they are
@@ -507,50 +512,59 @@ class KafkaSidecar:
         uncommitted batch coming back unchanged at its offset; if other data shows up
         at an offset already seen (the topic was recreated), it is read as new data.
         """
-        messages, skipped = [], 0
+        messages, values, offsets, topics = [], [], {}, Counter()
+        skipped: dict[tuple[str, int], int] = {}
         upto, firsts = self._applied_upto, self._batch_firsts
+        tp, limit, part, topic = None, -1, None, None
         for m in raw:
             err = m.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consume: %s", err.str())
                 continue
-            tp, offset = (m.topic(), m.partition()), m.offset()
-            if offset < upto.get(tp, -1):
-                if tp not in self._rereading:
-                    if firsts.get(tp, {}).get(offset) == _fingerprint(m):
-                        self._rereading.add(tp)
-                    else:
-                        log.warning("%s[%d] went back to offset %d with other data (topic "
-                                    "recreated?): reading it as new", tp[0], tp[1], offset)
-                        upto.pop(tp)
-                        firsts.pop(tp, None)
-                if tp in self._rereading:
-                    skipped += 1
-                    continue
+            offset = m.offset()
+            if m.partition() != part or m.topic() != topic:  # a new run of one partition
+                part, topic = m.partition(), m.topic()
+                tp = (topic, part)
+                limit = upto.get(tp, -1)
+                if tp not in offsets:  # first of the batch: remembered to spot a re-read
+                    marks = firsts.setdefault(tp, {})
+                    if offset >= limit:
+                        marks[offset] = _fingerprint(m)
+                        if len(marks) > 1000:  # only recent batches can come back
+                            for old in sorted(marks)[:500]:
+                                del marks[old]
+            if offset < limit and not self._is_reread(tp, offset, m):
+                limit = upto.get(tp, -1)
+            offsets[tp] = offset + 1
+            if offset < limit:
+                skipped[tp] = skipped.get(tp, 0) + 1
+                continue
             self._rereading.discard(tp)
             messages.append(m)
-            upto[tp] = offset + 1
+            values.append(m.value() or b"")
+            topics[topic] += 1
+        for key, next_offset in offsets.items():
+            if next_offset > upto.get(key, -1):
+                upto[key] = next_offset
         if skipped:
-            # nothing to apply or deliver, but their offsets may now be committed
-            self._batches.append(_Batch({(m.topic(), m.partition()): m.offset() + 1
-                                         for m in raw if m.error() is None}, sealed=True))
-            self.metrics.reread_skipped.inc(skipped)
-            log.info("skipped %d message(s) this instance had already applied", skipped)
-        return messages
+            n = sum(skipped.values())
+            self.metrics.reread_skipped.inc(n)
+            log.info("skipped %d message(s) this instance had already applied", n)
+        return messages, values, offsets, topics
 
-    def _remember_firsts(self, messages: list) -> None:
-        """The first message of each partition in a batch, to recognise a re-read."""
-        seen: set[tuple[str, int]] = set()
-        for m in messages:
-            tp = (m.topic(), m.partition())
-            if tp not in seen:
-                seen.add(tp)
-                marks = self._batch_firsts.setdefault(tp, {})
-                marks[m.offset()] = _fingerprint(m)
-                if len(marks) > 1000:  # bounded: only recent batches can come back
-                    for off in sorted(marks)[:500]:
-                        del marks[off]
+    def _is_reread(self, tp: tuple[str, int], offset: int, msg) -> bool:
+        """Whether a message below what was applied is one this instance saw."""
+        if tp in self._rereading:
+            return True
+        if self._batch_firsts.get(tp, {}).get(offset) == _fingerprint(msg):
+            self._rereading.add(tp)
+            return True
+        log.warning("%s[%d] went back to offset %d with other data (topic recreated?): "
+                    "reading it as new", tp[0], tp[1], offset)
+        self._applied_upto.pop(tp, None)
+        self._batch_firsts[tp] = {offset: _fingerprint(msg)}
+        return False
 
     def poll_once(self) -> int:
         """Consume, apply and hand over the outputs of one batch; returns its size."""
@@ -562,22 +576,25 @@ class KafkaSidecar:
             self.push.send([])
         self._pump()
         self._backpressure()
-        messages = self._fresh(self.consumer.consume(cfg.batch_size, cfg.poll_timeout))
-        if not messages:
+        raw = self.consumer.consume(cfg.batch_size, cfg.poll_timeout)
+        if not raw:
+            return 0
+        self._last_data = time.monotonic()
+        messages, values, offsets, topics = self._fresh(raw)
+        batch = _Batch(offsets)
+        self._batches.append(batch)
+        if not messages:  # only re-reads: nothing to apply, but the offsets may be committed
+            batch.sealed = True
             return 0
         self.broker_ok = True
         started = time.perf_counter()
         base = self._sequence
         self._sequence += len(messages)
-        values = [m.value() or b"" for m in messages]
         result = self._apply(values, range(base, base + len(messages)))
         _strip_positions(result)
-        batch = _Batch({(m.topic(), m.partition()): m.offset() + 1 for m in messages})
-        self._remember_firsts(messages)
-        self._batches.append(batch)
         self._deliver(result, messages, base, batch)
         self.metrics.record_batch(
-            result, Counter(m.topic() for m in messages), time.perf_counter() - started,
+            result, topics, time.perf_counter() - started,
             self.monitor.policy,
             {n: p.windows.open_events for n, p in self.monitor.models.items()},
             self.monitor.newest_event)
