@@ -444,3 +444,24 @@ def test_alert_events_survive_an_unusable_alert_topic_without_crashing(
     assert len(_read_all(bootstrap, names["dead_letter"], 1)) == 1
     # the batch whose alert is undelivered, and every later one, stay uncommitted
     assert 0 < _committed(bootstrap, names["group"], names["inferences"]) < 12_001
+
+
+def test_unknown_model_names_cannot_use_up_the_label_cap():
+    """Unit check of item 9.7 (the broker test above covers it end to end)."""
+    from stream_monitor.config import MetricsConfig
+    from stream_monitor.decode import Reject
+    from stream_monitor.metrics import MonitorMetrics
+    from stream_monitor.pipeline import BatchResult
+    from stream_monitor.policy import AlertPolicy
+    m = MonitorMetrics(MetricsConfig(max_models=5))
+    m.reserve_models(["churn"])
+    noise = BatchResult(rejects=[Reject(i, "unknown_model", b"{}", model=f"x{i}")
+                                 for i in range(200)])
+    policy = AlertPolicy({})
+    m.record_batch(noise, {"t": 200}, 0.01, policy, {}, {})
+    from collections import Counter
+    m.record_batch(BatchResult(events=Counter(churn=10)), {"t": 10}, 0.01, policy,
+                   {"churn": 10}, {})
+    assert m.events.labels("churn")._value.get() == 10
+    assert m.rejects.labels("unknown", "unknown_model")._value.get() == 200
+    assert m.dropped.labels("model")._value.get() == 0
