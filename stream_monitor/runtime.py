@@ -80,6 +80,7 @@ class _BoundedWSGIServer(ThreadingMixIn, WSGIServer):
 
     daemon_threads = True
     max_threads = _HTTP_MAX_THREADS
+    request_queue_size = 128  # connections waiting for a worker wait in the backlog
 
     def server_activate(self) -> None:
         self._slots = threading.BoundedSemaphore(self.max_threads)
@@ -202,13 +203,14 @@ class KafkaSidecar:
         pcfg = producer_config(config.kafka)
         self.producer = Producer({**pcfg, "error_cb": self._on_kafka_error})
         # what the producer accepts, less room for the key, headers and framing
-        self.max_value_bytes = int(pcfg.get("message.max.bytes", 1_000_000)) - 4096
+        self.max_value_bytes = max(1024, int(pcfg.get("message.max.bytes", 1_000_000)) - 4096)
         self.assigned: set[tuple[str, int]] = set()
         self.broker_ok = False
         self.last_error = ""
         self._batches: deque[_Batch] = deque()     # applied, not yet committed, in order
+        self._committable: dict[tuple[str, int], int] = {}  # delivered up to, per partition
         self._retry: list[_Output] = []
-        self._failing = False                      # deliveries fail (logged once)
+        self._failing: set[str] = set()            # topics whose deliveries fail
         self._applied_upto: dict[tuple[str, int], int] = {}
         self._batch_firsts: dict[tuple[str, int], dict[int, int]] = {}
         self._rereading: set[tuple[str, int]] = set()
@@ -290,6 +292,7 @@ class KafkaSidecar:
                 self._failed(out, err)
 
         out.attempts += 1
+        give_up = time.monotonic() + 5.0
         while True:
             try:
                 self.producer.produce(out.topic, value=out.value, key=out.key,
@@ -297,14 +300,18 @@ class KafkaSidecar:
                 return
             except BufferError:  # local queue full: let deliveries drain, then retry
                 self.producer.poll(0.2)
+                if self.stopping.is_set() or time.monotonic() > give_up:
+                    out.retry_at = time.monotonic() + 1.0  # later, from the retry list
+                    self._retry.append(out)
+                    return
             except KafkaException as exc:  # e.g. an invalid or unknown topic
                 self._failed(out, exc.args[0])
                 return
 
     def _delivered(self, out: _Output) -> None:
         out.batch.pending -= 1
-        if self._failing:
-            self._failing = False
+        if out.topic in self._failing:
+            self._failing.discard(out.topic)
             log.info("deliveries to %s succeed again", out.topic)
         if out.kind == "alert":
             self.metrics.alerts.labels(out.severity).inc()
@@ -324,8 +331,8 @@ class KafkaSidecar:
         else:
             backoff = min(self.config.delivery.retry_backoff_max, 2.0 ** (out.attempts - 1))
             out.retry_at = time.monotonic() + backoff
-            if not self._failing:
-                self._failing = True
+            if out.topic not in self._failing:
+                self._failing.add(out.topic)
                 log.warning("delivery to %s failed (%s); retrying with backoff up to %.0fs, "
                             "offsets are not committed past it", out.topic, err.str(),
                             self.config.delivery.retry_backoff_max)
@@ -346,6 +353,7 @@ class KafkaSidecar:
         offsets: dict[tuple[str, int], int] = {}
         while self._batches and self._batches[0].sealed and self._batches[0].pending == 0:
             offsets.update(self._batches.popleft().offsets)
+        self._committable.update(offsets)
         # partitions revoked meanwhile are not ours to commit (the new owner re-reads them)
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()
                if (t, p) in self.assigned]
@@ -365,14 +373,29 @@ class KafkaSidecar:
         self.metrics.oldest_pending.set(self.oldest_pending_age())
         self.metrics.uncommitted.set(len(self._batches))
 
-    def _drain(self, deadline: float) -> bool:
+    def _drain(self, deadline: float, asynchronous: bool = False) -> bool:
         """Deliver and commit everything applied, until `deadline`; True when all is."""
         while True:
             self.producer.poll(0.05)
             self._resend_due()
-            self._commit_delivered(asynchronous=False)
+            self._commit_delivered(asynchronous)
             if not self._batches or time.monotonic() >= deadline:
                 return not self._batches
+            if not self._batches[0].sealed:  # a batch that failed: it will never be
+                return False
+
+    def _final_commit_and_leave(self) -> None:
+        """Commit (synchronously) every delivered batch's offsets, then leave the group.
+        Runs in a thread that `close` waits for within the grace: against a hung broker
+        either call can block far longer."""
+        tps = [TopicPartition(t, p, o) for (t, p), o in self._committable.items()
+               if (t, p) in self.assigned]
+        if tps:
+            try:
+                self.consumer.commit(offsets=tps, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("final commit failed: %s", exc.args[0].str())
+        self.consumer.close()
 
     def _deliver(self, result: BatchResult, messages: list, base: int, batch: _Batch) -> None:
         topics = self.config.topics
@@ -635,7 +658,9 @@ class KafkaSidecar:
         pending alerts, leave the group. Offsets of undelivered outputs are never
         committed. True when nothing was left undelivered."""
         deadline = time.monotonic() + self.config.delivery.shutdown_grace
-        delivered = self._drain(deadline)
+        # keep part of the grace for the final commit and leaving the group
+        delivered = self._drain(deadline - min(5.0, self.config.delivery.shutdown_grace / 3),
+                                asynchronous=True)
         if self.push is not None and self.push.pending:
             self.push.retry_at = 0.0  # one last attempt before exiting
             if not self.push.send([]):
@@ -644,11 +669,11 @@ class KafkaSidecar:
         self.undelivered_at_exit = self.pending_outputs() + sum(
             1 for b in self._batches if not b.sealed)
         if not delivered:
-            log.error("shutting down with %d undelivered output(s) in %d batch(es); their "
-                      "offsets (and those of later batches) are not committed",
+            log.error("shutting down with %d undelivered output(s); the offsets of %d "
+                      "batch(es) from the first one not delivered on are not committed",
                       self.pending_outputs(), len(self._batches))
         # leaving the group can hang while the broker is unreachable: bounded too
-        closer = threading.Thread(target=self.consumer.close, name="consumer-close",
+        closer = threading.Thread(target=self._final_commit_and_leave, name="consumer-close",
                                   daemon=True)
         closer.start()
         closer.join(max(1.0, deadline - time.monotonic()))
