@@ -380,7 +380,7 @@ def test_readyz_body_is_short_and_never_librdkafka_text(churn_reference_file):
     assert status == 503 and body == "broker not reachable\n"
 
 
-def test_http_server_bounds_threads_and_drops_idle_connections(churn_reference_file):
+def test_http_server_bounds_threads_and_drops_idle_connections():
     import socket
 
     from stream_monitor.metrics import MonitorMetrics
