@@ -2,9 +2,11 @@
 
 One consumer in a consumer group reads the inference topics in batches, hands each
 batch to the same `Monitor` as `replay`, sends rejects to the dead-letter topic and
-alert events to the alert topic (idempotent producer), and commits offsets only
-once the batch is applied and everything it produced is delivered (at-least-once).
-`/metrics`, `/healthz` and `/readyz` are served from one port.
+alert events to the alert topic (idempotent producer) without waiting for them, and
+commits a batch's offsets only once it is applied and everything it and every earlier
+batch produced is delivered (at-least-once, on every exit path). A batch that makes the
+monitor raise is rolled back and bisected so that only the poison messages are
+dead-lettered. `/metrics`, `/healthz` and `/readyz` are served from one bounded server.
 """
 
 from __future__ import annotations
