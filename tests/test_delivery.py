@@ -419,6 +419,7 @@ def test_secret_values_never_appear_in_config_errors():
         assert "hunter" not in text and "2024" not in text, text
 
 
+@pytest.mark.slow
 def test_alert_events_survive_an_unusable_alert_topic_without_crashing(
         kafka_broker, churn_reference_file):
     """An invalid alert topic: retried with backoff, counted, never fatal."""
