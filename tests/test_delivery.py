@@ -466,3 +466,37 @@ def test_unknown_model_names_cannot_use_up_the_label_cap():
     assert m.events.labels("churn")._value.get() == 10
     assert m.rejects.labels("unknown", "unknown_model")._value.get() == 200
     assert m.dropped.labels("model")._value.get() == 0
+
+
+@pytest.mark.slow
+def test_outage_past_the_session_timeout_does_not_double_count(churn_reference_file):
+    """The broker hangs longer than the session: the assignment is lost, the uncommitted
+    batch is read again after the group rejoins, and is not applied twice."""
+    from stream_monitor.broker import EmbeddedBroker
+    with EmbeddedBroker() as broker:
+        names = _names("lost")
+        bootstrap = broker.bootstrap_servers
+        broker.create_topics({names["inferences"]: 1, names["alerts"]: 1})
+        cfg = _config(bootstrap, names, churn_reference_file, window=1000)
+        cfg["topics"]["dead_letter"] = BAD_TOPIC  # keeps the second batch uncommitted
+        good = _good(2000, seed=40)
+        sidecar, thread, errors = _start(cfg)
+        try:
+            _send(bootstrap, names["inferences"], good[:1000])
+            wait_until(lambda: _committed(bootstrap, names["group"], names["inferences"])
+                       == 1000, 60, "first batch committed")
+            _send(bootstrap, names["inferences"], [b"not json"] + good[1000:])
+            wait_until(lambda: sum(sidecar.applied.values()) == 2000, 30, "second batch")
+            _freeze(broker, True)
+            try:
+                time.sleep(10)  # past session.timeout.ms (6 s)
+            finally:
+                _freeze(broker, False)
+            wait_until(lambda: sidecar.metrics.reread_skipped._value.get() > 0, 60,
+                       "the uncommitted batch read again")
+            time.sleep(1.0)
+        finally:
+            _stop(sidecar, thread)
+        assert not errors
+        assert sum(sidecar.applied.values()) == 2000   # not 3000
+        assert sidecar.metrics.consumed.labels(names["inferences"])._value.get() == 2001
