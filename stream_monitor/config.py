@@ -8,6 +8,7 @@ was expected (``ConfigError``). Per-feature settings are resolved here, once, fr
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -346,12 +347,19 @@ class Config(Strict):
         return {**KAFKA_DEFAULTS, **v}
 
 
+# Keys whose values are never printed (librdkafka's sasl.password, ssl.key.password,
+# sasl.oauthbearer.client.secret, ssl.keystore.password, sasl.jaas.config, ...).
+_SECRET_KEY = re.compile(r"pass|secret|token|credential|jaas|private|pem|\.key\b", re.I)
+
+
 def _format_errors(err: ValidationError, source: str) -> list[str]:
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-")) or "<top>"
         value = e.get("input")
         shown = repr(value) if not isinstance(value, dict) else "{...}"
+        if _SECRET_KEY.search(path):
+            shown = "<redacted>"
         if len(shown) > 60:
             shown = shown[:57] + "..."
         msg = e["msg"].removeprefix("Value error, ")

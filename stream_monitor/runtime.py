@@ -2,9 +2,11 @@
 
 One consumer in a consumer group reads the inference topics in batches, hands each
 batch to the same `Monitor` as `replay`, sends rejects to the dead-letter topic and
-alert events to the alert topic (idempotent producer), and commits offsets only
-once the batch is applied and everything it produced is delivered (at-least-once).
-`/metrics`, `/healthz` and `/readyz` are served from one port.
+alert events to the alert topic (idempotent producer) without waiting for them, and
+commits a batch's offsets only once it is applied and everything it and every earlier
+batch produced is delivered (at-least-once, on every exit path). A batch that makes the
+monitor raise is rolled back and bisected so that only the poison messages are
+dead-lettered. `/metrics`, `/healthz` and `/readyz` are served from one bounded server.
 """
 
 from __future__ import annotations
@@ -241,6 +243,7 @@ class _BoundedWSGIServer(ThreadingMixIn, WSGIServer):
 
     daemon_threads = True
     max_threads = _HTTP_MAX_THREADS
+    request_queue_size = 128  # connections waiting for a worker wait in the backlog
 
     def server_activate(self) -> None:
         self._slots = threading.BoundedSemaphore(self.max_threads)
@@ -361,13 +364,14 @@ class KafkaSidecar:
         self.producer = Producer({**pcfg, "logger": self.kafka_log,
                                   "error_cb": self._on_kafka_error})
         # what the producer accepts, less room for the key, headers and framing
-        self.max_value_bytes = int(pcfg.get("message.max.bytes", 1_000_000)) - 4096
+        self.max_value_bytes = max(1024, int(pcfg.get("message.max.bytes", 1_000_000)) - 4096)
         self.assigned: set[tuple[str, int]] = set()
         self.broker_ok = False
         self.last_error = ""
         self._batches: deque[_Batch] = deque()     # applied, not yet committed, in order
+        self._committable: dict[tuple[str, int], int] = {}  # delivered up to, per partition
         self._retry: list[_Output] = []
-        self._failing = False                      # deliveries fail (logged once)
+        self._failing: set[str] = set()            # topics whose deliveries fail
         self._applied_upto: dict[tuple[str, int], int] = {}
         self._batch_firsts: dict[tuple[str, int], dict[int, int]] = {}
         self._rereading: set[tuple[str, int]] = set()
@@ -392,6 +396,7 @@ class KafkaSidecar:
         self.stopping = threading.Event()
         self._sequence = 0
         self._last_check = 0.0
+        self._last_data = 0.0
         self._heartbeat = time.monotonic()
         self.undelivered_at_exit = 0
         self.applied = Counter()     # events counted per model (for tests and the demo)
@@ -467,6 +472,7 @@ class KafkaSidecar:
                 self._failed(out, err)
 
         out.attempts += 1
+        give_up = time.monotonic() + 5.0
         while True:
             try:
                 self.producer.produce(out.topic, value=out.value, key=out.key,
@@ -474,14 +480,18 @@ class KafkaSidecar:
                 return
             except BufferError:  # local queue full: let deliveries drain, then retry
                 self.producer.poll(0.2)
+                if self.stopping.is_set() or time.monotonic() > give_up:
+                    out.retry_at = time.monotonic() + 1.0  # later, from the retry list
+                    self._retry.append(out)
+                    return
             except KafkaException as exc:  # e.g. an invalid or unknown topic
                 self._failed(out, exc.args[0])
                 return
 
     def _delivered(self, out: _Output) -> None:
         out.batch.pending -= 1
-        if self._failing:
-            self._failing = False
+        if out.topic in self._failing:
+            self._failing.discard(out.topic)
             log.info("deliveries to %s succeed again", out.topic)
         if out.kind == "alert":
             self.metrics.alerts.labels(out.severity).inc()
@@ -501,8 +511,8 @@ class KafkaSidecar:
         else:
             backoff = min(self.config.delivery.retry_backoff_max, 2.0 ** (out.attempts - 1))
             out.retry_at = time.monotonic() + backoff
-            if not self._failing:
-                self._failing = True
+            if out.topic not in self._failing:
+                self._failing.add(out.topic)
                 log.warning("delivery to %s failed (%s); retrying with backoff up to %.0fs, "
                             "offsets are not committed past it", out.topic, err.str(),
                             self.config.delivery.retry_backoff_max)
@@ -523,6 +533,7 @@ class KafkaSidecar:
         offsets: dict[tuple[str, int], int] = {}
         while self._batches and self._batches[0].sealed and self._batches[0].pending == 0:
             offsets.update(self._batches.popleft().offsets)
+        self._committable.update(offsets)
         # partitions revoked meanwhile are not ours to commit (the new owner re-reads them)
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()
                if (t, p) in self.assigned]
@@ -542,14 +553,29 @@ class KafkaSidecar:
         self.metrics.oldest_pending.set(self.oldest_pending_age())
         self.metrics.uncommitted.set(len(self._batches))
 
-    def _drain(self, deadline: float) -> bool:
+    def _drain(self, deadline: float, asynchronous: bool = False) -> bool:
         """Deliver and commit everything applied, until `deadline`; True when all is."""
         while True:
             self.producer.poll(0.05)
             self._resend_due()
-            self._commit_delivered(asynchronous=False)
+            self._commit_delivered(asynchronous)
             if not self._batches or time.monotonic() >= deadline:
                 return not self._batches
+            if not self._batches[0].sealed:  # a batch that failed: it will never be
+                return False
+
+    def _final_commit_and_leave(self) -> None:
+        """Commit (synchronously) every delivered batch's offsets, then leave the group.
+        Runs in a thread that `close` waits for within the grace: against a hung broker
+        either call can block far longer."""
+        tps = [TopicPartition(t, p, o) for (t, p), o in self._committable.items()
+               if (t, p) in self.assigned]
+        if tps:
+            try:
+                self.consumer.commit(offsets=tps, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("final commit failed: %s", exc.args[0].str())
+        self.consumer.close()
 
     def _deliver(self, result: BatchResult, messages: list, base: int, batch: _Batch) -> None:
         topics = self.config.topics
@@ -639,16 +665,19 @@ class KafkaSidecar:
         if now - self._last_check < _SERVICE_CHECK_SECONDS:
             return
         self._last_check = now
-        try:
-            self.consumer.list_topics(timeout=1.0)
-            self.broker_ok = True
-            self.kafka_log.reachable()
-        except KafkaException as exc:
-            self.broker_ok = False
-            self.last_error = str(exc)
-            err = exc.args[0] if exc.args else None
-            self.kafka_log.unreachable(err.str() if isinstance(err, KafkaError) else str(exc),
-                                       confirmed=True)
+        # a metadata round trip proves the broker answers; while data keeps arriving
+        # that is proven already, and the call costs a busy loop time
+        if now - self._last_data > _SERVICE_CHECK_SECONDS or not self.broker_ok:
+            try:
+                self.consumer.list_topics(timeout=1.0)
+                self.broker_ok = True
+                self.kafka_log.reachable()
+            except KafkaException as exc:
+                self.broker_ok = False
+                self.last_error = str(exc)
+                err = exc.args[0] if exc.args else None
+                self.kafka_log.unreachable(
+                    err.str() if isinstance(err, KafkaError) else str(exc), confirmed=True)
         self.metrics.ready.set(1 if self.readiness()[0] else 0)
         if not self.assigned:
             return
@@ -682,8 +711,9 @@ class KafkaSidecar:
         except KafkaException as exc:
             log.warning("pause/resume failed: %s", exc.args[0].str())
 
-    def _fresh(self, raw: list) -> list:
-        """Messages not applied yet by this instance.
+    def _fresh(self, raw: list) -> tuple[list, list[bytes], dict, Counter]:
+        """The messages of a consumed batch not applied yet by this instance, their
+        values, the next offset per partition and the count per topic (one pass).
 
         After a failed commit (assignment lost in an outage) the same messages come back
         from the last committed offset: this instance already applied them, so they are
@@ -691,50 +721,59 @@ class KafkaSidecar:
         uncommitted batch coming back unchanged at its offset; if other data shows up
         at an offset already seen (the topic was recreated), it is read as new data.
         """
-        messages, skipped = [], 0
+        messages, values, offsets, topics = [], [], {}, Counter()
+        skipped: dict[tuple[str, int], int] = {}
         upto, firsts = self._applied_upto, self._batch_firsts
+        tp, limit, part, topic = None, -1, None, None
         for m in raw:
             err = m.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
                     self.kafka_log.error(err)
                 continue
-            tp, offset = (m.topic(), m.partition()), m.offset()
-            if offset < upto.get(tp, -1):
-                if tp not in self._rereading:
-                    if firsts.get(tp, {}).get(offset) == _fingerprint(m):
-                        self._rereading.add(tp)
-                    else:
-                        log.warning("%s[%d] went back to offset %d with other data (topic "
-                                    "recreated?): reading it as new", tp[0], tp[1], offset)
-                        upto.pop(tp)
-                        firsts.pop(tp, None)
-                if tp in self._rereading:
-                    skipped += 1
-                    continue
+            offset = m.offset()
+            if m.partition() != part or m.topic() != topic:  # a new run of one partition
+                part, topic = m.partition(), m.topic()
+                tp = (topic, part)
+                limit = upto.get(tp, -1)
+                if tp not in offsets:  # first of the batch: remembered to spot a re-read
+                    marks = firsts.setdefault(tp, {})
+                    if offset >= limit:
+                        marks[offset] = _fingerprint(m)
+                        if len(marks) > 1000:  # only recent batches can come back
+                            for old in sorted(marks)[:500]:
+                                del marks[old]
+            if offset < limit and not self._is_reread(tp, offset, m):
+                limit = upto.get(tp, -1)
+            offsets[tp] = offset + 1
+            if offset < limit:
+                skipped[tp] = skipped.get(tp, 0) + 1
+                continue
             self._rereading.discard(tp)
             messages.append(m)
-            upto[tp] = offset + 1
+            values.append(m.value() or b"")
+            topics[topic] += 1
+        for key, next_offset in offsets.items():
+            if next_offset > upto.get(key, -1):
+                upto[key] = next_offset
         if skipped:
-            # nothing to apply or deliver, but their offsets may now be committed
-            self._batches.append(_Batch({(m.topic(), m.partition()): m.offset() + 1
-                                         for m in raw if m.error() is None}, sealed=True))
-            self.metrics.reread_skipped.inc(skipped)
-            log.info("skipped %d message(s) this instance had already applied", skipped)
-        return messages
+            n = sum(skipped.values())
+            self.metrics.reread_skipped.inc(n)
+            log.info("skipped %d message(s) this instance had already applied", n)
+        return messages, values, offsets, topics
 
-    def _remember_firsts(self, messages: list) -> None:
-        """The first message of each partition in a batch, to recognise a re-read."""
-        seen: set[tuple[str, int]] = set()
-        for m in messages:
-            tp = (m.topic(), m.partition())
-            if tp not in seen:
-                seen.add(tp)
-                marks = self._batch_firsts.setdefault(tp, {})
-                marks[m.offset()] = _fingerprint(m)
-                if len(marks) > 1000:  # bounded: only recent batches can come back
-                    for off in sorted(marks)[:500]:
-                        del marks[off]
+    def _is_reread(self, tp: tuple[str, int], offset: int, msg) -> bool:
+        """Whether a message below what was applied is one this instance saw."""
+        if tp in self._rereading:
+            return True
+        if self._batch_firsts.get(tp, {}).get(offset) == _fingerprint(msg):
+            self._rereading.add(tp)
+            return True
+        log.warning("%s[%d] went back to offset %d with other data (topic recreated?): "
+                    "reading it as new", tp[0], tp[1], offset)
+        self._applied_upto.pop(tp, None)
+        self._batch_firsts[tp] = {offset: _fingerprint(msg)}
+        return False
 
     def poll_once(self) -> int:
         """Consume, apply and hand over the outputs of one batch; returns its size."""
@@ -746,27 +785,30 @@ class KafkaSidecar:
             self.push.send([])
         self._pump()
         self._backpressure()
-        messages = self._fresh(self.consumer.consume(cfg.batch_size, cfg.poll_timeout))
-        if not messages:
+        raw = self.consumer.consume(cfg.batch_size, cfg.poll_timeout)
+        if not raw:
+            return 0
+        self._last_data = time.monotonic()
+        messages, values, offsets, topics = self._fresh(raw)
+        batch = _Batch(offsets)
+        self._batches.append(batch)
+        if not messages:  # only re-reads: nothing to apply, but the offsets may be committed
+            batch.sealed = True
             return 0
         self.broker_ok = True
         self.kafka_log.reachable()
         started = time.perf_counter()
         base = self._sequence
         self._sequence += len(messages)
-        values = [m.value() or b"" for m in messages]
         result = self._apply(values, range(base, base + len(messages)))
         _strip_positions(result)
         for line in map(window_line, result.reports):
             log.info("%s", line)
         for line in map(alert_line, result.alerts):
             log.info("%s", line)
-        batch = _Batch({(m.topic(), m.partition()): m.offset() + 1 for m in messages})
-        self._remember_firsts(messages)
-        self._batches.append(batch)
         self._deliver(result, messages, base, batch)
         self.metrics.record_batch(
-            result, Counter(m.topic() for m in messages), time.perf_counter() - started,
+            result, topics, time.perf_counter() - started,
             self.monitor.policy,
             {n: p.windows.open_events for n, p in self.monitor.models.items()},
             self.monitor.newest_event)
@@ -810,7 +852,9 @@ class KafkaSidecar:
         pending alerts, leave the group. Offsets of undelivered outputs are never
         committed. True when nothing was left undelivered."""
         deadline = time.monotonic() + self.config.delivery.shutdown_grace
-        delivered = self._drain(deadline)
+        # keep part of the grace for the final commit and leaving the group
+        delivered = self._drain(deadline - min(5.0, self.config.delivery.shutdown_grace / 3),
+                                asynchronous=True)
         if self.push is not None and self.push.pending:
             self.push.retry_at = 0.0  # one last attempt before exiting
             if not self.push.send([]):
@@ -819,11 +863,11 @@ class KafkaSidecar:
         self.undelivered_at_exit = self.pending_outputs() + sum(
             1 for b in self._batches if not b.sealed)
         if not delivered:
-            log.error("shutting down with %d undelivered output(s) in %d batch(es); their "
-                      "offsets (and those of later batches) are not committed",
+            log.error("shutting down with %d undelivered output(s); the offsets of %d "
+                      "batch(es) from the first one not delivered on are not committed",
                       self.pending_outputs(), len(self._batches))
         # leaving the group can hang while the broker is unreachable: bounded too
-        closer = threading.Thread(target=self.consumer.close, name="consumer-close",
+        closer = threading.Thread(target=self._final_commit_and_leave, name="consumer-close",
                                   daemon=True)
         closer.start()
         closer.join(max(1.0, deadline - time.monotonic()))
