@@ -50,7 +50,7 @@ _MAX_UNEXPECTED_NAMES = 50
 # and the absent ones are found afterwards by their bits, for the whole batch at once.
 _ABSENT_BITS = 0x7FF8_0000_00AB_5E47
 ABSENT_NAN = struct.unpack("<d", struct.pack("<Q", _ABSENT_BITS))[0]
-_CHUNK = 2048   # messages decoded and turned into columns at a time (cache-sized)
+_CHUNK = 1024   # messages decoded and turned into columns at a time (cache-sized)
 # Codes the typed path's category lookup gives before they are resolved per column.
 _NOT_FOUND, _ABSENT_CODE = -1, -2
 
