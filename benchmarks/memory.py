@@ -2,9 +2,10 @@
 
 Feeds --events (default 10M) events through the engine (a pool of 500k distinct
 generated events, cycled with increasing positions) and prints RSS after 1M events,
-after all of them, and the difference.
+after all of them, and the difference. --workload realistic uses the realistic
+workload of `throughput.py` (booleans, absent keys, nulls, a 5,000-category feature).
 
-    python benchmarks/memory.py [--events 10000000]
+    python benchmarks/memory.py [--events 10000000] [--workload clean|realistic]
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from common import monitor, workload
+from common import monitor, realistic_monitor, realistic_workload, workload
 from rich.progress import Progress
 
 BATCH = 10_000
@@ -28,9 +29,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=10_000_000)
     ap.add_argument("--pool", type=int, default=500_000)
+    ap.add_argument("--workload", choices=["clean", "realistic"], default="clean")
     args = ap.parse_args()
-    pool = workload(args.pool, seed=5)
-    mon = monitor()
+    if args.workload == "clean":
+        pool, mon = workload(args.pool, seed=5), monitor()
+    else:
+        pool, mon = realistic_workload(args.pool, seed=5), realistic_monitor()
     marks = {}
     done = windows = 0
     with Progress(transient=True, disable=not os.isatty(2)) as bar:
@@ -45,7 +49,7 @@ def main() -> None:
             if done == 1_000_000:
                 marks["1M"] = rss_mb()
     marks["end"] = rss_mb()
-    print(f"events {done:,}, windows closed {windows}")
+    print(f"{args.workload} workload: events {done:,}, windows closed {windows}")
     print(f"RSS after 1M events : {marks.get('1M', float('nan')):.1f} MB")
     print(f"RSS after {done / 1e6:.0f}M events: {marks['end']:.1f} MB")
     print(f"difference: {marks['end'] - marks.get('1M', float('nan')):+.1f} MB")

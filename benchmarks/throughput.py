@@ -1,84 +1,193 @@
 """Engine throughput against bare orjson.loads on the same messages, one core.
 
-Prints, measured side by side in one run (best of --rounds, interleaved):
-  * orjson.loads with each result thrown away,
-  * orjson.loads of batches of 10,000 whose results are kept for the batch (the
-    baseline any consumer that decodes a batch pays),
-  * the engine: decode + update + evaluate, the code path of `replay` and `run`
-    (windows of 10,000 events, so every batch also closes and evaluates a window),
-and on the last line the ratio of the engine to the batch baseline.
+Two workloads: "clean" (the repo's own generator: 20 numeric + 5 categorical features,
+no absent keys) and "realistic" (`common.realistic_workload`: booleans, 2% absent keys,
+2% nulls, a 5,000-category Zipf feature, integer features with ties, Cauchy and
+Student-t tails). For each, measured side by side in one run (best of --rounds,
+interleaved), every figure also as a ratio to batch orjson.loads:
 
-    python benchmarks/throughput.py [--events 200000] [--rounds 3]
+  * parse floor: orjson.loads with each result thrown away,
+  * batch orjson.loads: batches of 10,000 whose results are kept for the batch (the
+    baseline any consumer that decodes a batch pays),
+  * typed decoder alone: the msgspec Structs of the model's schema, kept per batch,
+  * Decoder.decode: typed decoding plus the numpy columns of the batch,
+  * Monitor.process: decode + update + evaluate, the code path of `replay` and `run`
+    (windows of 10,000 events, so every batch also closes and evaluates a window),
+  * replay end to end: `replay()` over the same events in a JSONL file, writing its
+    output files (interpreter start-up excluded: reported on its own below).
+
+Times are CPU time of this process by default (--clock cpu): the machine is shared,
+and CPU time is what other processes disturb least; --clock wall for wall time.
+Start-up is wall time of `python -m stream_monitor replay` on a one-line file, beside
+`python -c pass` and the import of the replay path.
+
+    python benchmarks/throughput.py [--events 200000] [--rounds 3] [--workload both]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import orjson
-from common import monitor, workload
+from common import realistic_workload, workload
+
+from stream_monitor.config import ProfileConfig, load_config
+from stream_monitor.pipeline import Monitor
+from stream_monitor.reference import Reference, build_reference
+from stream_monitor.replay import replay
 
 BATCH = 10_000
+CLOCK = time.process_time
 
 
-def parse_discard(msgs: list[bytes]) -> float:
+def parse_discard(msgs: list[bytes], _) -> float:
     loads = orjson.loads
-    t = time.perf_counter()
+    t = CLOCK()
     for m in msgs:
         loads(m)
-    return time.perf_counter() - t
+    return CLOCK() - t
 
 
-def parse_batches(msgs: list[bytes]) -> float:
+def parse_batches(msgs: list[bytes], _) -> float:
     loads = orjson.loads
-    t = time.perf_counter()
+    t = CLOCK()
     for i in range(0, len(msgs), BATCH):
         kept = [loads(m) for m in msgs[i:i + BATCH]]
         del kept
-    return time.perf_counter() - t
+    return CLOCK() - t
 
 
-def engine(msgs: list[bytes]) -> float:
-    mon = monitor_factory()
-    t = time.perf_counter()
+def typed_alone(msgs: list[bytes], setup) -> float:
+    mon = setup.monitor()
+    fast, _ = mon.decoder._fast_decoder()
+    t = CLOCK()
+    for i in range(0, len(msgs), BATCH):
+        kept = list(map(fast, msgs[i:i + BATCH]))
+        del kept
+    return CLOCK() - t
+
+
+def decode_columns(msgs: list[bytes], setup) -> float:
+    mon = setup.monitor()
+    t = CLOCK()
+    for i in range(0, len(msgs), BATCH):
+        mon.decoder.decode(msgs[i:i + BATCH], range(i, i + BATCH))
+    return CLOCK() - t
+
+
+def process(msgs: list[bytes], setup) -> float:
+    mon = setup.monitor()
+    t = CLOCK()
     for i in range(0, len(msgs), BATCH):
         mon.process(msgs[i:i + BATCH], range(i, i + BATCH))
-    return time.perf_counter() - t
+    return CLOCK() - t
+
+
+def replay_file(msgs: list[bytes], setup) -> float:
+    t = CLOCK()
+    summary = replay(setup.config, setup.events, setup.tmp / "out", progress=False)
+    elapsed = CLOCK() - t
+    assert summary.counted == len(msgs), summary.as_text()
+    return elapsed
+
+
+STEPS = [("parse floor: orjson.loads, thrown away", parse_discard),
+         (f"batch orjson.loads ({BATCH:,} kept)", parse_batches),
+         ("typed msgspec decoder alone", typed_alone),
+         ("Decoder.decode (typed + columns)", decode_columns),
+         ("Monitor.process", process),
+         ("replay end to end (no start-up)", replay_file)]
+BASELINE = 1
+
+
+class Setup:
+    """A workload on disk: reference, config and events file, and monitors for it."""
+
+    def __init__(self, name: str, msgs: list[bytes], train: list[bytes], model: str):
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"sm-bench-{name}-"))
+        (self.tmp / "train.jsonl").write_bytes(b"\n".join(train) + b"\n")
+        ref = build_reference(self.tmp / "train.jsonl", model, ProfileConfig())
+        ref.save(self.tmp / "ref.json")
+        self.reference = Reference.load(self.tmp / "ref.json")
+        self.config_path = self.tmp / "config.yaml"
+        self.config_path.write_text(f"defaults:\n  window:\n    events: {BATCH}\n"
+                                    f"models:\n  {model}:\n    reference: ref.json\n")
+        self.config = load_config(self.config_path)
+        self.model = model
+        self.events = self.tmp / "events.jsonl"
+        self.events.write_bytes(b"\n".join(msgs) + b"\n")
+        (self.tmp / "one.jsonl").write_bytes(msgs[0] + b"\n")
+
+    def monitor(self) -> Monitor:
+        return Monitor(self.config, {self.model: self.reference})
+
+
+def _wall(cmd: list[str], rounds: int) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def start_up(setup: Setup, rounds: int) -> None:
+    py = sys.executable
+    bare = _wall([py, "-c", "pass"], rounds)
+    imports = _wall([py, "-c", "import stream_monitor.cli, stream_monitor.replay"], rounds)
+    cmd = _wall([py, "-m", "stream_monitor", "replay", "--quiet", "--config",
+                 str(setup.config_path), "--input", str(setup.tmp / "one.jsonl"), "--out",
+                 str(setup.tmp / "out1")], rounds)
+    print(f"start-up (wall, best of {rounds}): interpreter {bare:.2f} s, + imports of the "
+          f"replay path {imports - bare:.2f} s, `replay` of one line {cmd:.2f} s in all")
 
 
 def main() -> None:
-    global monitor_factory
+    global CLOCK
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workload", choices=["clean", "realistic", "both"], default="both")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     args = ap.parse_args()
-    msgs = workload(args.events)
-    size = sum(map(len, msgs)) / len(msgs)
-    base = monitor()
-    monitor_factory = lambda: monitor_from(base)  # noqa: E731
-    print(f"workload: {len(msgs)} events, {size:.0f} bytes/event, 20 numeric + 5 categorical")
-    best = {"discard": float("inf"), "batch": float("inf"), "engine": float("inf")}
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    setups = {}
+    if args.workload in ("clean", "both"):
+        msgs = workload(args.events)
+        setups["clean"] = (msgs, Setup("clean", msgs, workload(50_000, seed=1), "churn"))
+    if args.workload in ("realistic", "both"):
+        msgs = realistic_workload(args.events)
+        setups["realistic"] = (msgs, Setup("realistic", msgs,
+                                           realistic_workload(50_000, seed=99), "rt"))
+    best = {(w, s): float("inf") for w in setups for s, _ in STEPS}
     for _ in range(args.rounds):
-        for name, fn in (("discard", parse_discard), ("batch", parse_batches),
-                         ("engine", engine)):
-            gc.collect()
-            best[name] = min(best[name], fn(msgs))
-    rate = {k: len(msgs) / v for k, v in best.items()}
-    print(f"orjson.loads, results thrown away : {rate['discard']:>10,.0f} events/s")
-    print(f"orjson.loads, batches of {BATCH:,} kept: {rate['batch']:>10,.0f} events/s")
-    print(f"engine decode+update+evaluate     : {rate['engine']:>10,.0f} events/s")
-    print(f"ratio engine/orjson-discard: {rate['engine'] / rate['discard']:.2f}")
-    print(f"ratio engine/orjson: {rate['engine'] / rate['batch']:.2f}")
+        for w, (msgs, setup) in setups.items():
+            for label, fn in STEPS:
+                gc.collect()
+                best[w, label] = min(best[w, label], fn(msgs, setup))
+    print(f"{args.events:,} events per workload, best of {args.rounds} rounds, "
+          f"{args.clock} time, one core")
+    base_label = STEPS[BASELINE][0]
+    for w, (msgs, _) in setups.items():
+        size = sum(map(len, msgs)) / len(msgs)
+        print(f"\n{w} workload ({size:.0f} bytes/event)")
+        base = len(msgs) / best[w, base_label]
+        for label, _ in STEPS:
+            rate = len(msgs) / best[w, label]
+            print(f"  {label:<40} {rate:>10,.0f} events/s  {rate / base:5.2f}x")
+    print()
+    start_up(next(iter(setups.values()))[1], args.rounds)
+    summary = ", ".join(
+        f"{w}: process {best[w, base_label] / best[w, STEPS[4][0]]:.2f}x, replay "
+        f"{best[w, base_label] / best[w, STEPS[5][0]]:.2f}x" for w in setups)
+    print(f"ratios to batch orjson.loads -- {summary}")
 
-
-def monitor_from(base):
-    from stream_monitor.pipeline import Monitor
-    return Monitor(base.config, {n: p.reference for n, p in base.models.items()})
-
-
-monitor_factory = None
 
 if __name__ == "__main__":
     main()

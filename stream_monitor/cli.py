@@ -352,7 +352,12 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands that need neither Kafka nor Prometheus: they start without importing the
+# runtime (confluent-kafka, prometheus-client), a large share of `replay`'s start-up.
+LOCAL_COMMANDS = frozenset({"replay", "reference", "check-config", "sample", "diagnose"})
+
+
+def build_parser(with_runtime: bool = True) -> argparse.ArgumentParser:
     p = _Parser(prog="stream-monitor", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"stream-monitor {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -428,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=_cmd_broker)
 
     import importlib.util
-    if importlib.util.find_spec("stream_monitor.runtime") is not None:
+    if with_runtime and importlib.util.find_spec("stream_monitor.runtime") is not None:
         from . import runtime
         runtime.add_commands(sub)
     from . import generate  # the compose stack's traffic generator
@@ -437,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(with_runtime=not argv or argv[0] not in LOCAL_COMMANDS).parse_args(argv)
     try:
         return args.func(args) or 0
     except ConfigError as exc:

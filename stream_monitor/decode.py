@@ -1,11 +1,14 @@
 """Decode: raw message bytes of a batch -> one columnar batch per model, plus rejects.
 
-`decode_batch` is the single entry point, so its strategy can change without touching
-the engine. Values are pulled out with C-level helpers (orjson, itemgetter, zip, map)
-and converted to numpy columns once per batch; a per-event Python path runs only for
-the events of a batch that need it (absent keys, wrong types, unexpected fields).
-Missing values stay missing (NaN / a missing code), never zero. Every message that
-cannot be used becomes a `Reject` with a reason: nothing is dropped silently.
+`Decoder.decode` is the single entry point, so its strategy can change without touching
+the engine. Every valid event is decoded by msgspec into a typed struct generated from
+its model's reference (booleans, integers, nulls, absent keys and unseen categories
+included), the structs are flattened in one C-level pass and each column becomes numpy
+at once; only malformed events or events of an unknown shape take the per-event orjson
+path, which finds out exactly what is wrong with them. Missing values stay missing (NaN
+/ a missing code), never zero. Data-quality facts (absent keys, type violations,
+unexpected fields) are kept per event, so a window gets those of its own events. Every
+message that cannot be used becomes a `Reject` with a reason: nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ OUTCOME_KEYS = ("event_id", "prediction", "scores", "label", "segment", "model_v
 # and the absent ones are found afterwards by their bits, for the whole batch at once.
 _ABSENT_BITS = 0x7FF8_0000_00AB_5E47
 ABSENT_NAN = struct.unpack("<d", struct.pack("<Q", _ABSENT_BITS))[0]
-_CHUNK = 2048   # messages decoded and turned into columns at a time (cache-sized)
+_CHUNK = 1024   # messages decoded and turned into columns at a time (cache-sized)
 # Codes the typed path's category lookup gives before they are resolved per column.
 _NOT_FOUND, _ABSENT_CODE = -1, -2
 

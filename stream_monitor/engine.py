@@ -24,7 +24,7 @@ import numpy as np
 from .config import WindowConfig
 from .decode import ModelBatch
 from .reference import CategoricalProfile, NumericProfile
-from .stats import bin_index, fixed_point_sums
+from .stats import GridBins, fixed_point_sums
 
 _MAX_NAMES = 50
 
@@ -39,6 +39,7 @@ class NumericColumns:
     def __init__(self, profiles: list[NumericProfile]):
         self.profiles = profiles
         self.edges = [p.edges for p in profiles]
+        self.bins = [GridBins(e) for e in self.edges]   # bin_index of each column, faster
         widths = np.array([p.edges.size + 2 for p in profiles], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
         self.size = int(self.offsets[-1])
@@ -94,7 +95,7 @@ class NumericState:
         slots = np.empty(x.shape, np.int64)
         for j, edges in enumerate(layout.edges):
             col = x[:, j]
-            slots[:, j] = bin_index(edges, col)
+            slots[:, j] = layout.bins[j](col)
             slots[missing[:, j], j] = edges.size + 1
         slots += layout.offsets[:-1]
         self.counts += np.bincount(slots.ravel(), minlength=layout.size)

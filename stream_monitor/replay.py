@@ -18,7 +18,7 @@ from .pipeline import Monitor
 from .sinks import ReplayFiles
 
 BATCH_LINES = 10_000
-BLOCK_BYTES = 8 << 20   # read size: one read and one split per 8 MiB
+BLOCK_BYTES = 1 << 20   # read size: one read and one split per MiB (measured best of 0.25-8)
 
 
 @dataclass
@@ -54,22 +54,20 @@ def _batches(path: Path, size: int, block: int = BLOCK_BYTES):
         while True:
             data = fh.read(block)
             last = not data
-            if rest:
-                data = rest + data
-            if last:
-                if not data:
-                    if carry:
-                        yield carry[0], carry[1], offset
-                    return
-                lines, rest = data.split(b"\n"), b""
-            else:
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:                      # a line longer than a block
-                    rest = data
-                    continue
-                lines, rest = data[:cut - 1].split(b"\n"), data[cut:]
-            offset += len(data) - len(rest)
-            if b"\r" in data:                    # CRLF line ends
+            if last and not rest:
+                if carry:
+                    yield carry[0], carry[1], offset
+                return
+            lines = data.split(b"\n")
+            crlf = b"\r" in data
+            if rest:                               # the line cut by the previous block
+                lines[0] = rest + lines[0]
+                crlf = crlf or b"\r" in rest
+            rest = b"" if last else lines.pop()
+            if not lines:                          # a line longer than a block
+                continue
+            offset += len(data)
+            if crlf:                               # CRLF line ends
                 lines = list(map(bytes.rstrip, lines, repeat(b"\r\n")))
             first = lineno + 1
             lineno += len(lines)

@@ -404,3 +404,59 @@ def bin_index(inner_edges: np.ndarray, values: np.ndarray) -> np.ndarray:
     array([0, 1, 1, 2, 2])
     """
     return np.searchsorted(np.asarray(inner_edges), np.asarray(values), side="right")
+
+
+class GridBins:
+    """`bin_index` for one fixed set of edges, a few times faster, identical results.
+
+    `searchsorted` costs about 40 ns a value (a binary search whose branches the CPU
+    cannot predict). Here a value is mapped to a cell of a uniform grid over the edges
+    with three vectorised operations, and a table gives its bin whenever that cell,
+    widened by one cell on each side against rounding, holds no edge; only the values
+    in the few cells around an edge (and NaN) are searched. On data whose values sit
+    on the edges (integers, atoms) most values need the search, and `searchsorted` is
+    fast there (its branches are predictable): the table is then set aside for a while.
+    """
+
+    CELLS = 4096
+    REST = 16           # calls without the table after one where it did not pay
+
+    def __init__(self, inner_edges: np.ndarray):
+        self.edges = e = np.ascontiguousarray(inner_edges, dtype=np.float64)
+        self.table = None
+        self.rest = 0
+        if e.size < 2 or not np.isfinite(e).all() or not e[-1] > e[0]:
+            return
+        g = self.CELLS
+        scale = g / (float(e[-1]) - float(e[0]))
+        if not math.isfinite(scale) or not math.isfinite(g / scale):
+            return
+        # value x -> k = clip((x - e0) * scale + 1, 0, g + 4), so cell k holds values of
+        # about [e0 + (k-1)/scale, e0 + k/scale); k = 0 exactly the values below e0
+        k = np.arange(g + 5, dtype=np.float64)
+        lo = np.searchsorted(e, e[0] + (k - 2) / scale, side="right")
+        hi = np.searchsorted(e, e[0] + (k + 1) / scale, side="right")
+        lo[0] = hi[0] = 0
+        hi[-1] = e.size
+        table = np.where(lo == hi, lo, -1)
+        self.table = np.append(table, -1).astype(np.int64)   # last: NaN, searched
+        self.first, self.scale, self.top, self.nan = float(e[0]), scale, g + 4.0, g + 5.0
+        self.span = (g + 5.0) / scale   # |x - e0| beyond this: clipped, never overflows
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        if self.table is None or self.rest > 0:
+            self.rest -= 1
+            return bin_index(self.edges, values)
+        c = np.subtract(values, self.first)
+        np.clip(c, -self.span, self.span, out=c)
+        c *= self.scale
+        c += 1.0
+        np.clip(c, 0.0, self.top, out=c)            # NaN stays NaN
+        np.nan_to_num(c, copy=False, nan=self.nan)
+        out = self.table[c.astype(np.intp)]
+        unsure = np.flatnonzero(out < 0)
+        if unsure.size:
+            out[unsure] = np.searchsorted(self.edges, values[unsure], side="right")
+            if unsure.size * 4 > out.size:
+                self.rest = self.REST
+        return out

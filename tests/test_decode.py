@@ -305,10 +305,11 @@ def test_unexpected_name_is_counted_when_an_ignored_feature_is_absent():
     assert b.unexpected_events == 1 and b.unexpected_names == Counter({"surprise": 1})
 
 
-def test_rejected_events_do_not_count_in_absent_or_unexpected(dec):
-    good = enc(event(feats(**SLOW_FEATS)))          # slow path, like the rejected one
+@pytest.mark.parametrize("path", ["fast", "slow"])
+def test_rejected_events_do_not_count_in_absent_or_unexpected(dec, path):
+    good = enc(event(feats(**SLOW_FEATS)))          # "slow": like the rejected one
     bad = enc(event(feats(x="oops", y=ABSENT, extra=1)))
-    out = decode(dec, [good, bad])
+    out = decode(on_path(dec, path), [good, bad])
     assert [r.reason for r in out.rejects] == ["wrong_type"]
     b = out.models["m"]
     assert b.absent.tolist() == [0] * 6             # actual: y counted once
@@ -396,15 +397,15 @@ def test_mixed_fast_and_slow_batch_equals_decoding_each_event_alone():
     d = make_decoder()
     events = [
         event(),                                              # fast
-        event(feats(vip=True)),                               # slow: boolean category
+        event(feats(vip=True)),                               # fast: boolean category
         event(feats(x=None, y=3), ts="2026-11-22T10:00:01Z"),  # fast
-        event(feats(tier=2, plan=None)),                      # slow: int category
+        event(feats(tier=2, plan=None)),                      # fast: int category
         event(feats(z=ABSENT), prediction=ABSENT),            # fast: absent key
         event(feats(new=1), ts=T0 + 7),                       # slow: unexpected name
         event(model="n", features={"score": 0.5, "color": "red"}, prediction="yes"),
-        event(feats(y=ABSENT, vip=False)),                    # slow: absent and boolean
+        event(feats(y=ABSENT, vip=False)),                    # fast: absent and boolean
         event(feats(x=-1e300)),                               # fast
-        event(model="n", features={"score": 1, "color": True}, prediction="no"),  # slow
+        event(model="n", features={"score": 1, "color": True}, prediction="no"),  # fast
     ]
     msgs = [enc(e) for e in events]
     slow_seen: list[bytes] = []
@@ -538,8 +539,8 @@ def test_valid_events_of_any_value_mix_stay_on_the_typed_path(seed):
     b = out.models["m"]
     # the mix really was there: absent keys, nulls, unseen and int-keyed categories
     assert b.absent.sum() > 0 and np.isnan(b.numeric).sum() > b.absent[:3].sum()
-    tier = dec_col = col(d, "m", "tier")
-    codes = d.schemas["m"].cat_codes[dec_col]
+    tier = col(d, "m", "tier")
+    codes = d.schemas["m"].cat_codes[tier]
     assert {code(d, "m", "tier", "1"), codes.unseen} <= set(b.categorical[:, tier].tolist())
     plan = d.schemas["m"].cat_codes[col(d, "m", "plan")]
     assert plan.unseen in b.categorical[:, col(d, "m", "plan")]
@@ -567,7 +568,7 @@ def test_typed_path_decodes_exactly_as_the_per_event_path(seed, chunk, monkeypat
 
 
 def _window_stats(report: dict) -> dict:
-    """A window report without what is allowed to differ (nothing is)."""
+    """A window report as written to windows.jsonl (numpy values as JSON)."""
     return orjson.loads(orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY))
 
 

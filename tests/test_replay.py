@@ -287,3 +287,18 @@ def test_block_reader_gives_the_lines_and_numbers_of_a_line_by_line_read(tmp_pat
         assert all(len(lines) == size for lines, _, _ in batches[:-1])
         assert [(line, no) for lines, numbers, _ in batches
                 for line, no in zip(lines, numbers, strict=True)] == _lines_one_by_one(path)
+
+
+def test_replay_starts_without_the_kafka_and_prometheus_runtime(minimal_config, tmp_path):
+    import subprocess
+    import sys
+    events = synthetic.write_jsonl(tmp_path / "in.jsonl", 50, seed=3)
+    code = ("import sys; from stream_monitor.cli import main; "
+            f"rc = main(['replay', '--quiet', '--config', {str(minimal_config)!r}, "
+            f"'--input', {str(events)!r}, '--out', {str(tmp_path / 'out')!r}]); "
+            "heavy = sorted(m for m in ('confluent_kafka', 'prometheus_client', 'scipy.stats',"
+            " 'stream_monitor.runtime') if m in sys.modules); "
+            "print(rc, heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[-1] == "0 []"

@@ -1,0 +1,45 @@
+"""`stats.GridBins` (the engine's binning) gives exactly `stats.bin_index`'s bins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stream_monitor.stats import GridBins, bin_index
+
+FAMILIES = {
+    "cauchy": lambda rng, n: rng.standard_cauchy(n),
+    "lognormal": lambda rng, n: rng.lognormal(0, 3, n),
+    "zero-inflated": lambda rng, n: np.where(rng.random(n) < 0.7, 0.0, rng.exponential(5, n)),
+    "integers": lambda rng, n: rng.integers(0, 5, n).astype(float),
+    "large-offset": lambda rng, n: 1e15 + rng.normal(0, 1, n),
+    "subnormal": lambda rng, n: rng.normal(0, 1e-310, n),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("seed", range(3))
+def test_grid_bins_equal_searchsorted_everywhere(family, seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(60):
+        ref = FAMILIES[family](rng, 2_000)
+        edges = np.sort(rng.choice(ref, rng.integers(0, 60)))   # duplicates too
+        values = np.concatenate([
+            FAMILIES[family](rng, 500), edges, np.nextafter(edges, np.inf),
+            np.nextafter(edges, -np.inf),
+            [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e308, -1e308, 5e-324]])
+        bins = GridBins(edges)
+        for _ in range(2):          # also once the table may be set aside
+            with np.errstate(all="raise", under="ignore"):   # numpy ignores underflow
+                got = bins(values)
+            np.testing.assert_array_equal(got, bin_index(edges, values))
+
+
+def test_grid_bins_use_the_table_on_continuous_data():
+    rng = np.random.default_rng(1)
+    edges = np.quantile(rng.standard_cauchy(50_000), np.linspace(0, 1, 51)[1:-1])
+    bins = GridBins(edges)
+    assert bins.table is not None
+    x = rng.standard_cauchy(10_000)
+    np.testing.assert_array_equal(bins(x), bin_index(edges, x))
+    assert bins.rest <= 0           # few values needed the search: the table is kept
