@@ -48,8 +48,19 @@ def engine(msgs: list[bytes]) -> float:
     return time.perf_counter() - t
 
 
-def main() -> None:
+def engine_no_detectors(msgs: list[bytes]) -> float:
+    """The same engine with the sequential detectors switched off (their cost, issue 12)."""
     global monitor_factory
+    keep = monitor_factory
+    monitor_factory = no_detectors_factory
+    try:
+        return engine(msgs)
+    finally:
+        monitor_factory = keep
+
+
+def main() -> None:
+    global monitor_factory, no_detectors_factory
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=3)
@@ -58,27 +69,36 @@ def main() -> None:
     size = sum(map(len, msgs)) / len(msgs)
     base = monitor()
     monitor_factory = lambda: monitor_from(base)  # noqa: E731
+    no_detectors_factory = lambda: monitor_from(base, detectors=False)  # noqa: E731
     print(f"workload: {len(msgs)} events, {size:.0f} bytes/event, 20 numeric + 5 categorical")
-    best = {"discard": float("inf"), "batch": float("inf"), "engine": float("inf")}
+    best = {"discard": float("inf"), "batch": float("inf"), "engine": float("inf"),
+            "no_detectors": float("inf")}
     for _ in range(args.rounds):
         for name, fn in (("discard", parse_discard), ("batch", parse_batches),
-                         ("engine", engine)):
+                         ("engine", engine), ("no_detectors", engine_no_detectors)):
             gc.collect()
             best[name] = min(best[name], fn(msgs))
     rate = {k: len(msgs) / v for k, v in best.items()}
     print(f"orjson.loads, results thrown away : {rate['discard']:>10,.0f} events/s")
     print(f"orjson.loads, batches of {BATCH:,} kept: {rate['batch']:>10,.0f} events/s")
     print(f"engine decode+update+evaluate     : {rate['engine']:>10,.0f} events/s")
+    print(f"engine without detectors          : {rate['no_detectors']:>10,.0f} events/s")
+    print(f"detector cost: {1 - rate['engine'] / rate['no_detectors']:.1%} of the engine's rate")
     print(f"ratio engine/orjson-discard: {rate['engine'] / rate['discard']:.2f}")
     print(f"ratio engine/orjson: {rate['engine'] / rate['batch']:.2f}")
 
 
-def monitor_from(base):
+def monitor_from(base, detectors: bool = True):
     from stream_monitor.pipeline import Monitor
-    return Monitor(base.config, {n: p.reference for n, p in base.models.items()})
+    config = base.config
+    if not detectors:
+        config = config.model_copy(update={"defaults": config.defaults.model_copy(
+            update={"detector": "none"})})
+    return Monitor(config, {n: p.reference for n, p in base.models.items()})
 
 
 monitor_factory = None
+no_detectors_factory = None
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ from scipy import stats as sps
 
 from stream_monitor.config import AlertingConfig, ProfileConfig, parse_config
 from stream_monitor.detectors import (
+    BinGrid,
     ModelDetectors,
     adjacent_cells,
     block_statistics,
@@ -179,6 +180,29 @@ def test_midrank_pit_mean_and_variance_match_scipy(seed):
         assert np.allclose(mid[bins], u, atol=1e-12)
         assert abs(mid[bins].mean() - 0.5) < 1e-12
         assert var == pytest.approx(u.var(), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bin_grid_equals_searchsorted_exactly(seed):
+    rng = np.random.default_rng(seed)
+    n = 30_000
+    cols = [rng.normal(size=n), rng.standard_cauchy(n) * 1e6, rng.poisson(3, n) * 1.0,
+            rng.lognormal(0, 1.2, n), np.full(n, 7.0), np.where(rng.random(n) < .5, 1., 2.),
+            rng.normal(1e9, 1e-3, n), np.round(rng.normal(0, 1, n), 1)]
+    edges = [NumericProfile.from_values(c, 50).edges for c in cols]
+    grid = BinGrid(edges)
+    x = np.column_stack([c[rng.permutation(n)] for c in cols])
+    for j, e in enumerate(edges):      # values at, just below and just above every edge
+        v = np.concatenate([e, np.nextafter(e, -np.inf), np.nextafter(e, np.inf)])
+        x[:v.size, j] = v
+    x[-3:] = np.inf
+    x[-6:-3] = -np.inf
+    x[-9:-6] = np.nan
+    want = np.column_stack([np.searchsorted(e, x[:, j], side="right")
+                            for j, e in enumerate(edges)])
+    got = grid.bins(x)
+    ok = ~np.isnan(x)
+    assert np.array_equal(got[ok], want[ok])
 
 
 def test_cells_pool_sparse_bins_and_categories():
