@@ -167,8 +167,12 @@ class BinGrid:
     edges fall back to the binary search, for the few values that land there.
     """
 
-    def __init__(self, edges: list[np.ndarray], grid: int = GRID):
+    def __init__(self, edges: list[np.ndarray], offsets: np.ndarray | None = None,
+                 grid: int = GRID):
+        """`offsets`: added to every bin of a column (the columns' bins side by side)."""
         self.edges, self.grid = edges, grid
+        self.bin_offsets = (np.zeros(len(edges), np.int64) if offsets is None
+                            else np.asarray(offsets, np.int64))
         k, width = len(edges), grid + 3
         self.lo, self.inv_w = np.zeros(k), np.ones(k)
         self.below = np.zeros(k * width, np.int64)
@@ -176,6 +180,7 @@ class BinGrid:
         for j, e in enumerate(edges):               # start-up only
             base = j * width
             if e.size == 0:
+                self.below[base:base + width] = self.bin_offsets[j]
                 continue
             lo, hi = float(e[0]), float(e[-1])
             w = (hi - lo) / grid if hi > lo else 1.0
@@ -191,28 +196,48 @@ class BinGrid:
             inside = last - first
             below = first.astype(np.int64)
             edge = np.where(inside == 1, e[np.minimum(first, e.size - 1)], np.nan)
-            below[inside > 1] = -1                              # fall back
             below[-1], edge[-1] = e.size, np.nan                # beyond: above every edge
+            below += self.bin_offsets[j]
+            below[inside > 1] = -1                              # fall back
             self.below[base:base + width] = below
             self.edge[base:base + width] = edge
-        self.offsets = np.arange(k, dtype=np.int64) * width + 1
+        self.offsets_f = np.arange(k, dtype=np.float64) * width
+        self._buf: tuple[np.ndarray, ...] | None = None
+        self.shift = 1.0 - self.lo * self.inv_w
 
-    def bins(self, x: np.ndarray) -> np.ndarray:
-        """Bin of every value of the (n, k) matrix; NaN gets bin 0 (the caller masks it)."""
+    def bins(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Bin of every value of the (n, k) matrix, into `out` if given (NaN: bin 0 +
+        the column's offset; the caller masks missing values)."""
+        n = x.shape[0]
+        if self._buf is None or self._buf[0].shape[0] < n:
+            # scratch arrays reused from batch to batch: fresh multi-megabyte arrays
+            # cost as much in page faults as the arithmetic
+            shape = (max(n, 1), len(self.edges))
+            self._buf = (np.empty(shape), np.empty(shape, np.int64), np.empty(shape),
+                         np.empty(shape, bool))
+        t, idx, edge, ge = (b[:n] for b in self._buf)
+        # t = cell + 1 + the column's table offset, clipped to the table; fmax maps NaN
+        # to cell -1
+        np.multiply(x, self.inv_w, out=t)
+        t += self.shift
+        np.fmax(t, 0.0, out=t)
+        np.minimum(t, self.grid + 2, out=t)
+        t += self.offsets_f
+        idx[...] = t
+        if out is None:
+            out = np.empty(x.shape, np.int64)
+        np.take(self.below, idx, out=out)
+        bad = out < 0
+        np.take(self.edge, idx, out=edge)
         with np.errstate(invalid="ignore"):
-            g = np.floor((x - self.lo) * self.inv_w)
-        np.clip(g, -1, self.grid + 1, out=g)
-        g[np.isnan(g)] = -1
-        idx = g.astype(np.int64) + self.offsets
-        below = self.below[idx]
-        with np.errstate(invalid="ignore"):
-            out = below + (x >= self.edge[idx])
-        bad = below < 0
+            np.greater_equal(x, edge, out=ge)
+        out += ge
         if bad.any():
             rows, cols = np.nonzero(bad)
             for j in np.unique(cols):
                 r = rows[cols == j]
-                out[r, j] = np.searchsorted(self.edges[j], x[r, j], side="right")
+                out[r, j] = np.searchsorted(self.edges[j], x[r, j],
+                                            side="right") + self.bin_offsets[j]
         return out
 
 
@@ -243,10 +268,13 @@ class BlockLayout:
             var.append(v)
             n_ref.append(prof.count)
         self.bin_offsets = np.array(bin_off[:-1], np.int64)
-        self.grid = BinGrid(self.edges)
+        self.bins = bin_off[-1]                 # numeric bins, side by side
+        self.grid = BinGrid(self.edges, self.bin_offsets)
         self.mid = np.concatenate(mids) if mids else np.zeros(0)
         self.pit_var = np.array(var, np.float64)
-        self.num_cell = np.concatenate(bin_cells) if bin_cells else np.zeros(0, np.int64)
+        num_cell = np.concatenate(bin_cells) if bin_cells else np.zeros(0, np.int64)
+        # numeric cells are runs of adjacent bins: where each run starts
+        self.num_cell_starts = np.flatnonzero(np.diff(num_cell, prepend=-1))
         self.num_cells = cells
         code_off, code_cells = [0], []
         for j, name in enumerate(categorical):
@@ -264,9 +292,11 @@ class BlockLayout:
             n_ref.append(prof.count)
         self.code_offsets = np.array(code_off[:-1], np.int64)
         self.cells = cells
-        self.drop = cells                       # slot of missing values
+        # histogram slots of a block: numeric bins, categorical cells, one for missing
+        self.drop = self.bins + cells - self.num_cells
+        self.width = self.drop + 1
         lut = np.concatenate(code_cells) if code_cells else np.zeros(0, np.int64)
-        self.cat_cell = np.where(lut < 0, self.drop, lut)
+        self.cat_slot = np.where(lut < 0, self.drop, lut - self.num_cells + self.bins)
         self.cell_p = np.concatenate(cell_p) if cell_p else np.zeros(0)
         self.feature_of_cell = (np.concatenate(feat_of_cell) if feat_of_cell
                                 else np.zeros(0, np.int64))
@@ -274,6 +304,17 @@ class BlockLayout:
         n_feat = len(self.names)
         self.df = np.bincount(self.feature_of_cell, minlength=n_feat).astype(np.float64) - 1
         self.n_ref = np.array(n_ref, np.float64)
+
+    def split(self, hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Blocks' histograms -> (PIT sums per numeric feature, counts per chi-square cell)."""
+        nb = hist.shape[0]
+        num = hist[:, :self.bins]
+        if self.bins:
+            pit = np.add.reduceat(num * self.mid, self.bin_offsets, axis=1)
+            cells = np.add.reduceat(num, self.num_cell_starts, axis=1)
+        else:
+            pit, cells = np.zeros((nb, 0)), np.zeros((nb, 0), np.int64)
+        return pit, np.concatenate([cells, hist[:, self.bins:self.drop]], axis=1)
 
 
 # -- block statistics ---------------------------------------------------------------------
@@ -283,8 +324,7 @@ class BlockLayout:
 class BlockSums:
     """Sufficient statistics of blocks: rows are blocks."""
 
-    pit: np.ndarray             # (blocks, n_numeric) sums of mid-rank PIT values
-    cells: np.ndarray           # (blocks, cells) counts per chi-square cell
+    hist: np.ndarray            # (blocks, layout.width - 1) numeric bins, categorical cells
     first: np.ndarray           # (blocks,) first position
     last: np.ndarray            # (blocks,) last position
     ts_min: np.ndarray
@@ -294,35 +334,30 @@ class BlockSums:
 
 def block_sums(layout: BlockLayout, numeric: np.ndarray, codes: np.ndarray,
                positions: np.ndarray, ts: np.ndarray, offset: int) -> BlockSums:
-    """Per-block sums of a batch whose first event is number `offset` of its block."""
+    """Per-block histograms of a batch whose first event is number `offset` of its block.
+
+    One bin lookup for the numeric matrix, one table lookup for the categorical codes,
+    one `bincount` over (block, slot): the PIT sums and chi-square cells of every
+    feature follow from the histogram (`BlockLayout.split`), per block, not per event.
+    """
     n = positions.size
-    size = layout.block
-    blk = (offset + np.arange(n)) // size
+    blk = (offset + np.arange(n)) // layout.block
     starts = np.flatnonzero(np.diff(blk, prepend=-1))
     nb = starts.size
-    width = layout.cells + 1
     slots = np.empty((n, len(layout.names)), np.int64)
     k = len(layout.numeric)
     if k:
-        missing = np.isnan(numeric)
-        bins = layout.grid.bins(numeric)
-        bins += layout.bin_offsets
-        u = layout.mid[bins]
-        u[missing] = 0.0
-        pit = np.add.reduceat(u, starts, axis=0)
-        s = layout.num_cell[bins]
-        s[missing] = layout.drop
-        slots[:, :k] = s
-    else:
-        pit = np.zeros((nb, 0))
+        bins = layout.grid.bins(numeric, slots[:, :k])
+        bins[np.isnan(numeric)] = layout.drop       # missing values are not values
     if len(layout.categorical):
-        slots[:, k:] = layout.cat_cell[codes + layout.code_offsets]
-    slots += (blk * width)[:, None]
-    cells = np.bincount(slots.ravel(), minlength=nb * width).reshape(nb, width)[:, :-1]
+        slots[:, k:] = layout.cat_slot[codes + layout.code_offsets]
+    slots += (blk * layout.width)[:, None]
+    hist = np.bincount(slots.ravel(), minlength=nb * layout.width).reshape(
+        nb, layout.width)[:, :-1]
     with np.errstate(invalid="ignore"):
-        ts_min = np.fmin.reduceat(ts, starts) if n else np.zeros(0)
-        ts_max = np.fmax.reduceat(ts, starts) if n else np.zeros(0)
-    return BlockSums(pit, cells, np.minimum.reduceat(positions, starts),
+        ts_min = np.fmin.reduceat(ts, starts)
+        ts_max = np.fmax.reduceat(ts, starts)
+    return BlockSums(hist, np.minimum.reduceat(positions, starts),
                      np.maximum.reduceat(positions, starts), ts_min, ts_max,
                      np.diff(np.append(starts, n)))
 
@@ -509,8 +544,7 @@ class ModelDetectors:
         sums = block_sums(self.layout, numeric, codes, positions, ts, self.filled)
         if self._pending is not None:
             p = self._pending
-            sums.pit[0] += p.pit[0]
-            sums.cells[0] += p.cells[0]
+            sums.hist[0] += p.hist[0]
             sums.first[0] = min(sums.first[0], p.first[0])
             sums.last[0] = max(sums.last[0], p.last[0])
             sums.ts_min[0] = np.fmin(sums.ts_min[0], p.ts_min[0])
@@ -518,11 +552,11 @@ class ModelDetectors:
             sums.events[0] += p.events[0]
         done = int(np.count_nonzero(sums.events >= self.layout.block))
         self._pending = (None if done == sums.events.size else BlockSums(
-            *(a[done:done + 1].copy() for a in (sums.pit, sums.cells, sums.first, sums.last,
+            *(a[done:done + 1].copy() for a in (sums.hist, sums.first, sums.last,
                                                  sums.ts_min, sums.ts_max, sums.events))))
         if done == 0:
             return []
-        loc, shape, _ = block_statistics(self.layout, sums.pit[:done], sums.cells[:done])
+        loc, shape, _ = block_statistics(self.layout, *self.layout.split(sums.hist[:done]))
         out: list[Detection] = []
         zs = np.concatenate([loc, shape], axis=1)[:, self._zidx]
         for b in range(done):                       # one detector step per block
@@ -567,7 +601,7 @@ class ModelDetectors:
             "alarms": self.alarms,
             "banks": {m: bank.state() for m, (_, bank) in self.groups.items()},
             "pending": None if p is None else {
-                "pit": p.pit[0].tolist(), "cells": p.cells[0].tolist(),
+                "hist": p.hist[0].tolist(),
                 "first": int(p.first[0]), "last": int(p.last[0]),
                 "ts_min": float(p.ts_min[0]), "ts_max": float(p.ts_max[0]),
                 "events": int(p.events[0])},
@@ -579,6 +613,6 @@ class ModelDetectors:
             self.groups[m][1].load(s)
         p = state["pending"]
         self._pending = None if p is None else BlockSums(
-            np.array([p["pit"]], np.float64), np.array([p["cells"]], np.int64),
+            np.array([p["hist"]], np.int64),
             np.array([p["first"]]), np.array([p["last"]]), np.array([p["ts_min"]]),
             np.array([p["ts_max"]]), np.array([p["events"]]))
