@@ -105,11 +105,13 @@ def wilson_hilferty(x2: np.ndarray, df: np.ndarray) -> np.ndarray:
         return (np.cbrt(x2 / df) - (1.0 - v)) / np.sqrt(v)
 
 
-def cusum_arl(k: float, h: float, states: int = 400) -> float:
+def cusum_arl(k: float, h: float, states: int | None = None) -> float:
     """Expected run length of the one-sided CUSUM ``S = max(0, S + z - k) > h``, z ~ N(0,1).
 
-    Brook & Evans (1972): the statistic as a Markov chain on `states` cells of [0, h].
+    Brook & Evans (1972): the statistic as a Markov chain on `states` cells of [0, h]
+    (by default 400, more for large h so that a cell stays well below one sd).
     """
+    states = states or min(max(400, int(8 * h)), 3000)
     w = h / states
     centre = np.arange(states) * w
     upper = (np.arange(states) + 0.5) * w
@@ -123,6 +125,8 @@ def cusum_arl(k: float, h: float, states: int = 400) -> float:
 def siegmund_arl(k: float, h: float) -> float:
     """Siegmund's closed-form approximation of the same run length (for cross-checking)."""
     b = h + 1.166
+    if 2 * k * b > 700:
+        return math.inf
     return (math.exp(2 * k * b) - 2 * k * b - 1) / (2 * k * k)
 
 
@@ -145,10 +149,10 @@ def cusum_threshold(k: float, arl: float) -> float:
             break
         h0, h1, f0 = h1, h1 - f1 * (h1 - h0) / (f1 - f0), f1
         f1 = math.log(cusum_arl(k, h1)) - target
-    h = h1
+    h = math.ceil(h1 * 1e6) / 1e6
     while cusum_arl(k, h) < arl:        # round up: never below the target
-        h *= 1.0001
-    return round(h, 6)
+        h = math.ceil(h * 1.0001 * 1e6) / 1e6
+    return h
 
 
 # -- layout: the reference, prepared once -------------------------------------------------

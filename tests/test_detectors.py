@@ -583,3 +583,31 @@ def test_metrics_export_block_statistics_and_alarms(reference):
            'statistic="chi2"}' in text
     assert value('stream_monitor_detector_block_statistic{feature="n1",model="m",'
                  'statistic="pit_mean"}') > 5    # the shifted feature's last block
+
+
+@pytest.mark.parametrize("kinds", ["numeric", "categorical", "both"])
+def test_models_with_one_kind_of_feature_and_constant_features(kinds):
+    rng = np.random.default_rng(4)
+    feats = {}
+    if kinds != "categorical":
+        feats["x"] = NumericProfile.from_values(rng.normal(size=20_000), 50)
+        feats["const"] = NumericProfile.from_values(np.full(20_000, 3.0), 50)
+    if kinds != "numeric":
+        feats["c"] = CategoricalProfile(["a", "b"], np.array([15_000, 5_000]), 0, 20_000, 0.)
+        feats["one"] = CategoricalProfile(["z"], np.array([20_000]), 0, 20_000, 0.0)
+    ref = Reference("m", feats)
+    num = [n for n in feats if feats[n].kind == "numeric"]
+    cat = [n for n in feats if feats[n].kind == "categorical"]
+    from stream_monitor.config import model_settings
+    det = ModelDetectors("m", model_settings(parse_config(
+        {"models": {"m": {"baseline": {"events": 1}}}}), "m"), ref, num, cat)
+    n = 5_000
+    x = np.column_stack([rng.normal(size=n) + (np.arange(n) >= 2_500), np.full(n, 3.0)])[
+        :, :len(num)]
+    codes = np.column_stack([(rng.random(n) < np.where(np.arange(n) >= 2_500, 0.9, 0.25))
+                             .astype(np.int32), np.zeros(n, np.int32)])[:, :len(cat)]
+    found = det.update(x, codes, np.arange(n), np.full(n, np.nan))
+    assert det.blocks == 5
+    assert {d.feature for d in found} == {"x", "c"} & set(feats)
+    assert all(d.window["start"] is None for d in found)        # no timestamps: no times
+    assert "const" not in det.last and "one" not in det.last    # nothing to judge
