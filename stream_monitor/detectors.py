@@ -461,7 +461,9 @@ class PageHinkleyBank:
     def state(self) -> dict[str, Any]:
         return {"detectors": [
             {"n": ph._x_mean.n, "mean": ph._x_mean.get(), "detected": ph.drift_detected,
-             **{f: getattr(ph, f) for f in self._FIELDS}} for ph in self.detectors]}
+             # river starts its minimum at +inf: JSON has no infinity
+             **{f: _finite_or_none(getattr(ph, f)) for f in self._FIELDS}}
+            for ph in self.detectors]}
 
     def load(self, state: dict[str, Any]) -> None:
         for ph, s in zip(self.detectors, state["detectors"], strict=True):
@@ -469,7 +471,11 @@ class PageHinkleyBank:
             ph._x_mean.n, ph._x_mean._mean = s["n"], s["mean"]
             ph._drift_detected = s["detected"]
             for f in self._FIELDS:
-                setattr(ph, f, s[f])
+                setattr(ph, f, math.inf if s[f] is None else s[f])
+
+
+def _finite_or_none(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
 
 
 @dataclass

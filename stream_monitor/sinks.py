@@ -62,6 +62,11 @@ class ReplayFiles:
             sink.close()
 
 
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
 def alertmanager_payload(alert: dict[str, Any], now: str | None = None) -> dict[str, Any]:
     """An alert event as Alertmanager's v2 API takes it.
 
@@ -70,8 +75,12 @@ def alertmanager_payload(alert: dict[str, Any], now: str | None = None) -> dict[
     """
     from .policy import iso_now
     now = now or iso_now()
+    # compared as times, not strings: "…:41.7Z" sorts before "…:41Z" as text
+    starts = alert["startsAt"]
+    if _epoch(starts) > _epoch(now):
+        starts = now
     payload = {"labels": alert["labels"], "annotations": alert["annotations"],
-               "startsAt": min(alert["startsAt"], now)}
+               "startsAt": starts}
     if alert["status"] == "resolved":
         payload["endsAt"] = now
     if alert.get("generatorURL"):

@@ -463,7 +463,10 @@ def test_state_round_trip_gives_the_same_future_decisions(reference, method):
     chunks = list(stream(60_000, seed=9, change_at=31_777, drift={**LARGE, **SUBTLE}))
     for events, first in chunks[:1]:
         a.process(events[:15_432], range(first, first + 15_432))    # mid-block
-    state = json.loads(json.dumps(a.models["m"].detectors.to_state()))
+    json.dumps(b_fresh := monitor(reference, **cfg).models["m"].detectors.to_state(),
+               allow_nan=False)                 # strict JSON from the very start
+    assert b_fresh["pending"] is None
+    state = json.loads(json.dumps(a.models["m"].detectors.to_state(), allow_nan=False))
     assert len(json.dumps(state)) < 20_000      # small: a few floats per feature + one block
     b = monitor(reference, **cfg)
     b.models["m"].detectors.from_state(state)

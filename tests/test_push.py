@@ -33,3 +33,16 @@ def test_unreachable_alertmanager_backs_off_and_counts_each_alert_once():
     assert failures == [2, 1]  # only the new alert is counted
     assert [p["labels"]["feature"] for p in push.pending] == ["a", "b", "c"]
     assert push.retry_at - time.monotonic() > 1.0  # the back-off doubled
+
+
+def test_payload_caps_a_fractional_start_ahead_of_the_clock():
+    """Event time within the same second as now but later: capped (string order is not
+    time order: '12:00:41.7Z' < '12:00:41Z' as text)."""
+    from stream_monitor.sinks import alertmanager_payload
+    alert = {"labels": {}, "annotations": {}, "status": "resolved",
+             "startsAt": "2026-11-23T12:00:41.727682Z"}
+    p = alertmanager_payload(alert, now="2026-11-23T12:00:41Z")
+    assert p["startsAt"] == "2026-11-23T12:00:41Z" and p["endsAt"] == "2026-11-23T12:00:41Z"
+    alert["startsAt"] = "2026-11-23T12:00:40.5Z"
+    assert alertmanager_payload(alert, now="2026-11-23T12:00:41Z")["startsAt"] == \
+        "2026-11-23T12:00:40.5Z"
