@@ -97,12 +97,22 @@ def replay_file(msgs: list[bytes], setup) -> float:
     return elapsed
 
 
+def process_no_detectors(msgs: list[bytes], setup) -> float:
+    """Monitor.process with the sequential detectors switched off: their cost."""
+    mon = setup.monitor(detectors=False)
+    t = CLOCK()
+    for i in range(0, len(msgs), BATCH):
+        mon.process(msgs[i:i + BATCH], range(i, i + BATCH))
+    return CLOCK() - t
+
+
 STEPS = [("parse floor: orjson.loads, thrown away", parse_discard),
          (f"batch orjson.loads ({BATCH:,} kept)", parse_batches),
          ("typed msgspec decoder alone", typed_alone),
          ("Decoder.decode (typed + columns)", decode_columns),
          ("Monitor.process", process),
-         ("replay end to end (no start-up)", replay_file)]
+         ("replay end to end (no start-up)", replay_file),
+         ("Monitor.process, detectors off", process_no_detectors)]
 BASELINE = 1
 
 
@@ -124,8 +134,12 @@ class Setup:
         self.events.write_bytes(b"\n".join(msgs) + b"\n")
         (self.tmp / "one.jsonl").write_bytes(msgs[0] + b"\n")
 
-    def monitor(self) -> Monitor:
-        return Monitor(self.config, {self.model: self.reference})
+    def monitor(self, detectors: bool = True) -> Monitor:
+        config = self.config
+        if not detectors:
+            config = config.model_copy(update={"defaults": config.defaults.model_copy(
+                update={"detector": "none"})})
+        return Monitor(config, {self.model: self.reference})
 
 
 def _wall(cmd: list[str], rounds: int) -> float:
@@ -187,6 +201,9 @@ def main() -> None:
         f"{w}: process {best[w, base_label] / best[w, STEPS[4][0]]:.2f}x, replay "
         f"{best[w, base_label] / best[w, STEPS[5][0]]:.2f}x" for w in setups)
     print(f"ratios to batch orjson.loads -- {summary}")
+    cost = ", ".join(f"{w}: {1 - best[w, STEPS[6][0]] / best[w, STEPS[4][0]]:.1%}"
+                     for w in setups)
+    print(f"sequential detectors cost of Monitor.process's rate -- {cost}")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ class DetectorConfig(Strict):
     method: Literal["cusum", "page_hinkley"] = "cusum"
     # allowance per block in block-standard-deviations: shifts smaller than this are
     # tolerated, larger ones accumulate evidence
-    k: float = Field(default=0.5, gt=0, le=5)
+    k: float = Field(default=0.5, ge=0.05, le=5)
     # expected run length without drift, in blocks per feature: the false-alarm target
     arl: float = Field(default=1e6, ge=10, le=1e12)
 

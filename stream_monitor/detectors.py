@@ -37,7 +37,6 @@ from scipy.special import ndtr
 
 from .config import DetectorConfig, ModelSettings
 from .reference import CategoricalProfile, NumericProfile, Reference
-from .stats import bin_index
 
 LOCATION, SHAPE = "pit_mean", "chi2"
 MIN_EXPECTED = 5.0      # expected values per chi-square cell per block
@@ -106,11 +105,13 @@ def wilson_hilferty(x2: np.ndarray, df: np.ndarray) -> np.ndarray:
         return (np.cbrt(x2 / df) - (1.0 - v)) / np.sqrt(v)
 
 
-def cusum_arl(k: float, h: float, states: int = 400) -> float:
+def cusum_arl(k: float, h: float, states: int | None = None) -> float:
     """Expected run length of the one-sided CUSUM ``S = max(0, S + z - k) > h``, z ~ N(0,1).
 
-    Brook & Evans (1972): the statistic as a Markov chain on `states` cells of [0, h].
+    Brook & Evans (1972): the statistic as a Markov chain on `states` cells of [0, h]
+    (by default 400, more for large h so that a cell stays well below one sd).
     """
+    states = states or min(max(400, int(8 * h)), 3000)
     w = h / states
     centre = np.arange(states) * w
     upper = (np.arange(states) + 0.5) * w
@@ -124,6 +125,8 @@ def cusum_arl(k: float, h: float, states: int = 400) -> float:
 def siegmund_arl(k: float, h: float) -> float:
     """Siegmund's closed-form approximation of the same run length (for cross-checking)."""
     b = h + 1.166
+    if 2 * k * b > 700:
+        return math.inf
     return (math.exp(2 * k * b) - 2 * k * b - 1) / (2 * k * k)
 
 
@@ -146,13 +149,100 @@ def cusum_threshold(k: float, arl: float) -> float:
             break
         h0, h1, f0 = h1, h1 - f1 * (h1 - h0) / (f1 - f0), f1
         f1 = math.log(cusum_arl(k, h1)) - target
-    h = h1
+    h = math.ceil(h1 * 1e6) / 1e6
     while cusum_arl(k, h) < arl:        # round up: never below the target
-        h *= 1.0001
-    return round(h, 6)
+        h = math.ceil(h * 1.0001 * 1e6) / 1e6
+    return h
 
 
 # -- layout: the reference, prepared once -------------------------------------------------
+
+GRID = 4096     # cells of the bin lookup grid per numeric feature
+
+
+class BinGrid:
+    """``searchsorted(edges_j, x, side="right")`` for all columns at once, exactly.
+
+    Per column a uniform grid of GRID cells over [first edge, last edge] (one cell
+    beyond either end) records how many edges lie below each cell and the one edge
+    inside it, if any, so a value's bin is ``below[cell] + (x >= edge[cell])``: a
+    handful of numpy operations over the whole batch instead of a binary search per
+    value (which costs ~10x more through branch misses). Cells holding two or more
+    edges fall back to the binary search, for the few values that land there.
+    """
+
+    def __init__(self, edges: list[np.ndarray], offsets: np.ndarray | None = None,
+                 grid: int = GRID):
+        """`offsets`: added to every bin of a column (the columns' bins side by side)."""
+        self.edges, self.grid = edges, grid
+        self.bin_offsets = (np.zeros(len(edges), np.int64) if offsets is None
+                            else np.asarray(offsets, np.int64))
+        k, width = len(edges), grid + 3
+        self.lo, self.inv_w = np.zeros(k), np.ones(k)
+        self.below = np.zeros(k * width, np.int64)
+        self.edge = np.full(k * width, np.nan)       # NaN: no edge (x >= NaN is False)
+        for j, e in enumerate(edges):               # start-up only
+            base = j * width
+            if e.size == 0:
+                self.below[base:base + width] = self.bin_offsets[j]
+                continue
+            lo, hi = float(e[0]), float(e[-1])
+            w = (hi - lo) / grid if hi > lo else 1.0
+            self.lo[j], self.inv_w[j] = lo, 1.0 / w
+            # cell c (c = -1 .. grid+1) spans [lo + c w, lo + (c+1) w), widened by a margin
+            # larger than the rounding of (x - lo) / w, so a value is judged right in
+            # whichever neighbouring cell rounding puts it
+            c = np.arange(-1, grid + 2, dtype=np.float64)
+            margin = w * 1e-3 + abs(lo) * 1e-12 + abs(hi) * 1e-12
+            start, end = lo + c * w - margin, lo + (c + 1) * w + margin
+            first = np.searchsorted(e, start, side="left")     # edges >= start
+            last = np.searchsorted(e, end, side="left")        # edges < end
+            inside = last - first
+            below = first.astype(np.int64)
+            edge = np.where(inside == 1, e[np.minimum(first, e.size - 1)], np.nan)
+            below[-1], edge[-1] = e.size, np.nan                # beyond: above every edge
+            below += self.bin_offsets[j]
+            below[inside > 1] = -1                              # fall back
+            self.below[base:base + width] = below
+            self.edge[base:base + width] = edge
+        self.offsets_f = np.arange(k, dtype=np.float64) * width
+        self._buf: tuple[np.ndarray, ...] | None = None
+        self.shift = 1.0 - self.lo * self.inv_w
+
+    def bins(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Bin of every value of the (n, k) matrix, into `out` if given (NaN: bin 0 +
+        the column's offset; the caller masks missing values)."""
+        n = x.shape[0]
+        if self._buf is None or self._buf[0].shape[0] < n:
+            # scratch arrays reused from batch to batch: fresh multi-megabyte arrays
+            # cost as much in page faults as the arithmetic
+            shape = (max(n, 1), len(self.edges))
+            self._buf = (np.empty(shape), np.empty(shape, np.int64), np.empty(shape),
+                         np.empty(shape, bool))
+        t, idx, edge, ge = (b[:n] for b in self._buf)
+        # t = cell + 1 + the column's table offset, clipped to the table; fmax maps NaN
+        # to cell -1
+        np.multiply(x, self.inv_w, out=t)
+        t += self.shift
+        np.fmax(t, 0.0, out=t)
+        np.minimum(t, self.grid + 2, out=t)
+        t += self.offsets_f
+        idx[...] = t
+        if out is None:
+            out = np.empty(x.shape, np.int64)
+        np.take(self.below, idx, out=out)
+        bad = out < 0
+        np.take(self.edge, idx, out=edge)
+        with np.errstate(invalid="ignore"):
+            np.greater_equal(x, edge, out=ge)
+        out += ge
+        if bad.any():
+            rows, cols = np.nonzero(bad)
+            for j in np.unique(cols):
+                r = rows[cols == j]
+                out[r, j] = np.searchsorted(self.edges[j], x[r, j],
+                                            side="right") + self.bin_offsets[j]
+        return out
 
 
 class BlockLayout:
@@ -182,9 +272,13 @@ class BlockLayout:
             var.append(v)
             n_ref.append(prof.count)
         self.bin_offsets = np.array(bin_off[:-1], np.int64)
+        self.bins = bin_off[-1]                 # numeric bins, side by side
+        self.grid = BinGrid(self.edges, self.bin_offsets)
         self.mid = np.concatenate(mids) if mids else np.zeros(0)
         self.pit_var = np.array(var, np.float64)
-        self.num_cell = np.concatenate(bin_cells) if bin_cells else np.zeros(0, np.int64)
+        num_cell = np.concatenate(bin_cells) if bin_cells else np.zeros(0, np.int64)
+        # numeric cells are runs of adjacent bins: where each run starts
+        self.num_cell_starts = np.flatnonzero(np.diff(num_cell, prepend=-1))
         self.num_cells = cells
         code_off, code_cells = [0], []
         for j, name in enumerate(categorical):
@@ -203,9 +297,11 @@ class BlockLayout:
             n_ref.append(prof.count)
         self.code_offsets = np.array(code_off[:-1], np.int64)
         self.cells = cells
-        self.drop = cells                       # slot of missing values
+        # histogram slots of a block: numeric bins, categorical cells, one for missing
+        self.drop = self.bins + cells - self.num_cells
+        self.width = self.drop + 1
         lut = np.concatenate(code_cells) if code_cells else np.zeros(0, np.int64)
-        self.cat_cell = np.where(lut < 0, self.drop, lut)
+        self.cat_slot = np.where(lut < 0, self.drop, lut - self.num_cells + self.bins)
         self.cell_p = np.concatenate(cell_p) if cell_p else np.zeros(0)
         self.feature_of_cell = (np.concatenate(feat_of_cell) if feat_of_cell
                                 else np.zeros(0, np.int64))
@@ -213,6 +309,17 @@ class BlockLayout:
         n_feat = len(self.names)
         self.df = np.bincount(self.feature_of_cell, minlength=n_feat).astype(np.float64) - 1
         self.n_ref = np.array(n_ref, np.float64)
+
+    def split(self, hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Blocks' histograms -> (PIT sums per numeric feature, counts per chi-square cell)."""
+        nb = hist.shape[0]
+        num = hist[:, :self.bins]
+        if self.bins:
+            pit = np.add.reduceat(num * self.mid, self.bin_offsets, axis=1)
+            cells = np.add.reduceat(num, self.num_cell_starts, axis=1)
+        else:
+            pit, cells = np.zeros((nb, 0)), np.zeros((nb, 0), np.int64)
+        return pit, np.concatenate([cells, hist[:, self.bins:self.drop]], axis=1)
 
 
 # -- block statistics ---------------------------------------------------------------------
@@ -222,8 +329,7 @@ class BlockLayout:
 class BlockSums:
     """Sufficient statistics of blocks: rows are blocks."""
 
-    pit: np.ndarray             # (blocks, n_numeric) sums of mid-rank PIT values
-    cells: np.ndarray           # (blocks, cells) counts per chi-square cell
+    hist: np.ndarray            # (blocks, layout.width - 1) numeric bins, categorical cells
     first: np.ndarray           # (blocks,) first position
     last: np.ndarray            # (blocks,) last position
     ts_min: np.ndarray
@@ -233,37 +339,30 @@ class BlockSums:
 
 def block_sums(layout: BlockLayout, numeric: np.ndarray, codes: np.ndarray,
                positions: np.ndarray, ts: np.ndarray, offset: int) -> BlockSums:
-    """Per-block sums of a batch whose first event is number `offset` of its block."""
+    """Per-block histograms of a batch whose first event is number `offset` of its block.
+
+    One bin lookup for the numeric matrix, one table lookup for the categorical codes,
+    one `bincount` over (block, slot): the PIT sums and chi-square cells of every
+    feature follow from the histogram (`BlockLayout.split`), per block, not per event.
+    """
     n = positions.size
-    size = layout.block
-    blk = (offset + np.arange(n)) // size
+    blk = (offset + np.arange(n)) // layout.block
     starts = np.flatnonzero(np.diff(blk, prepend=-1))
     nb = starts.size
-    width = layout.cells + 1
     slots = np.empty((n, len(layout.names)), np.int64)
     k = len(layout.numeric)
     if k:
-        missing = np.isnan(numeric)
-        bins = np.empty((n, k), np.int64)
-        for j, edges in enumerate(layout.edges):   # per column per batch, as the engine
-            bins[:, j] = bin_index(edges, numeric[:, j])
-        bins += layout.bin_offsets
-        u = layout.mid[bins]
-        u[missing] = 0.0
-        pit = np.add.reduceat(u, starts, axis=0)
-        s = layout.num_cell[bins]
-        s[missing] = layout.drop
-        slots[:, :k] = s
-    else:
-        pit = np.zeros((nb, 0))
+        bins = layout.grid.bins(numeric, slots[:, :k])
+        bins[np.isnan(numeric)] = layout.drop       # missing values are not values
     if len(layout.categorical):
-        slots[:, k:] = layout.cat_cell[codes + layout.code_offsets]
-    slots += (blk * width)[:, None]
-    cells = np.bincount(slots.ravel(), minlength=nb * width).reshape(nb, width)[:, :-1]
+        slots[:, k:] = layout.cat_slot[codes + layout.code_offsets]
+    slots += (blk * layout.width)[:, None]
+    hist = np.bincount(slots.ravel(), minlength=nb * layout.width).reshape(
+        nb, layout.width)[:, :-1]
     with np.errstate(invalid="ignore"):
-        ts_min = np.fmin.reduceat(ts, starts) if n else np.zeros(0)
-        ts_max = np.fmax.reduceat(ts, starts) if n else np.zeros(0)
-    return BlockSums(pit, cells, np.minimum.reduceat(positions, starts),
+        ts_min = np.fmin.reduceat(ts, starts)
+        ts_max = np.fmax.reduceat(ts, starts)
+    return BlockSums(hist, np.minimum.reduceat(positions, starts),
                      np.maximum.reduceat(positions, starts), ts_min, ts_max,
                      np.diff(np.append(starts, n)))
 
@@ -363,7 +462,9 @@ class PageHinkleyBank:
     def state(self) -> dict[str, Any]:
         return {"detectors": [
             {"n": ph._x_mean.n, "mean": ph._x_mean.get(), "detected": ph.drift_detected,
-             **{f: getattr(ph, f) for f in self._FIELDS}} for ph in self.detectors]}
+             # river starts its minimum at +inf: JSON has no infinity
+             **{f: _finite_or_none(getattr(ph, f)) for f in self._FIELDS}}
+            for ph in self.detectors]}
 
     def load(self, state: dict[str, Any]) -> None:
         for ph, s in zip(self.detectors, state["detectors"], strict=True):
@@ -371,7 +472,11 @@ class PageHinkleyBank:
             ph._x_mean.n, ph._x_mean._mean = s["n"], s["mean"]
             ph._drift_detected = s["detected"]
             for f in self._FIELDS:
-                setattr(ph, f, s[f])
+                setattr(ph, f, math.inf if s[f] is None else s[f])
+
+
+def _finite_or_none(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
 
 
 @dataclass
@@ -450,8 +555,7 @@ class ModelDetectors:
         sums = block_sums(self.layout, numeric, codes, positions, ts, self.filled)
         if self._pending is not None:
             p = self._pending
-            sums.pit[0] += p.pit[0]
-            sums.cells[0] += p.cells[0]
+            sums.hist[0] += p.hist[0]
             sums.first[0] = min(sums.first[0], p.first[0])
             sums.last[0] = max(sums.last[0], p.last[0])
             sums.ts_min[0] = np.fmin(sums.ts_min[0], p.ts_min[0])
@@ -459,11 +563,11 @@ class ModelDetectors:
             sums.events[0] += p.events[0]
         done = int(np.count_nonzero(sums.events >= self.layout.block))
         self._pending = (None if done == sums.events.size else BlockSums(
-            *(a[done:done + 1].copy() for a in (sums.pit, sums.cells, sums.first, sums.last,
+            *(a[done:done + 1].copy() for a in (sums.hist, sums.first, sums.last,
                                                  sums.ts_min, sums.ts_max, sums.events))))
         if done == 0:
             return []
-        loc, shape, _ = block_statistics(self.layout, sums.pit[:done], sums.cells[:done])
+        loc, shape, _ = block_statistics(self.layout, *self.layout.split(sums.hist[:done]))
         out: list[Detection] = []
         zs = np.concatenate([loc, shape], axis=1)[:, self._zidx]
         for b in range(done):                       # one detector step per block
@@ -508,7 +612,7 @@ class ModelDetectors:
             "alarms": self.alarms,
             "banks": {m: bank.state() for m, (_, bank) in self.groups.items()},
             "pending": None if p is None else {
-                "pit": p.pit[0].tolist(), "cells": p.cells[0].tolist(),
+                "hist": p.hist[0].tolist(),
                 "first": int(p.first[0]), "last": int(p.last[0]),
                 "ts_min": float(p.ts_min[0]), "ts_max": float(p.ts_max[0]),
                 "events": int(p.events[0])},
@@ -520,6 +624,6 @@ class ModelDetectors:
             self.groups[m][1].load(s)
         p = state["pending"]
         self._pending = None if p is None else BlockSums(
-            np.array([p["pit"]], np.float64), np.array([p["cells"]], np.int64),
+            np.array([p["hist"]], np.int64),
             np.array([p["first"]]), np.array([p["last"]]), np.array([p["ts_min"]]),
             np.array([p["ts_max"]]), np.array([p["events"]]))

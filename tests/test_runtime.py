@@ -136,6 +136,10 @@ def test_drift_alerts_dead_letters_and_metrics(kafka_broker, churn_reference_fil
     firing = [orjson.loads(m.value()) for m in alerts]
     assert firing and firing[0]["status"] == "firing"
     assert all(m.key().decode() == a["fingerprint"] for m, a in zip(alerts, firing, strict=True))
+    # the detectors fire the grouped alert mid-window with the features seen so far; the
+    # window escalates the same alert, listing them all
+    assert {f["feature"] for f in firing[0]["features"]} <= DRIFTED
+    assert len({a["fingerprint"] for a in firing}) == 1
     assert "first_line" not in firing[0]["window"]
     # dead letters: bytes unchanged, reason and source in headers
     got = {m.value(): dict(m.headers()) for m in dlq}
