@@ -46,6 +46,7 @@ _MAX_UNEXPECTED_NAMES = 50
 # fields the label join needs besides the columns (Decoder.outcomes turns them on)
 OUTCOME_EXTRAS = ("event_id", "scores", "segment")
 OUTCOME_KEYS = ("event_id", "prediction", "scores", "label", "segment", "model_version")
+_OUTCOME_GETTERS = tuple((k, attrgetter(k)) for k in OUTCOME_KEYS)
 
 
 @dataclass
@@ -129,7 +130,10 @@ class ModelSchema:
              ("prediction", types[self.prediction.kind] if self.prediction else Any, None),
              ("label", types[self.label.kind] if self.label else Any, None),
              ("model_version", str | int | None, None)]
-            + ([(k, Any, None) for k in OUTCOME_EXTRAS] if outcomes else []),
+            # scores and segment stay raw JSON (parsed only for the few events that get
+            # a label), which keeps the join's decoding cost to a few slices per event
+            + ([("event_id", str | int | None, None), ("scores", msgspec.Raw, None),
+                ("segment", msgspec.Raw, None)] if outcomes else []),
             rename={"features": fields.features, "ts": fields.ts,
                     "prediction": fields.prediction, "label": fields.label,
                     "model_version": fields.model_version,
@@ -318,7 +322,7 @@ class Decoder:
         pos = np.array(positions, np.int64)
         outcomes = None
         if self.outcomes:
-            outcomes = {k: [getattr(e, k) for e in evs] for k in OUTCOME_KEYS}
+            outcomes = {k: list(map(get, evs)) for k, get in _OUTCOME_GETTERS}
         if bad.any():
             keep = ~bad
             if outcomes is not None:

@@ -25,7 +25,7 @@ from river import drift as river_drift
 from . import perfstats as ps
 from .config import Config, ConfigError, PerformanceConfig, Thresholds, performance_settings
 from .evaluate import SEVERITY_NAMES, _iso
-from .join import JoinBuffer, LabelEvent, Pair
+from .join import JoinBuffer, LabelEvent, Pair, as_json
 from .policy import AlertPolicy, Finding, fingerprint
 from .reference import CategoricalProfile, NumericProfile, Reference, category_key
 
@@ -36,7 +36,7 @@ _POSITIVE_NAMES = ("1", "true", "yes", "positive", "pos")
 _NEGATIVE_OF = {"1": "0", "true": "false", "yes": "no", "positive": "negative", "pos": "neg"}
 MISSING_SEGMENT = "(missing)"
 OTHER_SEGMENT = "(other)"
-MAX_CLASSES = 1000
+MAX_CLASSES = 100
 
 # Input-side alert kinds the diagnosis reads from the policy: pipeline faults (retraining
 # cannot fix them) and input drift.
@@ -115,6 +115,7 @@ class ModelPerformance:
         self.model = model
         self.s = settings
         self.buffer = JoinBuffer(settings.join)
+        self.buffer.keep_segment = bool(settings.segments.fields)
         self.reference = reference
         self.task = settings.task if settings.task != "auto" else _task_from(reference)
         self.classes: dict[str, int] = {}
@@ -132,7 +133,7 @@ class ModelPerformance:
         self.ref_error_scale = 1.0
         self.segment_values: dict[str, dict[str, None]] = {f: {} for f in settings.segments.fields}
         self.segments_cut = 0
-        self.lags: list[float] = []          # label lags of pairs joined since last read
+        self.lags: list[float] = []          # label lags joined since the last report
         self.labels_total = 0                # joined labels (for retraining triggers)
 
     # -- joining ------------------------------------------------------------------
@@ -141,6 +142,10 @@ class ModelPerformance:
         """Route joined pairs to their version's window; return the windows that filled."""
         if not pairs:
             return []
+        # raw JSON of scores and segment (see join.py), parsed for joined pairs only
+        pairs = [p if (p[5] is None or type(p[5]) is dict) and (p[6] is None or type(p[6])
+                                                                 is dict)
+                 else (*p[:5], as_json(p[5]), as_json(p[6]), p[7]) for p in pairs]
         pairs.sort(key=lambda p: p[0])
         closed = []
         size = self.s.window
@@ -206,13 +211,12 @@ class ModelPerformance:
             if isinstance(prof, CategoricalProfile):
                 for c, n in zip(prof.categories, prof.counts, strict=True):
                     known[c] = known.get(c, 0) + int(n)
+        # the label vocabulary defines the classes (scores keyed otherwise, e.g.
+        # {"churn": p, "stay": 1 - p} beside 0/1 labels, are not mapped onto them)
         for p in pairs:
             known.setdefault(category_key(p[7]), 0)
-            if not _is_probability(p[4]) and p[4] is not None:
+            if not _is_probability(p[4]) and p[4] is not None and type(p[4]) is not float:
                 known.setdefault(category_key(p[4]), 0)
-            if isinstance(p[5], dict):
-                for c in p[5]:
-                    known.setdefault(str(c), 0)
         positive = self.s.positive
         if positive is None and len(known) <= 2:
             named = [c for c in _POSITIVE_NAMES if c in known]
@@ -237,40 +241,59 @@ class ModelPerformance:
                 self._class(c)
 
     def _classification_arrays(self, pairs: list) -> dict[str, np.ndarray]:
-        thr = self.s.threshold
-        pos = self.positive
-        y = np.fromiter((self._class(category_key(p[7])) for p in pairs), np.int64, len(pairs))
-        yhat = np.empty(len(pairs), np.int64)
-        rows = []
-        for i, p in enumerate(pairs):
-            pred, scores = p[4], p[5]
-            if _is_probability(pred) and pos is not None:
-                q = float(pred)
-                yhat[i] = pos if q >= thr else 1 - pos
-                rows.append({1 - pos: 1 - q, pos: q})
-                continue
-            if isinstance(scores, dict) and scores:
-                row = {}
-                for c, v in scores.items():
-                    if type(v) in (int, float):
-                        row[self._class(str(c))] = float(v)
-                rows.append(row)
-                if pred is None and row:
-                    yhat[i] = max(row, key=row.get)
-                    continue
-            else:
-                rows.append(None)
-            yhat[i] = self._class(category_key(pred))
+        """Class indices of truth and prediction, and the probability matrix, per pair.
+
+        Column-wise list comprehensions and numpy, not a Python loop with per-row logic:
+        this runs for every joined label.
+        """
+        n, pos, cls = len(pairs), self.positive, self._class
+        preds = [p[4] for p in pairs]
+        scores = [p[5] if type(p[5]) is dict else None for p in pairs]
+        y = np.fromiter(map(cls, map(category_key, (p[7] for p in pairs))), np.int64, n)
+        is_prob = np.fromiter(map(_is_probability, preds), bool, n) if pos is not None else \
+            np.zeros(n, bool)
+        # scores count only when keyed by the label classes
+        scores = [s if s is not None and not self.classes.keys().isdisjoint(s) else None
+                  for s in scores]
+        has_scores = np.fromiter((s is not None for s in scores), bool, n)
         k = len(self.classes)
-        proba = np.full((len(pairs), k), np.nan)
-        for i, row in enumerate(rows):
-            if row:
-                proba[i] = 0.0
-                for c, v in row.items():
-                    proba[i, c] = v
-                if pos is not None and k == 2 and len(row) == 1:  # only one class scored
-                    (c, v), = row.items()
-                    proba[i, 1 - c] = 1.0 - v
+        proba = np.full((n, k), np.nan)
+        if has_scores.any():
+            rows = np.flatnonzero(has_scores)
+            scored = [scores[i] for i in rows]
+            for c, j in self.classes.items():
+                col = np.array([_prob(s.get(c)) for s in scored], float)
+                proba[rows, j] = col
+            if pos is not None and k == 2:  # one class scored: the other is its complement
+                sub = proba[rows]
+                for j in (0, 1):
+                    miss = np.isnan(sub[:, j]) & ~np.isnan(sub[:, 1 - j])
+                    sub[miss, j] = 1.0 - sub[miss, 1 - j]
+                proba[rows] = sub
+            proba[rows] = np.where(np.isnan(proba[rows]) & ~np.isnan(proba[rows]).all(
+                axis=1, keepdims=True), 0.0, proba[rows])
+        if is_prob.any():
+            q = np.array([preds[i] for i in np.flatnonzero(is_prob)], float)
+            proba[is_prob, pos] = q
+            proba[is_prob, 1 - pos] = 1.0 - q
+        yhat = np.empty(n, np.int64)
+        if is_prob.any():
+            yhat[is_prob] = np.where(proba[is_prob, pos] >= self.s.threshold, pos, 1 - pos)
+        rest = np.flatnonzero(~is_prob)
+        if rest.size:
+            named = [preds[i] for i in rest]
+            have = np.fromiter((v is not None for v in named), bool, rest.size)
+            yhat[rest[have]] = np.fromiter(
+                map(cls, map(category_key, (v for v in named if v is not None))), np.int64,
+                int(have.sum()))
+            if not have.all():  # no prediction field: the highest score
+                idx = rest[~have]
+                filled = np.nan_to_num(proba[idx], nan=-1.0)
+                yhat[idx] = filled.argmax(axis=1) if filled.shape[1] else 0
+        if proba.shape[1] < len(self.classes):  # classes met while converting predictions
+            proba = np.column_stack([proba, np.full((n, len(self.classes) - proba.shape[1]),
+                                                    np.nan)])
+            proba[has_scores | is_prob] = np.nan_to_num(proba[has_scores | is_prob])
         return {"y": y, "yhat": yhat, "proba": proba}
 
     # -- one window -----------------------------------------------------------------
@@ -357,6 +380,7 @@ class ModelPerformance:
             lag = np.array(self.lags)
             report["label_lag"] = {"p50": float(np.median(lag)), "p95": float(
                 np.quantile(lag, 0.95)), "max": float(lag.max())}
+            self.lags = []  # lags of the pairs joined since the previous report
         return report, findings
 
     def join_counters(self) -> dict[str, Any]:
@@ -806,6 +830,10 @@ def _task_from(reference: Reference | None) -> str | None:
 
 def _is_probability(v: Any) -> bool:
     return type(v) is float and 0.0 <= v <= 1.0 and not v.is_integer()
+
+
+def _prob(v: Any) -> float:
+    return float(v) if type(v) in (int, float) else math.nan
 
 
 def _number(v: Any) -> float:
