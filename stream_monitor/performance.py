@@ -135,6 +135,11 @@ class ModelPerformance:
         self.segments_cut = 0
         self.lags: list[float] = []          # label lags joined since the last report
         self.labels_total = 0                # joined labels (for retraining triggers)
+        self.fresh_lags: list[float] = []    # label lags not yet exported as metrics
+
+    def drain_lags(self) -> list[float]:
+        lags, self.fresh_lags = self.fresh_lags, []
+        return lags
 
     # -- joining ------------------------------------------------------------------
 
@@ -150,7 +155,10 @@ class ModelPerformance:
         closed = []
         size = self.s.window
         self.labels_total += len(pairs)
-        self.lags.extend(p[2] - p[1] for p in pairs if p[1] == p[1] and p[2] == p[2])
+        lags = [p[2] - p[1] for p in pairs if p[1] == p[1] and p[2] == p[2]]
+        self.lags.extend(lags)
+        if len(self.fresh_lags) < 100_000:  # drained per batch by the metrics
+            self.fresh_lags.extend(lags)
         for p in pairs:
             w = self.windows.get(p[3])
             if w is None:

@@ -25,7 +25,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from prometheus_client import make_wsgi_app
 
 from .config import Config, load_config
-from .metrics import MonitorMetrics
+from .label_topic import process_batch
+from .metrics import MonitorMetrics, record_performance
 from .pipeline import BatchResult, Monitor
 from .sinks import AlertmanagerPush
 
@@ -183,7 +184,7 @@ class KafkaSidecar:
                 self.metrics.alerts.labels(_sev).inc()
                 if self.on_alert is not None:
                     self.on_alert(orjson.loads(value))
-            else:
+            elif kind == "dead_letter":
                 self.metrics.dead_letters.inc()
 
         while True:
@@ -212,6 +213,9 @@ class KafkaSidecar:
             self._produce(topics.alerts, alert["fingerprint"].encode(), orjson.dumps(alert),
                           [("kind", alert["kind"].encode()), ("status", alert["status"].encode())],
                           "alert", alert["labels"]["severity"])
+        for record in result.retrain:  # retraining requests and refusals (performance.py)
+            self._produce(topics.retrain, record["id"].encode(), orjson.dumps(record),
+                          [("decision", record["decision"].encode())], "retrain")
 
     def _flush(self, timeout: float) -> bool:
         """Deliver everything produced so far (retrying failures); True when all arrived."""
@@ -289,7 +293,7 @@ class KafkaSidecar:
         base = self._sequence
         self._sequence += len(messages)
         values = [m.value() or b"" for m in messages]
-        result = self.monitor.process(values, range(base, base + len(messages)))
+        result = process_batch(self.monitor, messages, values, base, self.config.topics.labels)
         _strip_positions(result)
         topics = Counter(m.topic() for m in messages)
         self._deliver(result, messages, base)
@@ -297,6 +301,7 @@ class KafkaSidecar:
             result, topics, time.perf_counter() - started, self.monitor.policy,
             {n: p.windows.open_events for n, p in self.monitor.models.items()},
             self.monitor.newest_event)
+        record_performance(self.metrics, result, self.monitor)
         self.applied.update(result.events)
         if self.push is not None and (result.alerts or self.push.due()):
             if self.push.due() or not self.push.pending:
@@ -310,7 +315,9 @@ class KafkaSidecar:
         return len(messages)
 
     def subscribe(self) -> None:
-        self.consumer.subscribe(list(self.config.topics.inferences), on_assign=self._on_assign,
+        labels = [self.config.topics.labels] if self.config.topics.labels else []
+        self.consumer.subscribe(list(self.config.topics.inferences) + labels,
+                                on_assign=self._on_assign,
                                 on_revoke=self._on_revoke)
 
     def run(self) -> None:
