@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -129,6 +130,8 @@ class ModelPerformance:
         self.windows: dict[str | None, _Window] = {}
         self.ref = _RefStats()
         self.detector = None
+        self.file_reference = getattr(reference, "performance", None)
+        self.segment_ref_windows = 0
         self.ref_errors: list[np.ndarray] = []  # reference windows' errors (regression)
         self.ref_error_scale = 1.0
         self.segment_values: dict[str, dict[str, None]] = {f: {} for f in settings.segments.fields}
@@ -306,6 +309,59 @@ class ModelPerformance:
 
     # -- one window -----------------------------------------------------------------
 
+    def _compute(self, pairs: list) -> tuple:
+        """(metrics, per-event loss of the alert metric, per-event error, y, yhat, proba)."""
+        if self.task == "classification":
+            self._settle_classes(pairs)
+            arr = self._classification_arrays(pairs)
+            y, yhat, proba = arr["y"], arr["yhat"], arr["proba"]
+            if proba.shape[1] < len(self.classes):  # classes met while converting
+                proba = np.column_stack([proba, np.full((len(pairs), len(self.classes)
+                                                        - proba.shape[1]), np.nan)])
+            metrics = ps.classification_metrics(y, yhat, proba, len(self.classes), self.positive)
+            if self.metric == "log_loss":
+                have = ~np.isnan(proba).any(axis=1)
+                loss = -np.log(np.clip(proba[have, y[have]], ps.EPS, 1.0))
+            else:
+                loss = (y != yhat).astype(float)
+            return metrics, loss, (y != yhat).astype(float), y, yhat, proba
+        y = np.array([_number(p[7]) for p in pairs], float)
+        yhat = np.array([_number(p[4]) for p in pairs], float)
+        metrics = ps.regression_metrics(y, yhat)
+        ok = ~(np.isnan(y) | np.isnan(yhat))
+        err = np.abs(yhat - y)[ok]
+        if self.metric == "rmse":
+            loss = err ** 2
+        elif self.metric == "mape":
+            nz = y[ok] != 0
+            loss = err[nz] / np.abs(y[ok][nz])
+        else:
+            loss = err
+        return metrics, loss, err, y, yhat, None
+
+    def _apply_file_reference(self) -> None:
+        """Take the reference performance from the reference file, when it fits this model."""
+        fr, self.file_reference = self.file_reference, None
+        if not fr or fr.get("task") != self.task or fr.get("metric") != self.metric:
+            return
+        if self.task == "classification" and fr.get("positive") != _name(self.classes,
+                                                                           self.positive):
+            return
+        r = self.ref
+        r.windows, r.source = self.s.reference_windows, "reference_file"
+        for k, v in fr["metrics"].items():
+            if isinstance(v, int | float) and k != "scored":
+                r.metric_sums[k], r.metric_counts[k] = float(v), 1
+        r.loss_n, r.loss_s1, r.loss_s2 = fr["loss"]
+        r.label_n = int(fr["label_n"])
+        if self.task == "classification":
+            r.label_k = Counter({self._class(c): int(n) for c, n in fr["labels"].items()})
+            r.pred_pos = int(fr.get("predicted_positive", 0))
+        else:
+            r.label_s1, r.label_s2 = fr["label_moments"]
+            self.ref_error_scale = fr.get("error_q99") or 1.0
+        self._start_detector()
+
     def evaluate(self, version: str | None, pairs: list, index: int
                  ) -> tuple[dict[str, Any], list[tuple[str, Finding, dict]]]:
         """The report of one closed window and its findings (scope, finding, extra)."""
@@ -320,48 +376,22 @@ class ModelPerformance:
                        "label_end": _iso(_nanmax(lts)), "first_line": min(positions),
                        "last_line": max(positions)},
         }
-        if self.task == "classification":
-            self._settle_classes(pairs)
-            arr = self._classification_arrays(pairs)
-            y, yhat, proba = arr["y"], arr["yhat"], arr["proba"]
-            if proba.shape[1] < len(self.classes):  # classes met while converting
-                proba = np.column_stack([proba, np.full((len(pairs), len(self.classes)
-                                                        - proba.shape[1]), np.nan)])
-            metrics = ps.classification_metrics(y, yhat, proba, len(self.classes), self.positive)
-            if self.metric == "log_loss":
-                have = ~np.isnan(proba).any(axis=1)
-                loss = -np.log(np.clip(proba[have, y[have]], ps.EPS, 1.0))
-            else:
-                loss = (y != yhat).astype(float)
-            errors = (y != yhat).astype(float)
-            if self.s.estimate:
-                est = ps.cbpe(proba, yhat, self.positive)
-                if est:
-                    report["estimated"] = est
-                    report["estimation_gap"] = {
-                        k: (est[k] - metrics[k]) for k in ("accuracy", "roc_auc")
-                        if est.get(k) is not None and metrics.get(k) is not None}
-        else:
-            y = np.array([_number(p[7]) for p in pairs], float)
-            yhat = np.array([_number(p[4]) for p in pairs], float)
-            metrics = ps.regression_metrics(y, yhat)
-            ok = ~(np.isnan(y) | np.isnan(yhat))
-            err = np.abs(yhat - y)[ok]
-            if self.metric == "rmse":
-                loss = err ** 2
-            elif self.metric == "mape":
-                nz = y[ok] != 0
-                loss = err[nz] / np.abs(y[ok][nz])
-            else:
-                loss = err
-            errors = err
+        metrics, loss, errors, y, yhat, proba = self._compute(pairs)
+        if proba is not None and self.s.estimate:
+            est = ps.cbpe(proba, yhat, self.positive)
+            if est:
+                report["estimated"] = est
+                report["estimation_gap"] = {
+                    k: (est[k] - metrics[k]) for k in ("accuracy", "roc_auc")
+                    if est.get(k) is not None and metrics.get(k) is not None}
+        self._apply_file_reference()
         report["metrics"] = metrics
         report["alert_metric"] = self.metric
         findings: list[tuple[str, Finding, dict]] = []
         in_reference = self.ref.windows < self.s.reference_windows
         seg = self._segments(pairs, y, yhat) if self.s.segments.fields else None
         if in_reference:
-            self._add_reference(metrics, loss, y, yhat, seg)
+            self._add_reference(metrics, loss, y, yhat)
             report["reference"] = None
             report["reference_source"] = "pending"
             report["severity"] = "ok"
@@ -372,8 +402,16 @@ class ModelPerformance:
         if ls:
             findings.append(ls)
         if seg is not None:
+            # segment references always come from the first windows (the reference file
+            # has no segments)
             report["segments"] = self._segment_report(seg)
-            if not in_reference:
+            if self.segment_ref_windows < self.s.reference_windows:
+                self.segment_ref_windows += 1
+                for key, (n, correct, *_rest) in seg["cells"].items():
+                    cell = self.ref.segments.setdefault(key, [0, 0])
+                    cell[0] += n
+                    cell[1] += correct
+            else:
                 findings += self._segment_findings(report, seg)
         if in_reference and self.task == "regression":
             self.ref_errors.append(errors)
@@ -399,7 +437,7 @@ class ModelPerformance:
 
     # -- reference ------------------------------------------------------------------
 
-    def _add_reference(self, metrics, loss, y, yhat, seg) -> None:
+    def _add_reference(self, metrics, loss, y, yhat) -> None:
         r = self.ref
         r.windows += 1
         for k, v in metrics.items():
@@ -420,11 +458,6 @@ class ModelPerformance:
             r.label_n += ok.size
             r.label_s1 += float(ok.sum())
             r.label_s2 += float((ok ** 2).sum())
-        if seg is not None:
-            for key, (n, correct, *_rest) in seg["cells"].items():
-                cell = r.segments.setdefault(key, [0, 0])
-                cell[0] += n
-                cell[1] += correct
 
     def _performance_finding(self, report, metrics, loss) -> list:
         r = self.ref
@@ -489,8 +522,19 @@ class ModelPerformance:
         mean_err = float(errors.mean()) if errors.size else math.nan
         ref_err = self._reference_error()
         worse = mean_err > ref_err
-        severity = 1 if detected and worse else 0
-        report["concept_drift"] = {"detector": self.detector_kind, "detected": detected,
+        # With scores, the model's own confidence says what accuracy to expect on these
+        # inputs (CBPE). A covariate shift moves both figures together; only realized
+        # accuracy falling below the expectation means the input-outcome relation moved.
+        est = (report.get("estimated") or {}).get("accuracy")
+        real = report["metrics"].get("accuracy")
+        unexplained = True
+        if est is not None and real is not None and errors.size:
+            se = math.sqrt(max(real * (1 - real), 1e-6) / errors.size)
+            unexplained = est - real > max(0.02, 3 * se)
+            report.setdefault("concept_drift", {})["expected_accuracy"] = est
+        severity = 1 if detected and worse and unexplained else 0
+        report["concept_drift"] = {**report.get("concept_drift", {}),
+                                   "detector": self.detector_kind, "detected": detected,
                                    "error_rate" if self.task == "classification" else
                                    "mean_abs_error": mean_err, "reference": ref_err,
                                    "severity": SEVERITY_NAMES[severity]}
@@ -792,10 +836,16 @@ class PerformanceStage:
             return {"root_cause": cause, "explanation": f"a pipeline fault, not the model: {fix}",
                     "top_features": feats[:10], "pipeline_fault": True}
         label = any(f.severity for _, f, _ in findings if f.kind == "label_shift")
-        if drifted:
+        concept = any(f.severity for _, f, _ in findings if f.kind == "concept_drift")
+        if drifted and concept:
             return {"root_cause": "data_and_concept_drift",
-                    "explanation": "performance fell and the inputs drifted too: the new "
-                                   "population is handled worse",
+                    "explanation": "the inputs drifted and the input-outcome relation moved "
+                                   "too: realized performance is below what the scores expect",
+                    "top_features": drifted[:10]}
+        if drifted:
+            return {"root_cause": "data_drift",
+                    "explanation": "performance fell with an input drift that the model's "
+                                   "scores anticipate (covariate shift; the relation held)",
                     "top_features": drifted[:10]}
         if label:
             return {"root_cause": "label_shift",
@@ -804,6 +854,42 @@ class PerformanceStage:
         return {"root_cause": "concept_drift",
                 "explanation": "performance fell while the inputs did not drift: the relation "
                                "between inputs and outcome changed", "top_features": []}
+
+
+def reference_performance(predictions: list, labels: list, label_profile: Any = None,
+                          minimum: int = 200) -> dict[str, Any] | None:
+    """Realized performance of training data (predictions and labels), for the reference.
+
+    Stored in the reference file so that a monitor compares its first windows with the
+    model's known performance instead of learning it from them.
+    """
+    pairs = [(i, math.nan, math.nan, None, p, None, None, lab)
+             for i, (p, lab) in enumerate(zip(predictions, labels, strict=True))
+             if p is not None and lab is not None]
+    if len(pairs) < minimum:
+        return None
+    ref = SimpleNamespace(label=label_profile, prediction=None)
+    mp = ModelPerformance("reference", PerformanceConfig(), ref)
+    try:
+        mp._settle_task(pairs)
+        metrics, loss, errors, y, yhat, _ = mp._compute(pairs)
+    except (ConfigError, ValueError, TypeError):
+        return None
+    out: dict[str, Any] = {"task": mp.task, "metric": mp.metric, "metrics": metrics,
+                           "loss": [int(loss.size), float(loss.sum()),
+                                    float((loss ** 2).sum())]}
+    if mp.task == "classification":
+        values, counts = np.unique(y, return_counts=True)
+        out.update(positive=_name(mp.classes, mp.positive), label_n=int(y.size),
+                   labels={_name(mp.classes, int(v)): int(c)
+                           for v, c in zip(values, counts, strict=True)},
+                   predicted_positive=int((yhat == mp.positive).sum())
+                   if mp.positive is not None else 0)
+    else:
+        ok = y[~np.isnan(y)]
+        out.update(label_n=int(ok.size), label_moments=[float(ok.sum()), float((ok ** 2).sum())],
+                   error_q99=float(np.quantile(errors, 0.99)) if errors.size else None)
+    return out
 
 
 def fault_state(policy: AlertPolicy, model: str) -> tuple[list, list[str]]:
