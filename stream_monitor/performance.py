@@ -261,8 +261,12 @@ class ModelPerformance:
         preds = [p[4] for p in pairs]
         scores = [p[5] if type(p[5]) is dict else None for p in pairs]
         y = np.fromiter(map(cls, map(category_key, (p[7] for p in pairs))), np.int64, n)
-        is_prob = np.fromiter(map(_is_probability, preds), bool, n) if pos is not None else \
-            np.zeros(n, bool)
+        if pos is not None:  # a float in [0, 1] that is not one of the classes is a score
+            names = self.classes
+            is_prob = np.fromiter((type(v) is float and 0.0 <= v <= 1.0 and (
+                not v.is_integer() or category_key(v) not in names) for v in preds), bool, n)
+        else:
+            is_prob = np.zeros(n, bool)
         # scores count only when keyed by the label classes
         scores = [s if s is not None and not self.classes.keys().isdisjoint(s) else None
                   for s in scores]

@@ -346,3 +346,12 @@ def test_value_forms_of_classification_predictions():
     assert m["accuracy"] == 0.75 and m["precision"] == 0.5 and m["recall"] == 1.0
     assert m["roc_auc"] == 1.0
     assert report["estimated"]["accuracy"] == pytest.approx((0.8 + 0.7 + 0.6 + 0.9) / 4)
+
+
+def test_certain_probability_is_a_score_not_a_class():
+    from stream_monitor.config import PerformanceConfig
+    from stream_monitor.performance import ModelPerformance
+    mp = ModelPerformance("m", PerformanceConfig(window=10, task="classification"), None)
+    report, _ = mp.evaluate("v", _pairs([1.0, 0.0, 0.8, 0.1], ["yes", "no", "yes", "yes"]), 0)
+    assert set(mp.classes) == {"yes", "no"}
+    assert report["metrics"]["accuracy"] == 0.75
