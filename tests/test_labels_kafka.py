@@ -101,11 +101,18 @@ def test_late_out_of_order_labels_join_on_kafka(kafka_broker, tmp_path):
     http = sidecar.serve_http()
     thread = threading.Thread(target=sidecar.run, daemon=True)
     thread.start()
+    early = [lab for lab, i in zip(labels, late, strict=True) if i >= 4500][:500]
+    rest = [lab for lab in labels if lab not in set(early)]
     try:
-        # labels are produced first: many arrive before their prediction and must wait
-        _produce(kafka_broker.bootstrap_servers, t["labels"], labels[:1000])
+        # 1. labels whose prediction has not arrived yet: they wait
+        _produce(kafka_broker.bootstrap_servers, t["labels"], early)
+        wait_until(lambda: _sum(_metrics(http.port), "stream_monitor_labels_total") >= 500,
+                   60, "early labels consumed")
+        # 2. the predictions: more than the buffer holds, the oldest are evicted
         _produce(kafka_broker.bootstrap_servers, t["in"], evs)
-        _produce(kafka_broker.bootstrap_servers, t["labels"], labels[1000:] + odd)
+        wait_until(lambda: sum(sidecar.applied.values()) >= N_EVENTS, 60, "predictions")
+        # 3. the other labels, hours late and out of order, and odd ones
+        _produce(kafka_broker.bootstrap_servers, t["labels"], rest + odd)
         total = N_EVENTS + len(labels) + len(odd)
         wait_until(lambda: _sum(_metrics(http.port), "stream_monitor_messages_consumed_total")
                    >= total, 120, "all messages consumed")
@@ -126,7 +133,14 @@ def test_late_out_of_order_labels_join_on_kafka(kafka_broker, tmp_path):
         if k.startswith("stream_monitor_performance{") and 'metric="accuracy"' in k:
             assert v == 1.0, k
     joined = _sum(m, "stream_monitor_labels_joined_total", model="churn")
-    assert joined == buf.joined and joined > 0.5 * len(labels)
+    # the 500 early labels joined when their predictions came; 5,500 predictions were
+    # buffered, so the 1,500 oldest (e0..e1499) were evicted and their labels cannot join
+    evicted = N_EVENTS - 500 - MAX_PREDICTIONS
+    expect = sum(1 for i in idx if i >= evicted)
+    assert joined == buf.joined == expect
+    assert buf.unjoined["prediction_evicted"] == evicted
+    # their labels wait (within max_labels) for predictions that will not come
+    assert len(buf.labels) == sum(1 for i in idx if i < evicted)
     unjoined = {r: _sum(m, "stream_monitor_labels_unjoined_total", reason=r)
                 for r in ("label_duplicate", "label_unknown_model", "label_unknown_event",
                           "prediction_evicted", "prediction_expired")}
