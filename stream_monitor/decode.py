@@ -225,7 +225,10 @@ class ModelSchema:
              ("prediction", column_type(self.prediction), None),
              ("label", column_type(self.label), None),
              ("model_version", str | int | None, None)]
-            + ([(k, Any, None) for k in OUTCOME_EXTRAS] if outcomes else []),
+            # scores and segment stay raw JSON (parsed only for the few events that get
+            # a label), which keeps the join's decoding cost to a few slices per event
+            + ([("event_id", str | int | None, None), ("scores", msgspec.Raw, None),
+                ("segment", msgspec.Raw, None)] if outcomes else []),
             rename={"features": fields.features, "ts": fields.ts,
                     "prediction": fields.prediction, "label": fields.label,
                     "model_version": fields.model_version,

@@ -20,10 +20,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from itertools import islice
+from itertools import islice, repeat
 from typing import Any
 
+import msgspec
 import orjson
 
 from .config import FieldMapping, JoinConfig
@@ -45,8 +45,9 @@ UNJOINED_REASONS = (PREDICTION_EXPIRED, PREDICTION_EVICTED, PREDICTION_NO_ID,
 _LABEL_TYPES = (str, int, float, bool)
 
 
-@dataclass(frozen=True)
-class LabelEvent:
+class LabelEvent(msgspec.Struct, frozen=True, gc=False):
+    """One decoded label event (a C-level struct: labels can be a tenth of the traffic)."""
+
     model: str
     event_id: str
     label: Any
@@ -137,6 +138,7 @@ class JoinBuffer:
         self.unjoined: Counter = Counter()
         self.prediction_watermark = -math.inf   # newest prediction event time
         self.label_watermark = -math.inf        # newest label event time
+        self.keep_segment = True                # False when no segment field is configured
 
     # -- input ----------------------------------------------------------------------
 
@@ -148,12 +150,30 @@ class JoinBuffer:
         scores, label, segment and model_version.
         """
         pairs: list[Pair] = []
-        versions = outcomes.get("model_version") or [None] * len(ts)
+        n = len(ts)
+        versions = outcomes.get("model_version") or [None] * n
+        if n and not set(map(type, versions)) <= {str, type(None)}:
+            versions = [v if v is None else str(v) for v in versions]
+        if n and ts:
+            newest = max(ts)
+            if newest != newest:  # NaN somewhere: max() of floats with NaN is order-bound
+                newest = max((t for t in ts if t == t), default=math.nan)
+            if newest == newest and newest > self.prediction_watermark:
+                self.prediction_watermark = float(newest)
+        rest = self._add_common(positions, ts, outcomes, versions) if n else None
+        if rest is None:
+            self._bound()
+            return pairs
+        keep_segment = self.keep_segment
         preds, labels, joined_ids, unjoined = self.predictions, self.labels, self.joined_ids, \
             self.unjoined
-        for pos, t, eid, pred, scores, label, seg, version in zip(
-                positions, ts, outcomes["event_id"], outcomes["prediction"], outcomes["scores"],
-                outcomes["label"], outcomes["segment"], versions, strict=True):
+        ids, pr, sc, lb, sg = (outcomes[k] for k in ("event_id", "prediction", "scores",
+                                                      "label", "segment"))
+        rows = zip(positions, ts, ids, pr, sc, lb, sg, versions, strict=True)
+        if rest is not True:
+            rows = ((positions[i], ts[i], ids[i], pr[i], sc[i], lb[i], sg[i], versions[i])
+                    for i in rest)
+        for pos, t, eid, pred, scores, label, seg, version in rows:
             if version is not None and type(version) is not str:
                 version = str(version)
             key = eid if type(eid) is str and eid else event_key(eid)
@@ -179,14 +199,54 @@ class JoinBuffer:
                 joined_ids[key] = None
                 pairs.append((waiting[2], t, waiting[0], version, pred, scores, seg, waiting[1]))
                 continue
+            # raw JSON slices (msgspec.Raw) are copied out so that a waiting prediction
+            # does not keep its whole message alive
+            if scores is not None and type(scores) is not dict:
+                scores = bytes(scores)
+            if seg is not None:
+                seg = (seg if type(seg) is dict else bytes(seg)) if keep_segment else None
             preds[key] = (t, version, pred, scores, seg)
-        if len(ts):
-            newest = max(ts)
-            if newest == newest and newest > self.prediction_watermark:
-                self.prediction_watermark = float(newest)
         self.joined += len(pairs)
         self._bound()
         return pairs
+
+    def _add_common(self, positions: Sequence[int], ts: Sequence[float],
+                    outcomes: dict[str, list], versions: list) -> list[int] | bool | None:
+        """The common batch (string ids, no inline labels, no duplicates) in C-level calls.
+
+        Buffers what it can and returns the indices left for the per-event path: None
+        when nothing is left, True when the whole batch needs it.
+        """
+        ids, labels_col = outcomes["event_id"], outcomes["label"]
+        n = len(ids)
+        if labels_col.count(None) != n or set(map(type, ids)) != {str}:
+            return True
+        idset = set(ids)
+        if len(idset) != n or "" in idset or not idset.isdisjoint(self.predictions) or \
+                not idset.isdisjoint(self.joined_ids):
+            return True
+        matched = idset.intersection(self.labels) if self.labels else ()
+        scores, segs = outcomes["scores"], outcomes["segment"]
+        if n and scores[0] is not None and type(scores[0]) is not dict and None not in scores:
+            scores = list(map(bytes, scores))  # copy raw JSON slices out of the messages
+        elif any(s is not None and type(s) is not dict for s in scores):
+            scores = [s if s is None or type(s) is dict else bytes(s) for s in scores]
+        if not self.keep_segment:
+            segs = repeat(None)
+        elif any(s is not None and type(s) is not dict for s in segs):
+            segs = [s if s is None or type(s) is dict else bytes(s) for s in segs]
+        entries = zip(ts, versions, outcomes["prediction"], scores, segs,
+                      strict=False)  # segs may be repeat(None); the others have length n
+        if not matched:
+            self.predictions.update(zip(ids, entries, strict=True))
+            return None
+        rest = []
+        for i, (k, e) in enumerate(zip(ids, entries, strict=True)):
+            if k in matched:
+                rest.append(i)
+            else:
+                self.predictions[k] = e
+        return rest
 
     def add_labels(self, events: Sequence[LabelEvent]) -> list[Pair]:
         """Join labels to waiting predictions; the others wait (bounded) or are counted."""
@@ -263,7 +323,8 @@ class JoinBuffer:
     def state(self) -> dict[str, Any]:
         """A JSON-friendly snapshot (the checkpoint of this buffer)."""
         return {
-            "predictions": [[k, _finite(v[0]), *v[1:]] for k, v in self.predictions.items()],
+            "predictions": [[k, _finite(v[0]), v[1], v[2], as_json(v[3]), as_json(v[4])]
+                            for k, v in self.predictions.items()],
             "labels": [[k, _finite(v[0]), *v[1:]] for k, v in self.labels.items()],
             "joined_ids": list(self.joined_ids),
             "joined": self.joined,
@@ -287,6 +348,18 @@ class JoinBuffer:
         buf.prediction_watermark = -math.inf if pw is None else float(pw)
         buf.label_watermark = -math.inf if lw is None else float(lw)
         return buf
+
+
+def as_json(v: Any) -> Any:
+    """A value kept as raw JSON bytes (scores, segment), parsed; others unchanged."""
+    if v is None or type(v) is dict:
+        return v
+    if isinstance(v, bytes | bytearray | memoryview) or type(v).__name__ == "Raw":
+        try:
+            return orjson.loads(bytes(v))
+        except orjson.JSONDecodeError:
+            return None
+    return v
 
 
 def _finite(x: float) -> float | None:

@@ -270,3 +270,154 @@ class MonitorMetrics:
                 if v is not None and method in _SCORES:
                     self.pred_score.labels(model, method).set(v)
             self.pred_severity.labels(model).set(state(model, None, "prediction_drift"))
+
+
+# -- performance monitoring (label join, performance.py) --------------------------------
+
+PERFORMANCE_METRIC_NAMES: frozenset[str] = frozenset({
+    "stream_monitor_labels_total",                     # {model} label events counted
+    "stream_monitor_labels_joined_total",              # {model}
+    "stream_monitor_labels_unjoined_total",            # {model, reason}
+    "stream_monitor_join_waiting",                     # {model, side} predictions|labels
+    "stream_monitor_join_oldest_prediction_age_seconds",  # {model}
+    "stream_monitor_label_lag_seconds",                # histogram {model}
+    "stream_monitor_performance",                      # {model, version, metric} realized
+    "stream_monitor_performance_estimated",            # {model, version, metric} CBPE
+    "stream_monitor_performance_estimation_gap",       # {model, version, metric}
+    "stream_monitor_performance_severity",             # {model, version}
+    "stream_monitor_segment_performance",              # {model, version, segment, metric}
+    "stream_monitor_segment_gap",                      # {model, version, field, metric}
+    "stream_monitor_retrain_records_total",            # {model, decision}
+})
+METRIC_NAMES = METRIC_NAMES | PERFORMANCE_METRIC_NAMES
+
+_MAX_VERSIONS = 20            # model versions exported per model (the rest counted as cut)
+_MAX_SEGMENT_VALUES = 50      # segment values exported per model
+
+
+class PerformanceMetrics:
+    """The label join's and performance windows' metrics, on a monitor's registry."""
+
+    def __init__(self, base: MonitorMetrics):
+        r, p = base.registry, "stream_monitor_"
+        self.base = base
+        self.labels = Counter(_name(p + "labels_total"), "Label events counted", ["model"],
+                              registry=r)
+        self.joined = Counter(_name(p + "labels_joined_total"),
+                              "Predictions joined to their label", ["model"], registry=r)
+        self.unjoined = Counter(_name(p + "labels_unjoined_total"),
+                                "Predictions and labels that could not be joined, by reason",
+                                ["model", "reason"], registry=r)
+        self.waiting = Gauge(p + "join_waiting", "Entries waiting in the join buffer",
+                             ["model", "side"], registry=r)
+        self.oldest = Gauge(p + "join_oldest_prediction_age_seconds",
+                            "Event-time age of the oldest prediction waiting for its label",
+                            ["model"], registry=r)
+        self.lag = Histogram(p + "label_lag_seconds",
+                             "Label time minus prediction time of joined pairs", ["model"],
+                             buckets=(1, 10, 60, 300, 900, 3600, 3 * 3600, 6 * 3600, 86400,
+                                      3 * 86400, 7 * 86400, 30 * 86400), registry=r)
+        self.perf = Gauge(p + "performance", "Realized performance of the last closed window",
+                          ["model", "version", "metric"], registry=r)
+        self.estimated = Gauge(p + "performance_estimated",
+                               "Performance estimated from scores (CBPE), last window",
+                               ["model", "version", "metric"], registry=r)
+        self.gap = Gauge(p + "performance_estimation_gap",
+                         "Estimated minus realized performance, last window",
+                         ["model", "version", "metric"], registry=r)
+        self.severity = Gauge(p + "performance_severity",
+                              "Performance alert state (0 ok, 1 warning, 2 critical)",
+                              ["model", "version"], registry=r)
+        self.segment = Gauge(p + "segment_performance",
+                             "Per-segment performance of the last window",
+                             ["model", "version", "segment", "metric"], registry=r)
+        self.segment_gap = Gauge(p + "segment_gap",
+                                 "Largest gap between segments of one field, last window",
+                                 ["model", "version", "field", "metric"], registry=r)
+        self.retrain = Counter(_name(p + "retrain_records_total"),
+                               "Retraining requests and refusals published",
+                               ["model", "decision"], registry=r)
+        self._versions: dict[str, LabelCap] = {}
+        self._segments: dict[str, LabelCap] = {}
+        self._seen_joined: dict[str, int] = {}
+        self._seen_unjoined: dict[tuple[str, str], int] = {}
+
+    def _version_ok(self, model: str, version: str) -> bool:
+        cap = self._versions.setdefault(model, LabelCap(_MAX_VERSIONS, "version",
+                                                        self.base.dropped))
+        return cap.admit(version)
+
+    def record(self, result, monitor) -> None:
+        admit = self.base._models.admit
+        for model, n in result.labels.items():
+            if admit(model):
+                self.labels.labels(model).inc(n)
+        for reason, n in result.unjoined.items():
+            self.unjoined.labels("", reason).inc(n)
+        stage = monitor.performance
+        for model, mp in stage.models.items():
+            if not admit(model):
+                continue
+            buf = mp.buffer
+            d = buf.joined - self._seen_joined.get(model, 0)
+            if d:
+                self.joined.labels(model).inc(d)
+                self._seen_joined[model] = buf.joined
+            for reason, n in buf.unjoined.items():
+                d = n - self._seen_unjoined.get((model, reason), 0)
+                if d:
+                    self.unjoined.labels(model, reason).inc(d)
+                    self._seen_unjoined[(model, reason)] = n
+            self.waiting.labels(model, "predictions").set(len(buf.predictions))
+            self.waiting.labels(model, "labels").set(len(buf.labels))
+            self.oldest.labels(model).set(buf.oldest_prediction_age())
+            lags = mp.drain_lags()
+            if lags:
+                hist = self.lag.labels(model)
+                for v in lags:
+                    hist.observe(v)
+        for report in result.performance:
+            self._window(report, monitor)
+        for rec in result.retrain:
+            if admit(rec["model"]):
+                self.retrain.labels(rec["model"], rec["decision"]).inc()
+
+    def _window(self, report: dict[str, Any], monitor) -> None:
+        model, version = report["model"], str(report.get("model_version") or "")
+        if not self.base._models.admit(model) or not self._version_ok(model, version):
+            return
+        for metric, v in report["metrics"].items():
+            if isinstance(v, float | int) and metric != "scored":
+                self.perf.labels(model, version, metric).set(v)
+        for metric, v in (report.get("estimated") or {}).items():
+            if metric != "scored" and v is not None:
+                self.estimated.labels(model, version, metric).set(v)
+        for metric, v in (report.get("estimation_gap") or {}).items():
+            self.gap.labels(model, version, metric).set(v)
+        key = (model, f"{report.get('model_version')}\x1fperformance", "performance")
+        st = monitor.policy.states.get(key)
+        self.severity.labels(model, version).set(st.severity if st else 0)
+        seg = report.get("segments")
+        if seg:
+            cap = self._segments.setdefault(model, LabelCap(_MAX_SEGMENT_VALUES, "segment",
+                                                            self.base.dropped))
+            for fname, values in seg["fields"].items():
+                for value, fig in values.items():
+                    name = f"{fname}={value}"
+                    if not cap.admit(name):
+                        continue
+                    for metric, v in fig.items():
+                        if v is not None:
+                            self.segment.labels(model, version, name, metric).set(v)
+                for metric, v in seg["gaps"].get(fname, {}).items():
+                    self.segment_gap.labels(model, version, fname, metric).set(v)
+
+
+def record_performance(metrics: MonitorMetrics, result, monitor) -> None:
+    """Update the performance metrics after a batch (no-op without performance monitoring)."""
+    if monitor.performance is None:
+        return
+    perf = getattr(metrics, "_performance", None)
+    if perf is None:
+        perf = metrics._performance = PerformanceMetrics(metrics)
+    perf.record(result, monitor)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ import numpy as np
 from . import perfstats as ps
 from .config import Config, ConfigError, PerformanceConfig, Thresholds, performance_settings
 from .evaluate import SEVERITY_NAMES, _iso
-from .join import JoinBuffer, LabelEvent, Pair
+from .join import JoinBuffer, LabelEvent, Pair, as_json
 from .policy import AlertPolicy, Finding, fingerprint
 from .reference import CategoricalProfile, NumericProfile, Reference, category_key
 
@@ -35,7 +36,7 @@ _POSITIVE_NAMES = ("1", "true", "yes", "positive", "pos")
 _NEGATIVE_OF = {"1": "0", "true": "false", "yes": "no", "positive": "negative", "pos": "neg"}
 MISSING_SEGMENT = "(missing)"
 OTHER_SEGMENT = "(other)"
-MAX_CLASSES = 1000
+MAX_CLASSES = 100
 
 # Input-side alert kinds the diagnosis reads from the policy: pipeline faults (retraining
 # cannot fix them) and input drift.
@@ -114,6 +115,7 @@ class ModelPerformance:
         self.model = model
         self.s = settings
         self.buffer = JoinBuffer(settings.join)
+        self.buffer.keep_segment = bool(settings.segments.fields)
         self.reference = reference
         self.task = settings.task if settings.task != "auto" else _task_from(reference)
         self.classes: dict[str, int] = {}
@@ -127,12 +129,19 @@ class ModelPerformance:
         self.windows: dict[str | None, _Window] = {}
         self.ref = _RefStats()
         self.detector = None
+        self.file_reference = getattr(reference, "performance", None)
+        self.segment_ref_windows = 0
         self.ref_errors: list[np.ndarray] = []  # reference windows' errors (regression)
         self.ref_error_scale = 1.0
         self.segment_values: dict[str, dict[str, None]] = {f: {} for f in settings.segments.fields}
         self.segments_cut = 0
-        self.lags: list[float] = []          # label lags of pairs joined since last read
+        self.lags: list[float] = []          # label lags joined since the last report
         self.labels_total = 0                # joined labels (for retraining triggers)
+        self.fresh_lags: list[float] = []    # label lags not yet exported as metrics
+
+    def drain_lags(self) -> list[float]:
+        lags, self.fresh_lags = self.fresh_lags, []
+        return lags
 
     # -- joining ------------------------------------------------------------------
 
@@ -140,11 +149,18 @@ class ModelPerformance:
         """Route joined pairs to their version's window; return the windows that filled."""
         if not pairs:
             return []
+        # raw JSON of scores and segment (see join.py), parsed for joined pairs only
+        pairs = [p if (p[5] is None or type(p[5]) is dict) and (p[6] is None or type(p[6])
+                                                                 is dict)
+                 else (*p[:5], as_json(p[5]), as_json(p[6]), p[7]) for p in pairs]
         pairs.sort(key=lambda p: p[0])
         closed = []
         size = self.s.window
         self.labels_total += len(pairs)
-        self.lags.extend(p[2] - p[1] for p in pairs if p[1] == p[1] and p[2] == p[2])
+        lags = [p[2] - p[1] for p in pairs if p[1] == p[1] and p[2] == p[2]]
+        self.lags.extend(lags)
+        if len(self.fresh_lags) < 100_000:  # drained per batch by the metrics
+            self.fresh_lags.extend(lags)
         for p in pairs:
             w = self.windows.get(p[3])
             if w is None:
@@ -205,13 +221,12 @@ class ModelPerformance:
             if isinstance(prof, CategoricalProfile):
                 for c, n in zip(prof.categories, prof.counts, strict=True):
                     known[c] = known.get(c, 0) + int(n)
+        # the label vocabulary defines the classes (scores keyed otherwise, e.g.
+        # {"churn": p, "stay": 1 - p} beside 0/1 labels, are not mapped onto them)
         for p in pairs:
             known.setdefault(category_key(p[7]), 0)
-            if not _is_probability(p[4]) and p[4] is not None:
+            if not _is_probability(p[4]) and p[4] is not None and type(p[4]) is not float:
                 known.setdefault(category_key(p[4]), 0)
-            if isinstance(p[5], dict):
-                for c in p[5]:
-                    known.setdefault(str(c), 0)
         positive = self.s.positive
         if positive is None and len(known) <= 2:
             named = [c for c in _POSITIVE_NAMES if c in known]
@@ -236,43 +251,119 @@ class ModelPerformance:
                 self._class(c)
 
     def _classification_arrays(self, pairs: list) -> dict[str, np.ndarray]:
-        thr = self.s.threshold
-        pos = self.positive
-        y = np.fromiter((self._class(category_key(p[7])) for p in pairs), np.int64, len(pairs))
-        yhat = np.empty(len(pairs), np.int64)
-        rows = []
-        for i, p in enumerate(pairs):
-            pred, scores = p[4], p[5]
-            if _is_probability(pred) and pos is not None:
-                q = float(pred)
-                yhat[i] = pos if q >= thr else 1 - pos
-                rows.append({1 - pos: 1 - q, pos: q})
-                continue
-            if isinstance(scores, dict) and scores:
-                row = {}
-                for c, v in scores.items():
-                    if type(v) in (int, float):
-                        row[self._class(str(c))] = float(v)
-                rows.append(row)
-                if pred is None and row:
-                    yhat[i] = max(row, key=row.get)
-                    continue
-            else:
-                rows.append(None)
-            yhat[i] = self._class(category_key(pred))
+        """Class indices of truth and prediction, and the probability matrix, per pair.
+
+        Column-wise list comprehensions and numpy, not a Python loop with per-row logic:
+        this runs for every joined label.
+        """
+        n, pos, cls = len(pairs), self.positive, self._class
+        preds = [p[4] for p in pairs]
+        scores = [p[5] if type(p[5]) is dict else None for p in pairs]
+        y = np.fromiter(map(cls, map(category_key, (p[7] for p in pairs))), np.int64, n)
+        if pos is not None:  # a float in [0, 1] that is not one of the classes is a score
+            names = self.classes
+            is_prob = np.fromiter((type(v) is float and 0.0 <= v <= 1.0 and (
+                not v.is_integer() or category_key(v) not in names) for v in preds), bool, n)
+        else:
+            is_prob = np.zeros(n, bool)
+        # scores count only when keyed by the label classes
+        scores = [s if s is not None and not self.classes.keys().isdisjoint(s) else None
+                  for s in scores]
+        has_scores = np.fromiter((s is not None for s in scores), bool, n)
         k = len(self.classes)
-        proba = np.full((len(pairs), k), np.nan)
-        for i, row in enumerate(rows):
-            if row:
-                proba[i] = 0.0
-                for c, v in row.items():
-                    proba[i, c] = v
-                if pos is not None and k == 2 and len(row) == 1:  # only one class scored
-                    (c, v), = row.items()
-                    proba[i, 1 - c] = 1.0 - v
+        proba = np.full((n, k), np.nan)
+        if has_scores.any():
+            rows = np.flatnonzero(has_scores)
+            scored = [scores[i] for i in rows]
+            for c, j in self.classes.items():
+                col = np.array([_prob(s.get(c)) for s in scored], float)
+                proba[rows, j] = col
+            if pos is not None and k == 2:  # one class scored: the other is its complement
+                sub = proba[rows]
+                for j in (0, 1):
+                    miss = np.isnan(sub[:, j]) & ~np.isnan(sub[:, 1 - j])
+                    sub[miss, j] = 1.0 - sub[miss, 1 - j]
+                proba[rows] = sub
+            proba[rows] = np.where(np.isnan(proba[rows]) & ~np.isnan(proba[rows]).all(
+                axis=1, keepdims=True), 0.0, proba[rows])
+        if is_prob.any():
+            q = np.array([preds[i] for i in np.flatnonzero(is_prob)], float)
+            proba[is_prob, pos] = q
+            proba[is_prob, 1 - pos] = 1.0 - q
+        yhat = np.empty(n, np.int64)
+        if is_prob.any():
+            yhat[is_prob] = np.where(proba[is_prob, pos] >= self.s.threshold, pos, 1 - pos)
+        rest = np.flatnonzero(~is_prob)
+        if rest.size:
+            named = [preds[i] for i in rest]
+            have = np.fromiter((v is not None for v in named), bool, rest.size)
+            yhat[rest[have]] = np.fromiter(
+                map(cls, map(category_key, (v for v in named if v is not None))), np.int64,
+                int(have.sum()))
+            if not have.all():  # no prediction field: the highest score
+                idx = rest[~have]
+                filled = np.nan_to_num(proba[idx], nan=-1.0)
+                yhat[idx] = filled.argmax(axis=1) if filled.shape[1] else 0
+        if proba.shape[1] < len(self.classes):  # classes met while converting predictions
+            proba = np.column_stack([proba, np.full((n, len(self.classes) - proba.shape[1]),
+                                                    np.nan)])
+            proba[has_scores | is_prob] = np.nan_to_num(proba[has_scores | is_prob])
         return {"y": y, "yhat": yhat, "proba": proba}
 
     # -- one window -----------------------------------------------------------------
+
+    def _compute(self, pairs: list) -> tuple:
+        """(metrics, per-event loss of the alert metric, per-event error, y, yhat, proba)."""
+        if self.task == "classification":
+            self._settle_classes(pairs)
+            arr = self._classification_arrays(pairs)
+            y, yhat, proba = arr["y"], arr["yhat"], arr["proba"]
+            if proba.shape[1] < len(self.classes):  # classes met while converting
+                proba = np.column_stack([proba, np.full((len(pairs), len(self.classes)
+                                                        - proba.shape[1]), np.nan)])
+            metrics = ps.classification_metrics(y, yhat, proba, len(self.classes), self.positive)
+            if self.metric == "log_loss":
+                have = ~np.isnan(proba).any(axis=1)
+                loss = -np.log(np.clip(proba[have, y[have]], ps.EPS, 1.0))
+            else:
+                loss = (y != yhat).astype(float)
+            return metrics, loss, (y != yhat).astype(float), y, yhat, proba
+        y = np.array([_number(p[7]) for p in pairs], float)
+        yhat = np.array([_number(p[4]) for p in pairs], float)
+        metrics = ps.regression_metrics(y, yhat)
+        ok = ~(np.isnan(y) | np.isnan(yhat))
+        err = np.abs(yhat - y)[ok]
+        if self.metric == "rmse":
+            loss = err ** 2
+        elif self.metric == "mape":
+            nz = y[ok] != 0
+            loss = err[nz] / np.abs(y[ok][nz])
+        else:
+            loss = err
+        return metrics, loss, err, y, yhat, None
+
+    def _apply_file_reference(self) -> None:
+        """Take the reference performance from the reference file, when it fits this model."""
+        fr, self.file_reference = self.file_reference, None
+        if not fr or fr.get("task") != self.task or fr.get("metric") != self.metric:
+            return
+        if self.task == "classification" and fr.get("positive") != _name(self.classes,
+                                                                           self.positive):
+            return
+        r = self.ref
+        r.windows, r.source = self.s.reference_windows, "reference_file"
+        for k, v in fr["metrics"].items():
+            if isinstance(v, int | float) and k != "scored":
+                r.metric_sums[k], r.metric_counts[k] = float(v), 1
+        r.loss_n, r.loss_s1, r.loss_s2 = fr["loss"]
+        r.label_n = int(fr["label_n"])
+        if self.task == "classification":
+            r.label_k = Counter({self._class(c): int(n) for c, n in fr["labels"].items()})
+            r.pred_pos = int(fr.get("predicted_positive", 0))
+        else:
+            r.label_s1, r.label_s2 = fr["label_moments"]
+            self.ref_error_scale = fr.get("error_q99") or 1.0
+        self._start_detector()
 
     def evaluate(self, version: str | None, pairs: list, index: int
                  ) -> tuple[dict[str, Any], list[tuple[str, Finding, dict]]]:
@@ -288,48 +379,22 @@ class ModelPerformance:
                        "label_end": _iso(_nanmax(lts)), "first_line": min(positions),
                        "last_line": max(positions)},
         }
-        if self.task == "classification":
-            self._settle_classes(pairs)
-            arr = self._classification_arrays(pairs)
-            y, yhat, proba = arr["y"], arr["yhat"], arr["proba"]
-            if proba.shape[1] < len(self.classes):  # classes met while converting
-                proba = np.column_stack([proba, np.full((len(pairs), len(self.classes)
-                                                        - proba.shape[1]), np.nan)])
-            metrics = ps.classification_metrics(y, yhat, proba, len(self.classes), self.positive)
-            if self.metric == "log_loss":
-                have = ~np.isnan(proba).any(axis=1)
-                loss = -np.log(np.clip(proba[have, y[have]], ps.EPS, 1.0))
-            else:
-                loss = (y != yhat).astype(float)
-            errors = (y != yhat).astype(float)
-            if self.s.estimate:
-                est = ps.cbpe(proba, yhat, self.positive)
-                if est:
-                    report["estimated"] = est
-                    report["estimation_gap"] = {
-                        k: (est[k] - metrics[k]) for k in ("accuracy", "roc_auc")
-                        if est.get(k) is not None and metrics.get(k) is not None}
-        else:
-            y = np.array([_number(p[7]) for p in pairs], float)
-            yhat = np.array([_number(p[4]) for p in pairs], float)
-            metrics = ps.regression_metrics(y, yhat)
-            ok = ~(np.isnan(y) | np.isnan(yhat))
-            err = np.abs(yhat - y)[ok]
-            if self.metric == "rmse":
-                loss = err ** 2
-            elif self.metric == "mape":
-                nz = y[ok] != 0
-                loss = err[nz] / np.abs(y[ok][nz])
-            else:
-                loss = err
-            errors = err
+        metrics, loss, errors, y, yhat, proba = self._compute(pairs)
+        if proba is not None and self.s.estimate:
+            est = ps.cbpe(proba, yhat, self.positive)
+            if est:
+                report["estimated"] = est
+                report["estimation_gap"] = {
+                    k: (est[k] - metrics[k]) for k in ("accuracy", "roc_auc")
+                    if est.get(k) is not None and metrics.get(k) is not None}
+        self._apply_file_reference()
         report["metrics"] = metrics
         report["alert_metric"] = self.metric
         findings: list[tuple[str, Finding, dict]] = []
         in_reference = self.ref.windows < self.s.reference_windows
         seg = self._segments(pairs, y, yhat) if self.s.segments.fields else None
         if in_reference:
-            self._add_reference(metrics, loss, y, yhat, seg)
+            self._add_reference(metrics, loss, y, yhat)
             report["reference"] = None
             report["reference_source"] = "pending"
             report["severity"] = "ok"
@@ -340,8 +405,16 @@ class ModelPerformance:
         if ls:
             findings.append(ls)
         if seg is not None:
+            # segment references always come from the first windows (the reference file
+            # has no segments)
             report["segments"] = self._segment_report(seg)
-            if not in_reference:
+            if self.segment_ref_windows < self.s.reference_windows:
+                self.segment_ref_windows += 1
+                for key, (n, correct, *_rest) in seg["cells"].items():
+                    cell = self.ref.segments.setdefault(key, [0, 0])
+                    cell[0] += n
+                    cell[1] += correct
+            else:
                 findings += self._segment_findings(report, seg)
         if in_reference and self.task == "regression":
             self.ref_errors.append(errors)
@@ -356,6 +429,7 @@ class ModelPerformance:
             lag = np.array(self.lags)
             report["label_lag"] = {"p50": float(np.median(lag)), "p95": float(
                 np.quantile(lag, 0.95)), "max": float(lag.max())}
+            self.lags = []  # lags of the pairs joined since the previous report
         return report, findings
 
     def join_counters(self) -> dict[str, Any]:
@@ -366,7 +440,7 @@ class ModelPerformance:
 
     # -- reference ------------------------------------------------------------------
 
-    def _add_reference(self, metrics, loss, y, yhat, seg) -> None:
+    def _add_reference(self, metrics, loss, y, yhat) -> None:
         r = self.ref
         r.windows += 1
         for k, v in metrics.items():
@@ -387,11 +461,6 @@ class ModelPerformance:
             r.label_n += ok.size
             r.label_s1 += float(ok.sum())
             r.label_s2 += float((ok ** 2).sum())
-        if seg is not None:
-            for key, (n, correct, *_rest) in seg["cells"].items():
-                cell = r.segments.setdefault(key, [0, 0])
-                cell[0] += n
-                cell[1] += correct
 
     def _performance_finding(self, report, metrics, loss) -> list:
         r = self.ref
@@ -459,8 +528,19 @@ class ModelPerformance:
         mean_err = float(errors.mean()) if errors.size else math.nan
         ref_err = self._reference_error()
         worse = mean_err > ref_err
-        severity = 1 if detected and worse else 0
-        report["concept_drift"] = {"detector": self.detector_kind, "detected": detected,
+        # With scores, the model's own confidence says what accuracy to expect on these
+        # inputs (CBPE). A covariate shift moves both figures together; only realized
+        # accuracy falling below the expectation means the input-outcome relation moved.
+        est = (report.get("estimated") or {}).get("accuracy")
+        real = report["metrics"].get("accuracy")
+        unexplained = True
+        if est is not None and real is not None and errors.size:
+            se = math.sqrt(max(real * (1 - real), 1e-6) / errors.size)
+            unexplained = est - real > max(0.02, 3 * se)
+            report.setdefault("concept_drift", {})["expected_accuracy"] = est
+        severity = 1 if detected and worse and unexplained else 0
+        report["concept_drift"] = {**report.get("concept_drift", {}),
+                                   "detector": self.detector_kind, "detected": detected,
                                    "error_rate" if self.task == "classification" else
                                    "mean_abs_error": mean_err, "reference": ref_err,
                                    "severity": SEVERITY_NAMES[severity]}
@@ -762,10 +842,16 @@ class PerformanceStage:
             return {"root_cause": cause, "explanation": f"a pipeline fault, not the model: {fix}",
                     "top_features": feats[:10], "pipeline_fault": True}
         label = any(f.severity for _, f, _ in findings if f.kind == "label_shift")
-        if drifted:
+        concept = any(f.severity for _, f, _ in findings if f.kind == "concept_drift")
+        if drifted and concept:
             return {"root_cause": "data_and_concept_drift",
-                    "explanation": "performance fell and the inputs drifted too: the new "
-                                   "population is handled worse",
+                    "explanation": "the inputs drifted and the input-outcome relation moved "
+                                   "too: realized performance is below what the scores expect",
+                    "top_features": drifted[:10]}
+        if drifted:
+            return {"root_cause": "data_drift",
+                    "explanation": "performance fell with an input drift that the model's "
+                                   "scores anticipate (covariate shift; the relation held)",
                     "top_features": drifted[:10]}
         if label:
             return {"root_cause": "label_shift",
@@ -774,6 +860,42 @@ class PerformanceStage:
         return {"root_cause": "concept_drift",
                 "explanation": "performance fell while the inputs did not drift: the relation "
                                "between inputs and outcome changed", "top_features": []}
+
+
+def reference_performance(predictions: list, labels: list, label_profile: Any = None,
+                          minimum: int = 200) -> dict[str, Any] | None:
+    """Realized performance of training data (predictions and labels), for the reference.
+
+    Stored in the reference file so that a monitor compares its first windows with the
+    model's known performance instead of learning it from them.
+    """
+    pairs = [(i, math.nan, math.nan, None, p, None, None, lab)
+             for i, (p, lab) in enumerate(zip(predictions, labels, strict=True))
+             if p is not None and lab is not None]
+    if len(pairs) < minimum:
+        return None
+    ref = SimpleNamespace(label=label_profile, prediction=None)
+    mp = ModelPerformance("reference", PerformanceConfig(), ref)
+    try:
+        mp._settle_task(pairs)
+        metrics, loss, errors, y, yhat, _ = mp._compute(pairs)
+    except (ConfigError, ValueError, TypeError):
+        return None
+    out: dict[str, Any] = {"task": mp.task, "metric": mp.metric, "metrics": metrics,
+                           "loss": [int(loss.size), float(loss.sum()),
+                                    float((loss ** 2).sum())]}
+    if mp.task == "classification":
+        values, counts = np.unique(y, return_counts=True)
+        out.update(positive=_name(mp.classes, mp.positive), label_n=int(y.size),
+                   labels={_name(mp.classes, int(v)): int(c)
+                           for v, c in zip(values, counts, strict=True)},
+                   predicted_positive=int((yhat == mp.positive).sum())
+                   if mp.positive is not None else 0)
+    else:
+        ok = y[~np.isnan(y)]
+        out.update(label_n=int(ok.size), label_moments=[float(ok.sum()), float((ok ** 2).sum())],
+                   error_q99=float(np.quantile(errors, 0.99)) if errors.size else None)
+    return out
 
 
 def fault_state(policy: AlertPolicy, model: str) -> tuple[list, list[str]]:
@@ -808,6 +930,10 @@ def _task_from(reference: Reference | None) -> str | None:
 
 def _is_probability(v: Any) -> bool:
     return type(v) is float and 0.0 <= v <= 1.0 and not v.is_integer()
+
+
+def _prob(v: Any) -> float:
+    return float(v) if type(v) in (int, float) else math.nan
 
 
 def _number(v: Any) -> float:

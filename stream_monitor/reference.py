@@ -219,15 +219,21 @@ class Reference:
     events: int = 0
     source: str = ""
     created_at: str = ""
+    # realized performance of the training data's predictions (performance.py), when it
+    # has both predictions and labels
+    performance: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "schema_version": SCHEMA_VERSION, "model": self.model, "events": self.events,
             "source": self.source, "created_at": self.created_at,
             "features": {k: p.to_json() for k, p in self.features.items()},
             "prediction": self.prediction.to_json() if self.prediction else None,
             "label": self.label.to_json() if self.label else None,
         }
+        if self.performance is not None:
+            out["performance"] = self.performance
+        return out
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2))
@@ -254,7 +260,9 @@ class Reference:
             raise ReferenceError(f"{source}: no features")
         return cls(model=str(d.get("model", "")), features=feats, prediction=pred, label=label,
                    events=int(d.get("events", 0)), source=str(d.get("source", "")),
-                   created_at=str(d.get("created_at", "")))
+                   created_at=str(d.get("created_at", "")),
+                   performance=d.get("performance") if isinstance(d.get("performance"), dict)
+                   else None)
 
     @classmethod
     def load(cls, path: str | Path) -> Reference:
@@ -345,9 +353,12 @@ class ReferenceBuilder:
             label = self._profile(self.labels, "categorical"
                                   if infer_kind(self.labels) == "categorical"
                                   or _few_distinct(self.labels) else "numeric")
+        from .performance import reference_performance  # (performance imports this module)
         return Reference(model=self.model, features=features, prediction=pred, label=label,
                          events=self.rows, source=source,
-                         created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+                         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                         performance=reference_performance(self.predictions, self.labels,
+                                                           label))
 
 
 def _few_distinct(values: list[Any], limit: int = 20) -> bool:

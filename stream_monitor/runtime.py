@@ -601,6 +601,10 @@ class KafkaSidecar:
                 batch, topics.alerts, alert["fingerprint"].encode(), orjson.dumps(alert),
                 [("kind", alert["kind"].encode()), ("status", alert["status"].encode())],
                 "alert", alert["labels"]["severity"]))
+        for record in result.retrain:  # retraining requests and refusals (performance.py)
+            outputs.append(_Output(batch, topics.retrain, record["id"].encode(),
+                                   orjson.dumps(record),
+                                   [("decision", record["decision"].encode())], "retrain"))
         batch.pending += len(outputs)
         batch.since = time.monotonic()
         for out in outputs:
@@ -609,7 +613,13 @@ class KafkaSidecar:
 
     # -- applying a batch ---------------------------------------------------------------
 
-    def _apply(self, values: list[bytes], positions: range) -> BatchResult:
+    def _process(self, values: list[bytes], positions: range,
+                 is_label: list[bool] | None) -> BatchResult:
+        from .label_topic import process_batch
+        return process_batch(self.monitor, values, positions, is_label)
+
+    def _apply(self, values: list[bytes], positions: range,
+               is_label: list[bool] | None = None) -> BatchResult:
         """`Monitor.process`, with poison messages isolated instead of crashing the loop.
 
         When a batch raises, the monitor is rolled back and the batch is split in
@@ -620,7 +630,7 @@ class KafkaSidecar:
         """
         checkpoint = self.monitor.checkpoint()
         try:
-            return self.monitor.process(values, positions)
+            return self._process(values, positions, is_label)
         except Exception as exc:
             self.monitor.rollback(checkpoint)
             log.error("a batch of %d messages failed (%s: %s); isolating the message(s) "
@@ -628,20 +638,20 @@ class KafkaSidecar:
         from .pipeline import BatchResult
         result, poison = BatchResult(), []
         mid = len(values) // 2
-        self._bisect(values[:mid], positions[:mid], result, poison)
-        self._bisect(values[mid:], positions[mid:], result, poison)
+        self._bisect(values[:mid], positions[:mid], _part(is_label, 0, mid), result, poison)
+        self._bisect(values[mid:], positions[mid:], _part(is_label, mid, None), result, poison)
         result.rejects += poison
         result.messages = len(values)
         log.error("dead-lettering %d message(s) the monitor cannot process", len(poison))
         return result
 
-    def _bisect(self, values: list[bytes], positions: range, result: BatchResult,
-                poison: list[Reject]) -> None:
+    def _bisect(self, values: list[bytes], positions: range, is_label: list[bool] | None,
+                result: BatchResult, poison: list[Reject]) -> None:
         if not values:
             return
         checkpoint = self.monitor.checkpoint()
         try:
-            result.extend(self.monitor.process(values, positions))
+            result.extend(self._process(values, positions, is_label))
             return
         except Exception as exc:
             self.monitor.rollback(checkpoint)
@@ -654,8 +664,8 @@ class KafkaSidecar:
                                       f"last: {detail}") from exc
                 return
         mid = len(values) // 2
-        self._bisect(values[:mid], positions[:mid], result, poison)
-        self._bisect(values[mid:], positions[mid:], result, poison)
+        self._bisect(values[:mid], positions[:mid], _part(is_label, 0, mid), result, poison)
+        self._bisect(values[mid:], positions[mid:], _part(is_label, mid, None), result, poison)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -800,7 +810,9 @@ class KafkaSidecar:
         started = time.perf_counter()
         base = self._sequence
         self._sequence += len(messages)
-        result = self._apply(values, range(base, base + len(messages)))
+        labels_topic = self.config.topics.labels
+        is_label = [m.topic() == labels_topic for m in messages] if labels_topic else None
+        result = self._apply(values, range(base, base + len(messages)), is_label)
         _strip_positions(result)
         for line in map(window_line, result.reports):
             log.info("%s", line)
@@ -812,6 +824,9 @@ class KafkaSidecar:
             self.monitor.policy,
             {n: p.windows.open_events for n, p in self.monitor.models.items()},
             self.monitor.newest_event)
+        if self.monitor.performance is not None:
+            from .metrics import record_performance
+            record_performance(self.metrics, result, self.monitor)
         self.applied.update(result.events)
         if self.push is not None and (result.alerts or self.push.due()):
             if self.push.due() or not self.push.pending:
@@ -827,8 +842,10 @@ class KafkaSidecar:
         if self._subscribed:  # again would make the group rebalance
             return
         self._subscribed = True
-        self.consumer.subscribe(list(self.config.topics.inferences), on_assign=self._on_assign,
-                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        labels = [self.config.topics.labels] if self.config.topics.labels else []
+        self.consumer.subscribe(list(self.config.topics.inferences) + labels,
+                                on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # the group session expired (e.g. a broker outage): nothing can be committed for
@@ -904,6 +921,10 @@ def _truncate(value: bytes, headers: list, limit: int) -> tuple[bytes, list]:
                    ("original.size", str(len(value)).encode()),
                    ("original.sha256", hashlib.sha256(value).hexdigest().encode())]
     return value[:limit], headers
+
+
+def _part(mask: list[bool] | None, lo: int, hi: int | None) -> list[bool] | None:
+    return None if mask is None else mask[lo:hi]
 
 
 def _strip_positions(result: BatchResult) -> None:

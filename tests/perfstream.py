@@ -41,7 +41,7 @@ def draw(n: int, seed: int, *, change_at: int | None = None, concept: bool = Fal
     if base_rate is not None:
         p_true = np.where(after, p * base_rate, p_true)
     y = rng.random(n) < p_true
-    region = rng.integers(0, len(REGIONS), n)
+    region = rng.choice(len(REGIONS), n, p=[0.4, 0.3, 0.15, 0.15])  # apac: 15% of traffic
     if segment_flip:
         flip = after & (region == 2) & (rng.random(n) < segment_flip)
         y = np.where(flip, ~y, y)

@@ -142,3 +142,23 @@ def test_state_round_trips_through_json():
     assert again.state() == buf.state()
     pairs = again.add_labels(labels(["a"], [9.0], ["yes"]))
     assert pairs[0][4:] == ("yes", {"yes": 0.8, "no": 0.2}, {"r": "eu"}, "yes")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_fast_path_matches_the_per_event_path(seed):
+    """String ids take the C-level path; the same events with integer ids the per-event one."""
+    results = []
+    for as_int in (False, True):
+        buf = JoinBuffer(JoinConfig(max_predictions=700, max_labels=80, max_age=5000.0))
+        r = np.random.default_rng(seed)
+        out = []
+        for b in range(12):
+            ids = r.choice(3000, 300, replace=False) + b * 200  # overlaps: duplicates
+            ts = (b * 300.0 + np.arange(300)).tolist()
+            keys = ids.tolist() if as_int else [str(i) for i in ids]
+            out += buf.add_predictions(list(range(300)), ts, outcomes(keys, scores=[
+                {"yes": 0.5}] * 300, segs=[{"r": "x"}] * 300))
+            lab = r.choice(3000 + b * 200, 60, replace=False)
+            out += buf.add_labels(labels(lab.tolist(), [ts[-1] + 10.0] * 60))
+        results.append((sorted(map(repr, out)), buf.state()))
+    assert results[0] == results[1]

@@ -58,8 +58,12 @@ def test_late_out_of_order_labels_join_and_windows_hold_every_metric(tmp_path, r
     assert last["join"]["joined"] == 30_000 and last["join"]["unjoined"] == {}
     for k in ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "ece"):
         assert last["metrics"][k] is not None, k
-    assert last["reference_source"] == "first_windows" and last["reference"]["accuracy"] > 0.8
-    assert perf[0]["reference"] is None and perf[5]["reference"] is not None
+    # the reference file was built from training data with labels and predictions: its
+    # realized accuracy is the reference from the first window on
+    train = ps.draw(20_000, seed=99)
+    train_acc = float(((train["p"] >= 0.5) == train["y"]).mean())
+    assert all(p["reference_source"] == "reference_file" for p in perf)
+    assert perf[0]["reference"]["accuracy"] == pytest.approx(train_acc, abs=1e-12)
     assert last["label_lag"]["max"] <= 3 * 3600.0 and last["label_lag"]["p50"] > 600
     base = ps.draw(20_000, seed=99)["y"].mean()  # the reference's training labels
     assert last["label_shift"]["reference_label_rate"] == pytest.approx(base, abs=1e-9)
@@ -263,6 +267,9 @@ def test_regression_metrics_alert_and_concept_drift(tmp_path):
     out = _run(Monitor(cfg), evs, labs)
     perf = out["perf"]
     assert perf[0]["task"] == "regression" and perf[0]["alert_metric"] == "mae"
+    # a baseline without labels has no performance: the first windows are the reference
+    assert perf[0]["reference_source"] == "pending"
+    assert perf[-1]["reference_source"] == "first_windows"
     assert {"mae", "rmse", "mape"} <= set(perf[0]["metrics"])
     before = [p for p in perf if p["window"]["last_line"] < 20_500 and p["reference"]]
     assert before and all(p["severity"] == "ok" for p in before)
@@ -298,3 +305,53 @@ def test_stationary_million_labelled_events_raise_nothing(tmp_path, ref_path):
     assert fired == []
     buf = mon.performance.models["churn"].buffer
     assert buf.joined == 1_000_000 and not buf.predictions and not buf.labels
+
+
+def _pairs(preds, labels, scores=None):
+    scores = scores or [None] * len(preds)
+    return [(i, 1e9 + i, 1e9 + i + 5, "v", p, s, None, lab)
+            for i, (p, lab, s) in enumerate(zip(preds, labels, scores, strict=True))]
+
+
+def test_value_forms_of_classification_predictions():
+    from stream_monitor.config import PerformanceConfig
+    from stream_monitor.performance import ModelPerformance
+    # probability predictions with 0/1 labels and scores keyed otherwise (ignored)
+    mp = ModelPerformance("m", PerformanceConfig(window=10, task="classification"), None)
+    pairs = _pairs([0.9, 0.2, 0.7, 0.4], [1, 0, 0, 1.0], [{"churn": 0.9}] * 4)
+    report, _ = mp.evaluate("v", pairs, 0)
+    assert mp.classes == {"0": 0, "1": 1} and mp.positive == 1
+    assert report["metrics"]["accuracy"] == 0.5
+    assert report["metrics"]["log_loss"] == pytest.approx(-np.mean(np.log([.9, .8, .3, .4])))
+    # multiclass (3 label classes): macro metrics, no ROC AUC; a missing prediction takes
+    # the highest score
+    mp = ModelPerformance("m", PerformanceConfig(window=10, task="classification"), None)
+    preds = ["a", "b", None, "c", "a", None]
+    labels = ["a", "b", "c", "c", "b", "a"]
+    scores = [{"a": 0.6, "b": 0.3, "c": 0.1}, None, {"a": 0.1, "b": 0.2, "c": 0.7},
+              {"c": 1.0}, {"a": 0.5, "b": 0.5}, {"a": 0.8, "b": 0.1, "c": 0.1}]
+    report, _ = mp.evaluate("v", _pairs(preds, labels, scores), 0)
+    m = report["metrics"]
+    assert mp.positive is None and "roc_auc" not in m
+    assert m["accuracy"] == pytest.approx(5 / 6)
+    assert m["scored"] == 5
+    expected_ll = -np.mean(np.log([0.6, 0.7, 1.0, 0.5, 0.8]))
+    assert m["log_loss"] == pytest.approx(expected_ll)
+    # binary with string classes and scores for the positive class only
+    mp = ModelPerformance("m", PerformanceConfig(window=10, task="classification"), None)
+    report, _ = mp.evaluate("v", _pairs(["yes", "no", "yes", "no"], ["yes", "no", "no", "no"],
+                                        [{"yes": 0.8}, {"yes": 0.3}, {"yes": 0.6},
+                                         {"yes": 0.1}]), 0)
+    m = report["metrics"]
+    assert m["accuracy"] == 0.75 and m["precision"] == 0.5 and m["recall"] == 1.0
+    assert m["roc_auc"] == 1.0
+    assert report["estimated"]["accuracy"] == pytest.approx((0.8 + 0.7 + 0.6 + 0.9) / 4)
+
+
+def test_certain_probability_is_a_score_not_a_class():
+    from stream_monitor.config import PerformanceConfig
+    from stream_monitor.performance import ModelPerformance
+    mp = ModelPerformance("m", PerformanceConfig(window=10, task="classification"), None)
+    report, _ = mp.evaluate("v", _pairs([1.0, 0.0, 0.8, 0.1], ["yes", "no", "yes", "yes"]), 0)
+    assert set(mp.classes) == {"yes", "no"}
+    assert report["metrics"]["accuracy"] == 0.75

@@ -1,0 +1,130 @@
+"""Cost of performance monitoring: the engine with and without the label join, one core.
+
+Throughput (default): the same workload as throughput.py (20 numeric + 5 categorical
+features), batches of 10,000 events, measured side by side in one run (best of
+--rounds, interleaved, CPU time of the process): the engine alone, and the engine with
+the label join on and 10% of the events labelled (each batch is followed by the label
+events of a tenth of its predictions, as a consumer of both topics sees them). Prints
+both rates and the join's cost as a share of the rate.
+
+Memory (--memory N): N predictions through the join with 10% of them labelled and the
+rest never labelled; prints RSS after 1M and after N predictions (the join buffer is
+bounded by count and age, so RSS stays flat).
+
+    python benchmarks/labels.py [--events 200000] [--rounds 3]
+    python benchmarks/labels.py --memory 10000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import time
+
+import orjson
+from common import monitor, workload
+
+from stream_monitor.config import parse_config
+from stream_monitor.pipeline import Monitor
+
+BATCH = 10_000
+
+
+def label_events(msgs: list[bytes], every: int = 10) -> list[list[bytes]]:
+    """Per batch, the label events of every `every`-th prediction (10%), hours late."""
+    out = []
+    for i in range(0, len(msgs), BATCH):
+        batch = []
+        for m in msgs[i:i + BATCH:every]:
+            ev = orjson.loads(m)
+            batch.append(orjson.dumps({"model": ev["model"], "event_id": ev["event_id"],
+                                       "label": int(ev["prediction"] > 0.3),
+                                       "ts": ev["ts"] + 3600.0}))
+        out.append(batch)
+    return out
+
+
+def with_labels(base: Monitor) -> Monitor:
+    data = base.config.model_dump(exclude={"base_dir"}, exclude_unset=True, by_alias=True)
+    data["topics"] = {"labels": "labels"}
+    cfg = parse_config(data)
+    return Monitor(cfg, {n: p.reference for n, p in base.models.items()})
+
+
+def plain(base: Monitor) -> Monitor:
+    return Monitor(base.config, {n: p.reference for n, p in base.models.items()})
+
+
+def run(mon: Monitor, msgs: list[bytes], labels: list[list[bytes]] | None) -> float:
+    # CPU time of this process: the figure that matters for one core, and one that a
+    # machine shared with other work does not distort as much as wall time
+    t = time.process_time()
+    for k, i in enumerate(range(0, len(msgs), BATCH)):
+        mon.process(msgs[i:i + BATCH], range(i, i + BATCH))
+        if labels is not None:
+            mon.process_labels(labels[k], range(len(labels[k])))
+    return time.process_time() - t
+
+
+def rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory(n: int) -> None:
+    pool = workload(500_000, seed=5)
+    mon = with_labels(monitor())
+    labels = label_events(pool)
+    done, marks = 0, {}
+    while done < n:
+        start = done % len(pool)
+        batch = pool[start:start + BATCH]
+        # fresh event ids each cycle, so no prediction is ever a duplicate
+        tag = f"-{done // len(pool)}".encode()
+        batch = [m.replace(b'","ts"', tag + b'","ts"', 1) for m in batch]
+        labs = [m.replace(b'","label"', tag + b'","label"', 1)
+                for m in labels[start // BATCH]]
+        mon.process(batch, range(done, done + len(batch)))
+        mon.process_labels(labs, range(len(labs)))
+        done += len(batch)
+        if done == 1_000_000:
+            marks["1M"] = rss_mb()
+    marks["end"] = rss_mb()
+    buf = mon.performance.models["churn"].buffer
+    print(f"predictions {done:,}, joined {buf.joined:,}, waiting {len(buf.predictions):,} "
+          f"(max {buf.bounds.max_predictions:,}), unjoined {dict(buf.unjoined)}")
+    print(f"RSS after 1M predictions : {marks.get('1M', float('nan')):.1f} MB")
+    print(f"RSS after {done / 1e6:.0f}M predictions: {marks['end']:.1f} MB")
+    print(f"difference: {marks['end'] - marks.get('1M', float('nan')):+.1f} MB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--memory", type=int, default=0, help="predictions for the RSS check")
+    args = ap.parse_args()
+    if args.memory:
+        memory(args.memory)
+        return
+    msgs = workload(args.events)
+    labels = label_events(msgs)
+    base = monitor()
+    print(f"workload: {len(msgs)} events, {sum(map(len, labels))} labels (10%)")
+    best = {"engine": float("inf"), "join": float("inf")}
+    for _ in range(args.rounds):
+        gc.collect()
+        best["engine"] = min(best["engine"], run(plain(base), msgs, None))
+        gc.collect()
+        best["join"] = min(best["join"], run(with_labels(base), msgs, labels))
+    rate = {k: len(msgs) / v for k, v in best.items()}
+    print(f"engine, no labels            : {rate['engine']:>10,.0f} events/s")
+    print(f"engine + join, 10% labelled  : {rate['join']:>10,.0f} events/s")
+    print(f"join cost: {1 - rate['join'] / rate['engine']:.1%} of the rate "
+          f"(ratio {rate['join'] / rate['engine']:.2f})")
+
+
+if __name__ == "__main__":
+    main()
