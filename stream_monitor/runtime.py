@@ -331,7 +331,7 @@ class _Output:
     key: bytes | None
     value: bytes
     headers: list
-    kind: str                             # dead_letter | alert
+    kind: str                             # dead_letter | alert | retrain
     severity: str = ""
     attempts: int = 0
     retry_at: float = 0.0
@@ -497,7 +497,7 @@ class KafkaSidecar:
             self.metrics.alerts.labels(out.severity).inc()
             if self.on_alert is not None:
                 self.on_alert(orjson.loads(out.value))
-        else:
+        elif out.kind == "dead_letter":
             self.metrics.dead_letters.inc()
 
     def _failed(self, out: _Output, err: KafkaError) -> None:

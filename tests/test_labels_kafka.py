@@ -67,7 +67,8 @@ def test_late_out_of_order_labels_join_on_kafka(kafka_broker, tmp_path):
     cfg = parse_config({
         "kafka": {"bootstrap.servers": kafka_broker.bootstrap_servers,
                   "group.id": f"lk-group-{tag}", "session.timeout.ms": 6000,
-                  "log.connection.close": False},
+                  "log.connection.close": False,
+                  "auto.offset.reset": "earliest"},  # produced while the group joins
         "topics": {"inferences": t["in"], "labels": t["labels"], "alerts": t["alerts"],
                    "dead_letter": t["dlq"], "retrain": t["retrain"]},
         "http": {"host": "127.0.0.1", "port": 0},
