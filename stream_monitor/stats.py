@@ -14,11 +14,26 @@ Conventions:
 
 from __future__ import annotations
 
+import importlib
 import math
+from typing import Any
 
 import numpy as np
-from scipy import special
-from scipy import stats as _sps
+
+
+class _OnFirstUse:
+    """A module imported on first attribute access. scipy takes 1-2 s to import: `run`
+    should be serving and joining its consumer group meanwhile, not waiting for it."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+special = _OnFirstUse("scipy.special")
+_sps = _OnFirstUse("scipy.stats")
 
 __all__ = [
     "bin_index",
