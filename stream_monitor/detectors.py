@@ -70,7 +70,7 @@ def adjacent_cells(p: np.ndarray, n: float, min_expected: float = MIN_EXPECTED) 
         acc += pi
         if acc * n >= min_expected:
             c, acc = c + 1, 0.0
-    if acc > 0 and c > 0 and acc * n < min_expected:
+    if c > 0 and acc * n < min_expected and cell[-1] == c:
         cell[cell == c] = c - 1         # a short last cell joins its neighbour
     return cell
 
@@ -79,23 +79,20 @@ def category_cells(p: np.ndarray, other: float, n: float,
                    min_expected: float = MIN_EXPECTED) -> tuple[np.ndarray, np.ndarray]:
     """Cells of categories (most frequent first) and their reference probabilities.
 
-    Categories with n*p >= min_expected keep a cell each; the rest, the reference's
-    'other' share and unseen values pool into one cell (or join the last kept cell
-    when the pool is itself too small). Returns (cell of each category + one for
-    unseen, probability of each cell).
+    Categories with n*p >= min_expected keep a cell each; all the others, the
+    reference's 'other' share and unseen values share one pool (which joins the last
+    kept cell when it is too small on its own). The pool is not split: which sparse
+    categories a reference sample ranks first is largely chance, so their sampled
+    frequencies overstate the true ones (winner's curse), while the pool's total is
+    unbiased. Returns (cell of each category + one for unseen values, cell probabilities).
     """
     keep = p * n >= min_expected
-    keep[0] = True
     k = int(keep.sum())
-    cell = np.where(keep, np.cumsum(keep) - 1, k)
     pool = float(p[~keep].sum() + other)
-    if pool * n < min_expected:
-        cell[cell == k] = k - 1
-        probs = np.bincount(cell, weights=p, minlength=k)
-        probs[k - 1] += other
-        return np.append(cell, k - 1), probs
-    probs = np.append(np.bincount(cell[keep], weights=p[keep], minlength=k), pool)
-    return np.append(cell, k), probs
+    pool_cell = k if (pool * n >= min_expected or k == 0) else k - 1
+    cell = np.full(p.size + 1, pool_cell, np.int64)
+    cell[:-1][keep] = np.arange(k)
+    return cell, np.bincount(cell, weights=np.append(p, other))
 
 
 def wilson_hilferty(x2: np.ndarray, df: np.ndarray) -> np.ndarray:
