@@ -37,6 +37,7 @@ from scipy.special import ndtr
 
 from .config import DetectorConfig, ModelSettings
 from .reference import CategoricalProfile, NumericProfile, Reference
+from .stats import GridBins
 
 LOCATION, SHAPE = "pit_mean", "chi2"
 MIN_EXPECTED = 5.0      # expected values per chi-square cell per block
@@ -154,94 +155,6 @@ def cusum_threshold(k: float, arl: float) -> float:
 
 # -- layout: the reference, prepared once -------------------------------------------------
 
-GRID = 4096     # cells of the bin lookup grid per numeric feature
-
-
-class BinGrid:
-    """``searchsorted(edges_j, x, side="right")`` for all columns at once, exactly.
-
-    Per column a uniform grid of GRID cells over [first edge, last edge] (one cell
-    beyond either end) records how many edges lie below each cell and the one edge
-    inside it, if any, so a value's bin is ``below[cell] + (x >= edge[cell])``: a
-    handful of numpy operations over the whole batch instead of a binary search per
-    value (which costs ~10x more through branch misses). Cells holding two or more
-    edges fall back to the binary search, for the few values that land there.
-    """
-
-    def __init__(self, edges: list[np.ndarray], offsets: np.ndarray | None = None,
-                 grid: int = GRID):
-        """`offsets`: added to every bin of a column (the columns' bins side by side)."""
-        self.edges, self.grid = edges, grid
-        self.bin_offsets = (np.zeros(len(edges), np.int64) if offsets is None
-                            else np.asarray(offsets, np.int64))
-        k, width = len(edges), grid + 3
-        self.lo, self.inv_w = np.zeros(k), np.ones(k)
-        self.below = np.zeros(k * width, np.int64)
-        self.edge = np.full(k * width, np.nan)       # NaN: no edge (x >= NaN is False)
-        for j, e in enumerate(edges):               # start-up only
-            base = j * width
-            if e.size == 0:
-                self.below[base:base + width] = self.bin_offsets[j]
-                continue
-            lo, hi = float(e[0]), float(e[-1])
-            w = (hi - lo) / grid if hi > lo else 1.0
-            self.lo[j], self.inv_w[j] = lo, 1.0 / w
-            # cell c (c = -1 .. grid+1) spans [lo + c w, lo + (c+1) w), widened by a margin
-            # larger than the rounding of (x - lo) / w, so a value is judged right in
-            # whichever neighbouring cell rounding puts it
-            c = np.arange(-1, grid + 2, dtype=np.float64)
-            margin = w * 1e-3 + abs(lo) * 1e-12 + abs(hi) * 1e-12
-            start, end = lo + c * w - margin, lo + (c + 1) * w + margin
-            first = np.searchsorted(e, start, side="left")     # edges >= start
-            last = np.searchsorted(e, end, side="left")        # edges < end
-            inside = last - first
-            below = first.astype(np.int64)
-            edge = np.where(inside == 1, e[np.minimum(first, e.size - 1)], np.nan)
-            below[-1], edge[-1] = e.size, np.nan                # beyond: above every edge
-            below += self.bin_offsets[j]
-            below[inside > 1] = -1                              # fall back
-            self.below[base:base + width] = below
-            self.edge[base:base + width] = edge
-        self.offsets_f = np.arange(k, dtype=np.float64) * width
-        self._buf: tuple[np.ndarray, ...] | None = None
-        self.shift = 1.0 - self.lo * self.inv_w
-
-    def bins(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Bin of every value of the (n, k) matrix, into `out` if given (NaN: bin 0 +
-        the column's offset; the caller masks missing values)."""
-        n = x.shape[0]
-        if self._buf is None or self._buf[0].shape[0] < n:
-            # scratch arrays reused from batch to batch: fresh multi-megabyte arrays
-            # cost as much in page faults as the arithmetic
-            shape = (max(n, 1), len(self.edges))
-            self._buf = (np.empty(shape), np.empty(shape, np.int64), np.empty(shape),
-                         np.empty(shape, bool))
-        t, idx, edge, ge = (b[:n] for b in self._buf)
-        # t = cell + 1 + the column's table offset, clipped to the table; fmax maps NaN
-        # to cell -1
-        np.multiply(x, self.inv_w, out=t)
-        t += self.shift
-        np.fmax(t, 0.0, out=t)
-        np.minimum(t, self.grid + 2, out=t)
-        t += self.offsets_f
-        idx[...] = t
-        if out is None:
-            out = np.empty(x.shape, np.int64)
-        np.take(self.below, idx, out=out)
-        bad = out < 0
-        np.take(self.edge, idx, out=edge)
-        with np.errstate(invalid="ignore"):
-            np.greater_equal(x, edge, out=ge)
-        out += ge
-        if bad.any():
-            rows, cols = np.nonzero(bad)
-            for j in np.unique(cols):
-                r = rows[cols == j]
-                out[r, j] = np.searchsorted(self.edges[j], x[r, j],
-                                            side="right") + self.bin_offsets[j]
-        return out
-
-
 class BlockLayout:
     """Everything a block statistic needs from the reference, as flat arrays."""
 
@@ -270,7 +183,7 @@ class BlockLayout:
             n_ref.append(prof.count)
         self.bin_offsets = np.array(bin_off[:-1], np.int64)
         self.bins = bin_off[-1]                 # numeric bins, side by side
-        self.grid = BinGrid(self.edges, self.bin_offsets)
+        self.find_bins = [GridBins(e) for e in self.edges]   # the engine's bin lookup
         self.mid = np.concatenate(mids) if mids else np.zeros(0)
         self.pit_var = np.array(var, np.float64)
         num_cell = np.concatenate(bin_cells) if bin_cells else np.zeros(0, np.int64)
@@ -349,7 +262,10 @@ def block_sums(layout: BlockLayout, numeric: np.ndarray, codes: np.ndarray,
     slots = np.empty((n, len(layout.names)), np.int64)
     k = len(layout.numeric)
     if k:
-        bins = layout.grid.bins(numeric, slots[:, :k])
+        bins = slots[:, :k]
+        for j, find in enumerate(layout.find_bins):  # per column per batch, as the engine
+            bins[:, j] = find(numeric[:, j])
+        bins += layout.bin_offsets
         bins[np.isnan(numeric)] = layout.drop       # missing values are not values
     if len(layout.categorical):
         slots[:, k:] = layout.cat_slot[codes + layout.code_offsets]
