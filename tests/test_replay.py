@@ -225,12 +225,9 @@ def test_stationary_sparse_heavy_tailed_stream_raises_no_alert(foreign_reference
 
 
 def test_stationary_stream_in_500_event_windows_raises_no_data_quality_alert(
-        foreign_reference, tmp_path, monkeypatch):
-    # Batch-level schema counters (absent keys) still go to the first window a batch
-    # touches until issue 8 item 3 lands (decoder rework); batches of one window's size
-    # keep this test about the judging, not about that.
-    import stream_monitor.replay as replay_module
-    monkeypatch.setattr(replay_module, "BATCH_LINES", 500)
+        foreign_reference, tmp_path):
+    # replay's batches of 10,000 lines span 20 windows: each window counts the faults
+    # of its own events (issue 8 item 3)
     events = _foreign_stream(tmp_path / "live.jsonl", 100_000, seed=102)
     cfg = _config(tmp_path, foreign_reference, "defaults:\n  window: {events: 500}\n")
     summary = replay(load_config(cfg), events, tmp_path / "out", progress=False)
