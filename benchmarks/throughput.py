@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import subprocess
 import sys
 import tempfile
@@ -160,6 +161,34 @@ def start_up(setup: Setup, rounds: int) -> None:
           f"replay path {imports - bare:.2f} s, `replay` of one line {cmd:.2f} s in all")
 
 
+def measure(name: str, events: int, rounds: int) -> None:
+    """Every step of one workload, interleaved over the rounds, printed with its ratios."""
+    if name == "clean":
+        msgs = workload(events)
+        setup = Setup("clean", msgs, workload(50_000, seed=1), "churn")
+    else:
+        msgs = realistic_workload(events)
+        setup = Setup("realistic", msgs, realistic_workload(50_000, seed=99), "rt")
+    times: dict = {label: [] for label, _ in STEPS}
+    for _ in range(rounds):
+        for label, fn in STEPS:
+            gc.collect()
+            times[label].append(fn(msgs, setup))
+    best = {k: sum(map(min, zip(*v, strict=True))) for k, v in times.items()}
+    size = sum(map(len, msgs)) / len(msgs)
+    print(f"\n{name} workload ({size:.0f} bytes/event)")
+    base = len(msgs) / best[STEPS[BASELINE][0]]
+    for label, _ in STEPS:
+        rate = len(msgs) / best[label]
+        print(f"  {label:<40} {rate:>10,.0f} events/s  {rate / base:5.2f}x")
+    ratio = {k: best[STEPS[BASELINE][0]] / best[k] for k in best}
+    print(f"  ratios to batch orjson.loads -- {name}: process "
+          f"{ratio[STEPS[4][0]]:.2f}x, replay {ratio[STEPS[5][0]]:.2f}x", flush=True)
+    if name == "realistic" or os.environ.get("SM_BENCH_STARTUP"):
+        print()
+        start_up(setup, rounds)
+
+
 def main() -> None:
     global CLOCK
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -167,39 +196,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--workload", choices=["clean", "realistic", "both"], default="both")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one workload here
     args = ap.parse_args()
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    setups = {}
-    if args.workload in ("clean", "both"):
-        msgs = workload(args.events)
-        setups["clean"] = (msgs, Setup("clean", msgs, workload(50_000, seed=1), "churn"))
-    if args.workload in ("realistic", "both"):
-        msgs = realistic_workload(args.events)
-        setups["realistic"] = (msgs, Setup("realistic", msgs,
-                                           realistic_workload(50_000, seed=99), "rt"))
-    times: dict = {(w, s): [] for w in setups for s, _ in STEPS}
-    for _ in range(args.rounds):
-        for w, (msgs, setup) in setups.items():
-            for label, fn in STEPS:
-                gc.collect()
-                times[w, label].append(fn(msgs, setup))
-    best = {k: sum(map(min, zip(*v, strict=True))) for k, v in times.items()}
+    if args.one:
+        measure(args.one, args.events, args.rounds)
+        return
     print(f"{args.events:,} events per workload, {args.rounds} rounds (per batch the best, "
-          f"summed; replay: best run), {args.clock} time, one core")
-    base_label = STEPS[BASELINE][0]
-    for w, (msgs, _) in setups.items():
-        size = sum(map(len, msgs)) / len(msgs)
-        print(f"\n{w} workload ({size:.0f} bytes/event)")
-        base = len(msgs) / best[w, base_label]
-        for label, _ in STEPS:
-            rate = len(msgs) / best[w, label]
-            print(f"  {label:<40} {rate:>10,.0f} events/s  {rate / base:5.2f}x")
-    print()
-    start_up(next(iter(setups.values()))[1], args.rounds)
-    summary = ", ".join(
-        f"{w}: process {best[w, base_label] / best[w, STEPS[4][0]]:.2f}x, replay "
-        f"{best[w, base_label] / best[w, STEPS[5][0]]:.2f}x" for w in setups)
-    print(f"ratios to batch orjson.loads -- {summary}")
+          f"summed; replay: best run), {args.clock} time, one core; each workload in a "
+          f"process of its own (one workload's heap does not disturb the other's)")
+    names = ["clean", "realistic"] if args.workload == "both" else [args.workload]
+    for name in names:
+        subprocess.run([sys.executable, __file__, "--one", name, "--events", str(args.events),
+                        "--rounds", str(args.rounds), "--clock", args.clock], check=True)
 
 
 if __name__ == "__main__":
