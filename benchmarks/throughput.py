@@ -3,8 +3,9 @@
 Two workloads: "clean" (the repo's own generator: 20 numeric + 5 categorical features,
 no absent keys) and "realistic" (`common.realistic_workload`: booleans, 2% absent keys,
 2% nulls, a 5,000-category Zipf feature, integer features with ties, Cauchy and
-Student-t tails). For each, measured side by side in one run (best of --rounds,
-interleaved), every figure also as a ratio to batch orjson.loads:
+Student-t tails). For each, measured side by side in one run (--rounds interleaved;
+per batch of 10,000 the best round, summed), every figure also as a ratio to batch
+orjson.loads:
 
   * parse floor: orjson.loads with each result thrown away,
   * batch orjson.loads: batches of 10,000 whose results are kept for the batch (the
@@ -24,13 +25,14 @@ and CPU time is what other processes disturb least; --clock wall for wall time.
 Start-up is wall time of `python -m stream_monitor replay` on a one-line file, beside
 `python -c pass` and the import of the replay path.
 
-    python benchmarks/throughput.py [--events 200000] [--rounds 3] [--workload both]
+    python benchmarks/throughput.py [--events 100000] [--rounds 7] [--workload both]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import subprocess
 import sys
 import tempfile
@@ -49,64 +51,71 @@ BATCH = 10_000
 CLOCK = time.process_time
 
 
-def parse_discard(msgs: list[bytes], _) -> float:
-    loads = orjson.loads
-    t = CLOCK()
-    for m in msgs:
-        loads(m)
-    return CLOCK() - t
+# Each step returns the time of every batch of 10,000: the figure of a step is the sum
+# over batches of each batch's best time across rounds (a burst of load on the shared
+# machine then spoils one batch of one round, not a whole round).
 
-
-def parse_batches(msgs: list[bytes], _) -> float:
-    loads = orjson.loads
-    t = CLOCK()
+def parse_discard(msgs: list[bytes], _) -> list[float]:
+    loads, out = orjson.loads, []
     for i in range(0, len(msgs), BATCH):
+        t = CLOCK()
+        for m in msgs[i:i + BATCH]:
+            loads(m)
+        out.append(CLOCK() - t)
+    return out
+
+
+def parse_batches(msgs: list[bytes], _) -> list[float]:
+    loads, out = orjson.loads, []
+    for i in range(0, len(msgs), BATCH):
+        t = CLOCK()
         kept = [loads(m) for m in msgs[i:i + BATCH]]
         del kept
-    return CLOCK() - t
+        out.append(CLOCK() - t)
+    return out
 
 
-def typed_alone(msgs: list[bytes], setup) -> float:
-    mon = setup.monitor()
-    fast, _ = mon.decoder._fast_decoder()
-    t = CLOCK()
+def typed_alone(msgs: list[bytes], setup) -> list[float]:
+    fast, _ = setup.monitor().decoder._fast_decoder()
+    out = []
     for i in range(0, len(msgs), BATCH):
+        t = CLOCK()
         kept = list(map(fast, msgs[i:i + BATCH]))
         del kept
-    return CLOCK() - t
+        out.append(CLOCK() - t)
+    return out
 
 
-def decode_columns(msgs: list[bytes], setup) -> float:
-    mon = setup.monitor()
-    t = CLOCK()
+def decode_columns(msgs: list[bytes], setup) -> list[float]:
+    decoder, out = setup.monitor().decoder, []
     for i in range(0, len(msgs), BATCH):
-        mon.decoder.decode(msgs[i:i + BATCH], range(i, i + BATCH))
-    return CLOCK() - t
+        t = CLOCK()
+        decoder.decode(msgs[i:i + BATCH], range(i, i + BATCH))
+        out.append(CLOCK() - t)
+    return out
 
 
-def process(msgs: list[bytes], setup) -> float:
-    mon = setup.monitor()
-    t = CLOCK()
+def process(msgs: list[bytes], setup, detectors: bool = True) -> list[float]:
+    mon, out = setup.monitor(detectors), []
     for i in range(0, len(msgs), BATCH):
+        t = CLOCK()
         mon.process(msgs[i:i + BATCH], range(i, i + BATCH))
-    return CLOCK() - t
+        out.append(CLOCK() - t)
+    return out
 
 
-def replay_file(msgs: list[bytes], setup) -> float:
+def replay_file(msgs: list[bytes], setup) -> list[float]:
+    """One figure: `replay` is one call over the whole file (best of rounds)."""
     t = CLOCK()
     summary = replay(setup.config, setup.events, setup.tmp / "out", progress=False)
     elapsed = CLOCK() - t
     assert summary.counted == len(msgs), summary.as_text()
-    return elapsed
+    return [elapsed]
 
 
-def process_no_detectors(msgs: list[bytes], setup) -> float:
+def process_no_detectors(msgs: list[bytes], setup) -> list[float]:
     """Monitor.process with the sequential detectors switched off: their cost."""
-    mon = setup.monitor(detectors=False)
-    t = CLOCK()
-    for i in range(0, len(msgs), BATCH):
-        mon.process(msgs[i:i + BATCH], range(i, i + BATCH))
-    return CLOCK() - t
+    return process(msgs, setup, detectors=False)
 
 
 STEPS = [("parse floor: orjson.loads, thrown away", parse_discard),
@@ -188,51 +197,56 @@ def detector_share(msgs: list[bytes], setup) -> float:
         Monitor._detect = original
 
 
+def measure(name: str, events: int, rounds: int) -> None:
+    """Every step of one workload, interleaved over the rounds, printed with its ratios."""
+    if name == "clean":
+        msgs = workload(events)
+        setup = Setup("clean", msgs, workload(50_000, seed=1), "churn")
+    else:
+        msgs = realistic_workload(events)
+        setup = Setup("realistic", msgs, realistic_workload(50_000, seed=99), "rt")
+    times: dict = {label: [] for label, _ in STEPS}
+    for _ in range(rounds):
+        for label, fn in STEPS:
+            gc.collect()
+            times[label].append(fn(msgs, setup))
+    best = {k: sum(map(min, zip(*v, strict=True))) for k, v in times.items()}
+    size = sum(map(len, msgs)) / len(msgs)
+    print(f"\n{name} workload ({size:.0f} bytes/event)")
+    base = len(msgs) / best[STEPS[BASELINE][0]]
+    for label, _ in STEPS:
+        rate = len(msgs) / best[label]
+        print(f"  {label:<40} {rate:>10,.0f} events/s  {rate / base:5.2f}x")
+    ratio = {k: best[STEPS[BASELINE][0]] / best[k] for k in best}
+    print(f"  sequential detectors: {1 - best[STEPS[6][0]] / best[STEPS[4][0]]:.1%} of "
+          f"Monitor.process's rate; {detector_share(msgs, setup):.1%} of its CPU time")
+    print(f"  ratios to batch orjson.loads -- {name}: process "
+          f"{ratio[STEPS[4][0]]:.2f}x, replay {ratio[STEPS[5][0]]:.2f}x", flush=True)
+    if name == "realistic" or os.environ.get("SM_BENCH_STARTUP"):
+        print()
+        start_up(setup, rounds)
+
+
 def main() -> None:
     global CLOCK
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--events", type=int, default=200_000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--workload", choices=["clean", "realistic", "both"], default="both")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one workload here
     args = ap.parse_args()
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    setups = {}
-    if args.workload in ("clean", "both"):
-        msgs = workload(args.events)
-        setups["clean"] = (msgs, Setup("clean", msgs, workload(50_000, seed=1), "churn"))
-    if args.workload in ("realistic", "both"):
-        msgs = realistic_workload(args.events)
-        setups["realistic"] = (msgs, Setup("realistic", msgs,
-                                           realistic_workload(50_000, seed=99), "rt"))
-    best = {(w, s): float("inf") for w in setups for s, _ in STEPS}
-    for _ in range(args.rounds):
-        for w, (msgs, setup) in setups.items():
-            for label, fn in STEPS:
-                gc.collect()
-                best[w, label] = min(best[w, label], fn(msgs, setup))
-    print(f"{args.events:,} events per workload, best of {args.rounds} rounds, "
-          f"{args.clock} time, one core")
-    base_label = STEPS[BASELINE][0]
-    for w, (msgs, _) in setups.items():
-        size = sum(map(len, msgs)) / len(msgs)
-        print(f"\n{w} workload ({size:.0f} bytes/event)")
-        base = len(msgs) / best[w, base_label]
-        for label, _ in STEPS:
-            rate = len(msgs) / best[w, label]
-            print(f"  {label:<40} {rate:>10,.0f} events/s  {rate / base:5.2f}x")
-    print()
-    start_up(next(iter(setups.values()))[1], args.rounds)
-    summary = ", ".join(
-        f"{w}: process {best[w, base_label] / best[w, STEPS[4][0]]:.2f}x, replay "
-        f"{best[w, base_label] / best[w, STEPS[5][0]]:.2f}x" for w in setups)
-    print(f"ratios to batch orjson.loads -- {summary}")
-    cost = ", ".join(f"{w}: {1 - best[w, STEPS[6][0]] / best[w, STEPS[4][0]]:.1%}"
-                     for w in setups)
-    print(f"sequential detectors cost of Monitor.process's rate -- {cost}")
-    share = ", ".join(f"{w}: {detector_share(msgs, setup):.1%}" for w, (msgs, setup)
-                      in setups.items())
-    print(f"share of Monitor.process's CPU time in the detectors -- {share}")
+    if args.one:
+        measure(args.one, args.events, args.rounds)
+        return
+    print(f"{args.events:,} events per workload, {args.rounds} rounds (per batch the best, "
+          f"summed; replay: best run), {args.clock} time, one core; each workload in a "
+          f"process of its own (one workload's heap does not disturb the other's)")
+    names = ["clean", "realistic"] if args.workload == "both" else [args.workload]
+    for name in names:
+        subprocess.run([sys.executable, __file__, "--one", name, "--events", str(args.events),
+                        "--rounds", str(args.rounds), "--clock", args.clock], check=True)
 
 
 if __name__ == "__main__":
