@@ -142,7 +142,7 @@ class ModelPerformance:
         self.estimate_windows: dict[str | None, dict] = {}  # CBPE over all predictions
 
     def add_estimates(self, ts: list, outcomes: dict[str, list]) -> list[dict[str, Any]]:
-        """CBPE over all predictions, labelled or not: estimate windows of `window` events.
+        """CBPE over all predictions, labelled or not: windows of `estimate_window` events.
 
         Applies to binary models whose prediction is the positive-class probability (a
         float in [0, 1]); vectorised per batch. Returns the estimate reports that closed.
@@ -158,8 +158,10 @@ class ModelPerformance:
         versions = outcomes.get("model_version") or [None] * len(preds)
         t = np.array(ts, float)
         out = []
-        for version in set(versions):
-            sel = slice(None) if len(set(versions)) == 1 else np.array(
+        size = self.s.estimate_window
+        distinct = set(versions)
+        for version in distinct:
+            sel = slice(None) if len(distinct) == 1 else np.array(
                 [v == version for v in versions])
             key = None if version is None else str(version)
             acc = self.estimate_windows.setdefault(key, {"p": [], "ts": [], "n": 0,
@@ -167,10 +169,10 @@ class ModelPerformance:
             acc["p"].append(p[sel])
             acc["ts"].append(t[sel])
             acc["n"] += int(p[sel].size)
-            while acc["n"] >= self.s.window:
+            while acc["n"] >= size:
                 allp, allt = np.concatenate(acc["p"]), np.concatenate(acc["ts"])
-                w, rest = allp[:self.s.window], allp[self.s.window:]
-                wt, rt = allt[:self.s.window], allt[self.s.window:]
+                w, rest = allp[:size], allp[size:]
+                wt, rt = allt[:size], allt[size:]
                 acc["p"], acc["ts"], acc["n"] = [rest], [rt], int(rest.size)
                 out.append({"model": self.model, "model_version": key, "type": "estimate",
                             "window": {"index": acc["index"], "start": _iso(_nanmin(wt)),

@@ -360,7 +360,7 @@ def test_certain_probability_is_a_score_not_a_class():
 @pytest.mark.parametrize("seed", [13, 14])
 def test_cbpe_estimates_before_any_label(tmp_path, ref_path, seed):
     """Probability predictions, no labels at all: estimate windows still track accuracy."""
-    cfg = load_config(_config(tmp_path, ref_path, window=5000))
+    cfg = load_config(_config(tmp_path, ref_path, estimate_window=5000))
     mon = Monitor(cfg)
     d = ps.draw(40_000, seed=seed, change_at=17_000, shift_x=0.8)
     evs = ps.events(d, probability=True)
