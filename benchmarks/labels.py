@@ -73,8 +73,8 @@ def rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def memory(n: int) -> None:
-    pool = workload(500_000, seed=5)
+def memory(n: int, pool_size: int) -> None:
+    pool = workload(pool_size, seed=5)
     mon = with_labels(monitor())
     labels = label_events(pool)
     done, marks = 0, {}
@@ -89,8 +89,9 @@ def memory(n: int) -> None:
         mon.process(batch, range(done, done + len(batch)))
         mon.process_labels(labs, range(len(labs)))
         done += len(batch)
-        if done == 1_000_000:
-            marks["1M"] = rss_mb()
+        if done % 1_000_000 == 0:
+            mark = marks[f"{done // 1_000_000}M"] = rss_mb()
+            print(f"RSS after {done // 1_000_000}M predictions: {mark:.1f} MB", flush=True)
     marks["end"] = rss_mb()
     buf = mon.performance.models["churn"].buffer
     print(f"predictions {done:,}, joined {buf.joined:,}, waiting {len(buf.predictions):,} "
@@ -105,9 +106,10 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--memory", type=int, default=0, help="predictions for the RSS check")
+    ap.add_argument("--pool", type=int, default=100_000, help="distinct generated events")
     args = ap.parse_args()
     if args.memory:
-        memory(args.memory)
+        memory(args.memory, args.pool)
         return
     msgs = workload(args.events)
     labels = label_events(msgs)

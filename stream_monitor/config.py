@@ -192,6 +192,7 @@ class PerformanceConfig(Strict):
     retrain: RetrainConfig = RetrainConfig()
     join: JoinConfig = JoinConfig()
     estimate: bool = True                # CBPE estimates from scores
+    estimate_window: int = Field(default=10_000, ge=10)  # predictions per estimate window
 
 
 class Defaults(Strict):

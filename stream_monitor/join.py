@@ -191,9 +191,11 @@ class JoinBuffer:
             if key is None:
                 unjoined[PREDICTION_NO_ID] += 1
                 continue
-            if key in preds or key in joined_ids:
+            if key in joined_ids:
                 unjoined[PREDICTION_DUPLICATE] += 1
                 continue
+            if key in preds:  # a re-sent prediction: the latest wins, counted once
+                unjoined[PREDICTION_DUPLICATE] += 1
             waiting = labels.pop(key, None)
             if waiting is not None:
                 joined_ids[key] = None
@@ -201,7 +203,9 @@ class JoinBuffer:
                 continue
             # raw JSON slices (msgspec.Raw) are copied out so that a waiting prediction
             # does not keep its whole message alive
-            if scores is not None and type(scores) is not dict:
+            if type(pred) is float:  # the prediction carries the score (see _add_common)
+                scores = None
+            elif scores is not None and type(scores) is not dict:
                 scores = bytes(scores)
             if seg is not None:
                 seg = (seg if type(seg) is dict else bytes(seg)) if keep_segment else None
@@ -222,12 +226,15 @@ class JoinBuffer:
         if labels_col.count(None) != n or set(map(type, ids)) != {str}:
             return True
         idset = set(ids)
-        if len(idset) != n or "" in idset or not idset.isdisjoint(self.predictions) or \
-                not idset.isdisjoint(self.joined_ids):
+        if len(idset) != n or "" in idset or not idset.isdisjoint(self.joined_ids):
             return True
         matched = idset.intersection(self.labels) if self.labels else ()
         scores, segs = outcomes["scores"], outcomes["segment"]
-        if n and scores[0] is not None and type(scores[0]) is not dict and None not in scores:
+        if set(map(type, outcomes["prediction"])) == {float}:
+            # the prediction carries the score (a binary probability, or a regression
+            # value): the scores object is not needed, nor kept
+            scores = repeat(None)
+        elif n and scores[0] is not None and type(scores[0]) is not dict and None not in scores:
             scores = list(map(bytes, scores))  # copy raw JSON slices out of the messages
         elif any(s is not None and type(s) is not dict for s in scores):
             scores = [s if s is None or type(s) is dict else bytes(s) for s in scores]
@@ -238,14 +245,22 @@ class JoinBuffer:
         entries = zip(ts, versions, outcomes["prediction"], scores, segs,
                       strict=False)  # segs may be repeat(None); the others have length n
         if not matched:
+            before = len(self.predictions)
             self.predictions.update(zip(ids, entries, strict=True))
+            # ids already waiting were replaced (the latest wins): count them
+            replaced = n - (len(self.predictions) - before)
+            if replaced:
+                self.unjoined[PREDICTION_DUPLICATE] += replaced
             return None
         rest = []
+        preds = self.predictions
         for i, (k, e) in enumerate(zip(ids, entries, strict=True)):
             if k in matched:
                 rest.append(i)
             else:
-                self.predictions[k] = e
+                if k in preds:
+                    self.unjoined[PREDICTION_DUPLICATE] += 1
+                preds[k] = e
         return rest
 
     def add_labels(self, events: Sequence[LabelEvent]) -> list[Pair]:

@@ -386,6 +386,11 @@ class PerformanceMetrics:
         model, version = report["model"], str(report.get("model_version") or "")
         if not self.base._models.admit(model) or not self._version_ok(model, version):
             return
+        if report.get("type") == "estimate":  # CBPE over all predictions, no labels
+            for metric, v in report["estimated"].items():
+                if v is not None:
+                    self.estimated.labels(model, version, metric).set(v)
+            return
         for metric, v in report["metrics"].items():
             if isinstance(v, float | int) and metric != "scored":
                 self.perf.labels(model, version, metric).set(v)

@@ -138,6 +138,50 @@ class ModelPerformance:
         self.lags: list[float] = []          # label lags joined since the last report
         self.labels_total = 0                # joined labels (for retraining triggers)
         self.fresh_lags: list[float] = []    # label lags not yet exported as metrics
+        self.estimate_windows: dict[str | None, dict] = {}  # CBPE over all predictions
+
+    def add_estimates(self, ts: list, outcomes: dict[str, list]) -> list[dict[str, Any]]:
+        """CBPE over all predictions, labelled or not: windows of `estimate_window` events.
+
+        Applies to binary models whose prediction is the positive-class probability (a
+        float in [0, 1]); vectorised per batch. Returns the estimate reports that closed.
+        """
+        if not self.s.estimate or self.task != "classification":
+            return []
+        preds = outcomes["prediction"]
+        if not preds or set(map(type, preds)) != {float}:
+            return []
+        p = np.array(preds, float)
+        if p.min() < 0.0 or p.max() > 1.0:
+            return []
+        versions = outcomes.get("model_version") or [None] * len(preds)
+        t = np.array(ts, float)
+        out = []
+        size = self.s.estimate_window
+        distinct = set(versions)
+        for version in distinct:
+            sel = slice(None) if len(distinct) == 1 else np.array(
+                [v == version for v in versions])
+            key = None if version is None else str(version)
+            acc = self.estimate_windows.setdefault(key, {"p": [], "ts": [], "n": 0,
+                                                         "index": 0})
+            acc["p"].append(p[sel])
+            acc["ts"].append(t[sel])
+            acc["n"] += int(p[sel].size)
+            while acc["n"] >= size:
+                allp, allt = np.concatenate(acc["p"]), np.concatenate(acc["ts"])
+                w, rest = allp[:size], allp[size:]
+                wt, rt = allt[:size], allt[size:]
+                acc["p"], acc["ts"], acc["n"] = [rest], [rt], int(rest.size)
+                out.append({"model": self.model, "model_version": key, "type": "estimate",
+                            "window": {"index": acc["index"], "start": _iso(_nanmin(wt)),
+                                       "end": _iso(_nanmax(wt)), "predictions": int(w.size)},
+                            "estimated": {"accuracy": float(np.maximum(w, 1 - w).mean()),
+                                          "roc_auc": _f(ps.expected_roc_auc(w)),
+                                          "predicted_positive_rate": float(
+                                              (w >= self.s.threshold).mean())}})
+                acc["index"] += 1
+        return out
 
     def drain_lags(self) -> list[float]:
         lags, self.fresh_lags = self.fresh_lags, []
@@ -755,6 +799,11 @@ class PerformanceStage:
         if mp is None:
             return []
         return mp.add_pairs(mp.buffer.add_predictions(positions, ts, outcomes))
+
+    def estimates(self, model: str, ts: list, outcomes: dict[str, list]) -> list[dict]:
+        """Estimate windows (CBPE over every prediction, before any label) that closed."""
+        mp = self.models.get(model)
+        return [] if mp is None else mp.add_estimates(ts, outcomes)
 
     def labels(self, events: list[LabelEvent]) -> tuple[dict[str, list], Counter]:
         """Join label events; returns closed windows per model and unknown-model counts."""

@@ -289,7 +289,9 @@ class Monitor:
             idx = np.flatnonzero(keep).tolist()
             outcomes = {k: [v[i] for i in idx] for k, v in outcomes.items()}
             positions, ts = positions[keep], ts[keep]
-        closed = self.performance.predictions(model, positions.tolist(), ts.tolist(), outcomes)
+        ts_list = ts.tolist()
+        result.performance += self.performance.estimates(model, ts_list, outcomes)
+        closed = self.performance.predictions(model, positions.tolist(), ts_list, outcomes)
         self._close_performance(model, closed, result)
 
     def _close_performance(self, model: str, closed: list, result: BatchResult) -> None:

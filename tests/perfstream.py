@@ -52,14 +52,15 @@ def draw(n: int, seed: int, *, change_at: int | None = None, concept: bool = Fal
 
 
 def events(d, *, model: str = "churn", version: str = "v1", inline_every: int = 0,
-           ids: bool = True, prefix: str = "e") -> list[bytes]:
+           ids: bool = True, prefix: str = "e", probability: bool = False) -> list[bytes]:
     out = []
     for i in range(d["x"].size):
         feats = {"x": float(d["x"][i]), "noise": float(d["noise"][i]), "flag": bool(d["flag"][i])}
         feats["sku"] = None if d["sparse"][i] else f"sku{int(d['sku'][i])}"
         p = float(d["p"][i])
         ev = {"model": model, "model_version": version, "ts": float(d["ts"][i]),
-              "features": feats, "prediction": "yes" if p >= 0.5 else "no",
+              "features": feats,
+              "prediction": p if probability else ("yes" if p >= 0.5 else "no"),
               "scores": {"yes": p, "no": 1.0 - p},
               "segment": {"region": REGIONS[int(d["region"][i])]}}
         if ids:

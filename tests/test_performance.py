@@ -355,3 +355,23 @@ def test_certain_probability_is_a_score_not_a_class():
     report, _ = mp.evaluate("v", _pairs([1.0, 0.0, 0.8, 0.1], ["yes", "no", "yes", "yes"]), 0)
     assert set(mp.classes) == {"yes", "no"}
     assert report["metrics"]["accuracy"] == 0.75
+
+
+@pytest.mark.parametrize("seed", [13, 14])
+def test_cbpe_estimates_before_any_label(tmp_path, ref_path, seed):
+    """Probability predictions, no labels at all: estimate windows still track accuracy."""
+    cfg = load_config(_config(tmp_path, ref_path, estimate_window=5000))
+    mon = Monitor(cfg)
+    d = ps.draw(40_000, seed=seed, change_at=17_000, shift_x=0.8)
+    evs = ps.events(d, probability=True)
+    est = []
+    for s in range(0, len(evs), 10_000):
+        est += mon.process(evs[s:s + 10_000], list(range(s, s + 10_000))).performance
+    assert [e["type"] for e in est] == ["estimate"] * 8
+    realized = [float(((d["p"][k:k + 5000] >= 0.5) == d["y"][k:k + 5000]).mean())
+                for k in range(0, 40_000, 5000)]
+    for e, real in zip(est, realized, strict=True):
+        assert e["window"]["predictions"] == 5000
+        assert abs(e["estimated"]["accuracy"] - real) <= 0.02
+    assert abs(realized[-1] - realized[0]) > 0.03  # the shift moved accuracy
+    assert mon.performance.models["churn"].buffer.joined == 0
