@@ -257,3 +257,47 @@ def _same(a, b) -> bool:
     if isinstance(b, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
     return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("kind", ["adwin", "page_hinkley", "ddm", "hddm_a"])
+def test_concept_drift_detectors_round_trip(kind):
+    from river import drift
+    make = {"adwin": lambda: drift.ADWIN(delta=1e-3), "page_hinkley": drift.PageHinkley,
+            "ddm": drift.binary.DDM, "hddm_a": drift.binary.HDDMA}[kind]
+    rng = np.random.default_rng(11)
+    a = make()
+    for x in rng.random(3000) < 0.2:
+        a.update(bool(x))
+    b = unpack(msgspec_round(pack(a)))
+    fired_a, fired_b = [], []
+    for x in rng.random(4000) < 0.45:  # a change after the cut: both detect it alike
+        a.update(bool(x))
+        b.update(bool(x))
+        fired_a.append(a.drift_detected)
+        fired_b.append(b.drift_detected)
+    assert fired_a == fired_b and any(fired_a)
+
+
+def msgspec_round(tree):
+    import msgspec
+    return msgspec.msgpack.decode(msgspec.msgpack.encode(tree))
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned",))
+
+
+def test_snapshot_runs_no_foreign_code():
+    import pickle
+
+    import msgspec
+
+    from stream_monitor import state
+    tree = state._tag(state._T_RIVER, pickle.dumps(_Evil()))
+    with pytest.raises(StateError, match="not a river class"):
+        unpack(msgspec_round(tree))
+    tree = state._tag(state._T_OBJECT, ["os:system", {}])
+    with pytest.raises(StateError, match="outside stream_monitor"):
+        unpack(msgspec.msgpack.decode(msgspec.msgpack.encode(tree)))
