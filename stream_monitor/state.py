@@ -193,6 +193,9 @@ def _layout_fingerprint(monitor: Monitor, model: str) -> str:
     return h.hexdigest()[:16]
 
 
+_BASELINE = ("columns", "predictions", "labels", "absent", "rows")  # a builder's rows so far
+
+
 def _model_state(monitor: Monitor, model: str) -> dict[str, Any]:
     if model not in monitor.config.models:
         raise KeyError(f"no model {model!r} in the config")
@@ -220,8 +223,7 @@ def _model_state(monitor: Monitor, model: str) -> dict[str, Any]:
             state["reference"] = pipe.reference.to_json()
     else:
         builder, _ = monitor.baselines[model]
-        state["baseline"] = {k: getattr(builder, k)
-                             for k in ("columns", "predictions", "labels", "absent", "rows")}
+        state["baseline"] = {k: getattr(builder, k) for k in _BASELINE}
     if monitor.performance is not None and model in monitor.performance.models:
         mp = monitor.performance.models[model]
         attrs = {k: v for k, v in vars(mp).items() if k not in ("s", "reference", "buffer")}
@@ -275,11 +277,23 @@ def restore(monitor: Monitor, model: str, data: bytes) -> None:
         raise StateError(f"the snapshot is of model {state['model']!r}, not {model!r}")
     if model not in monitor.config.models:
         raise StateError(f"no model {model!r} in the config to restore into")
+    # a snapshot that does not fit changes nothing: what `checkpoint` does not cover
+    # (baseline rows replaced wholesale, retraining triggers) is kept aside too
+    before = monitor.checkpoint()
+    builder = monitor.baselines[model][0] if model in monitor.baselines else None
+    rows = {k: getattr(builder, k) for k in _BASELINE} if builder is not None else {}
+    retrain = monitor.retrain
+    triggers = (dict(retrain.states), set(retrain.schema_alerts)) if retrain else None
     try:
         _restore(monitor, model, state)
-    except StateError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except Exception as exc:
+        monitor.rollback(before)
+        for k, v in rows.items():
+            setattr(builder, k, v)
+        if retrain is not None:
+            retrain.states, retrain.schema_alerts = triggers
+        if isinstance(exc, StateError):
+            raise
         raise StateError(f"corrupt state snapshot for {model!r} "
                          f"({type(exc).__name__}: {exc})") from None
 
