@@ -270,6 +270,7 @@ class Topics(Strict):
     alerts: str = "model-alerts"
     dead_letter: str = "model-events-dlq"
     retrain: str = "model-retrain"       # retraining requests (performance monitoring)
+    windows: str | None = None           # closed windows' reports (replay's windows.jsonl)
 
     @field_validator("inferences", mode="before")
     @classmethod

@@ -244,6 +244,17 @@ class Monitor:
         self.decoder.schemas = {n: p.schema for n, p in self.models.items()}
         self.decoder.pending = set(self.baselines)
 
+    def snapshot(self, model: str) -> bytes:
+        """Everything known about `model` as versioned bytes (`state.py`)."""
+        from .state import snapshot
+        return snapshot(self, model)
+
+    def restore(self, model: str, data: bytes) -> None:
+        """Put a `snapshot` of `model` back (into a Monitor built from the same config);
+        `state.StateError` if the bytes are corrupt, of another version or layout."""
+        from .state import restore
+        restore(self, model, data)
+
     def process_labels(self, messages: Sequence[bytes], positions: Sequence[int]) -> BatchResult:
         """Apply a batch of label events (the labels topic, or label lines of a file)."""
         result = BatchResult(messages=len(messages))
@@ -349,8 +360,9 @@ class Monitor:
                     result.extend(rest)
                     result.messages -= rest.messages  # already counted once
 
-    def _activate(self, model: str, builder: ReferenceBuilder) -> None:
-        reference = builder.build(source="baseline")
+    def _activate(self, model: str, builder: ReferenceBuilder,
+                  reference: Reference | None = None) -> None:
+        reference = reference or builder.build(source="baseline")
         pipe = ModelPipeline(model, self.config, reference)
         self.models[model] = pipe
         del self.baselines[model]

@@ -331,7 +331,7 @@ class _Output:
     key: bytes | None
     value: bytes
     headers: list
-    kind: str                             # dead_letter | alert | retrain
+    kind: str                             # dead_letter | alert | retrain | window
     severity: str = ""
     attempts: int = 0
     retry_at: float = 0.0
@@ -605,6 +605,12 @@ class KafkaSidecar:
             outputs.append(_Output(batch, topics.retrain, record["id"].encode(),
                                    orjson.dumps(record),
                                    [("decision", record["decision"].encode())], "retrain"))
+        if topics.windows:  # closed windows' reports, as replay writes them to windows.jsonl
+            for report in result.reports:
+                outputs.append(_Output(
+                    batch, topics.windows, report["model"].encode(),
+                    orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY),
+                    [("index", str(report["window"].get("index")).encode())], "window"))
         batch.pending += len(outputs)
         batch.since = time.monotonic()
         for out in outputs:
