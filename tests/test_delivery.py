@@ -13,9 +13,9 @@ import time
 import pytest
 import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
-from helpers import wait_until
+from helpers import read_topic, wait_until
 from poison import poison_messages
-from test_runtime import _config, _metric, _names, _read_all, _scrape
+from test_runtime import _config, _metric, _names, _scrape
 
 from stream_monitor import synthetic
 from stream_monitor.config import parse_config
@@ -91,7 +91,7 @@ def test_poison_messages_through_run(kafka_broker, churn_reference_file):
         wait_until(lambda: sum(sidecar.applied.values()) >= 4000 or not thread.is_alive(), 120,
                    "all good events applied")
         assert thread.is_alive(), errors
-        dlq = _read_all(bootstrap, names["dead_letter"], len(poison), timeout=60)
+        dlq = read_topic(bootstrap, names["dead_letter"], len(poison), timeout=60)
         wait_until(lambda: sidecar.pending_outputs() == 0, 30, "outputs delivered")
         _, text = _scrape(http.port)
     finally:
@@ -202,7 +202,7 @@ def test_poison_pill_is_isolated_and_dead_lettered(kafka_broker, churn_reference
     try:
         _send(bootstrap, names["inferences"], stream)
         wait_until(lambda: sum(sidecar.applied.values()) >= 4999, 60, "good events applied")
-        dlq = _read_all(bootstrap, names["dead_letter"], 1)
+        dlq = read_topic(bootstrap, names["dead_letter"], 1)
         time.sleep(0.5)
     finally:
         _stop(sidecar, thread)
@@ -442,7 +442,7 @@ def test_alert_events_survive_an_unusable_alert_topic_without_crashing(
     finally:
         _stop(sidecar, thread)
     assert not errors and sidecar.result is False
-    assert len(_read_all(bootstrap, names["dead_letter"], 1)) == 1
+    assert len(read_topic(bootstrap, names["dead_letter"], 1)) == 1
     # the batch whose alert is undelivered, and every later one, stay uncommitted
     assert 0 < _committed(bootstrap, names["group"], names["inferences"]) < 12_001
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 import urllib.request
 import uuid
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, Producer
-from helpers import wait_until
+from confluent_kafka import Producer
+from helpers import read_topic, wait_until
 from perfstream import draw, events, reference
 
 from stream_monitor.config import parse_config
@@ -31,16 +30,6 @@ def _produce(bootstrap: str, topic: str, messages: list[bytes]) -> None:
             p.poll(0)
     assert p.flush(30) == 0
 
-
-def _read_all(bootstrap: str, topic: str, expect: int, timeout: float = 30) -> list:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
-                  "auto.offset.reset": "earliest", "session.timeout.ms": 6000})
-    c.subscribe([topic])
-    out, deadline = [], time.monotonic() + timeout
-    while len(out) < expect and time.monotonic() < deadline:
-        out += [m for m in c.consume(500, 0.5) if m.error() is None]
-    c.close()
-    return out
 
 
 def _metrics(port: int) -> dict[str, float]:
@@ -120,8 +109,8 @@ def test_late_out_of_order_labels_join_on_kafka(kafka_broker, tmp_path):
         wait_until(lambda: _sum(_metrics(http.port), "stream_monitor_dead_letters_total") >= 2,
                    30, "malformed labels dead-lettered")
         m = _metrics(http.port)
-        dlq = _read_all(kafka_broker.bootstrap_servers, t["dlq"], 2)
-        retrain = _read_all(kafka_broker.bootstrap_servers, t["retrain"], 1)
+        dlq = read_topic(kafka_broker.bootstrap_servers, t["dlq"], 2)
+        retrain = read_topic(kafka_broker.bootstrap_servers, t["retrain"], 1)
     finally:
         sidecar.stop()
         thread.join(30)

@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from helpers import wait_until
+from helpers import read_topic, wait_until
 
 from stream_monitor import synthetic
 from stream_monitor.config import parse_config
@@ -55,16 +55,6 @@ def _produce(bootstrap: str, topic: str, messages: list[bytes]) -> None:
             p.poll(0)
     assert p.flush(30) == 0
 
-
-def _read_all(bootstrap: str, topic: str, expect: int, timeout: float = 30) -> list:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
-                  "auto.offset.reset": "earliest", "session.timeout.ms": 6000})
-    c.subscribe([topic])
-    out, deadline = [], time.monotonic() + timeout
-    while len(out) < expect and time.monotonic() < deadline:
-        out += [m for m in c.consume(500, 0.5) if m.error() is None]
-    c.close()
-    return out
 
 
 def _scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
@@ -116,14 +106,14 @@ def test_drift_alerts_dead_letters_and_metrics(kafka_broker, churn_reference_fil
         def grouped_alert_names_every_drifted_feature() -> bool:
             # sequential detectors may fire the grouped alert mid-window with the first
             # features; later ones join it in an update with the same fingerprint
-            alerts[:] = _read_all(kafka_broker.bootstrap_servers, names["alerts"], 1, 10)
+            alerts[:] = read_topic(kafka_broker.bootstrap_servers, names["alerts"], 1, 10)
             events = [orjson.loads(m.value()) for m in alerts]
             grouped = [e for e in events if "features" in e and e["status"] == "firing"]
             return bool(grouped) and {f["feature"] for f in grouped[-1]["features"]} == DRIFTED
 
         wait_until(grouped_alert_names_every_drifted_feature, 60,
                    "a grouped alert naming every drifted feature")
-        dlq = _read_all(kafka_broker.bootstrap_servers, names["dead_letter"], 3)
+        dlq = read_topic(kafka_broker.bootstrap_servers, names["dead_letter"], 3)
         wait_until(lambda: _metric(_scrape(http.port)[1], "stream_monitor_dead_letters_total") == 3,
               20, "dead letters counted")
         status, text = _scrape(http.port)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, Producer
-from helpers import wait_until
+from confluent_kafka import Producer
+from helpers import read_topic, wait_until
 
 from stream_monitor import synthetic
 from stream_monitor.config import parse_config
@@ -19,16 +18,6 @@ from stream_monitor.runtime import KafkaSidecar
 
 pytestmark = pytest.mark.integration
 
-
-def _read(bootstrap: str, topic: str, expect: int, timeout: float = 30) -> list:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
-                  "auto.offset.reset": "earliest", "session.timeout.ms": 6000})
-    c.subscribe([topic])
-    out, deadline = [], time.monotonic() + timeout
-    while len(out) < expect and time.monotonic() < deadline:
-        out += [m for m in c.consume(500, 0.5) if m.error() is None]
-    c.close()
-    return out
 
 
 def test_run_publishes_the_window_reports_replay_writes(kafka_broker, churn_reference_file,
@@ -63,7 +52,7 @@ def test_run_publishes_the_window_reports_replay_writes(kafka_broker, churn_refe
     thread.start()
     try:
         wait_until(lambda: sum(sidecar.applied.values()) >= 12_500, 90, "all events applied")
-        got = _read(kafka_broker.bootstrap_servers, names["windows"], 6)
+        got = read_topic(kafka_broker.bootstrap_servers, names["windows"], 6)
     finally:
         sidecar.stop()
         thread.join(30)
