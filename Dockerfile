@@ -22,7 +22,7 @@ RUN /opt/stream-monitor/bin/pip wheel --no-deps --wheel-dir /wheels . \
  && /opt/stream-monitor/bin/pip install --only-binary=:all: /wheels/stream_monitor-*.whl \
  && find /opt/stream-monitor/lib -type d -name tests -prune -exec rm -rf {} + \
  && /opt/stream-monitor/bin/python -m pip uninstall --yes --quiet pip \
- && /opt/stream-monitor/bin/python -c "import scipy.stats, river, stream_monitor.runtime" \
+ && /opt/stream-monitor/bin/python -c "import scipy.stats, river, stream_monitor.kafka.runtime" \
  && /opt/stream-monitor/bin/stream-monitor --help >/dev/null
 
 FROM ${PYTHON_IMAGE}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from stream_monitor import synthetic
 from stream_monitor.config import ProfileConfig, parse_config
+from stream_monitor.core.reference import build_reference
+from stream_monitor.io import synthetic
 from stream_monitor.pipeline import Monitor
-from stream_monitor.reference import build_reference
 
 
 def workload(n: int, seed: int = 2) -> list[bytes]:

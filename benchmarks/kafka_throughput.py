@@ -21,10 +21,10 @@ import time
 from common import monitor, workload
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from stream_monitor.broker import EmbeddedBroker
 from stream_monitor.config import parse_config
+from stream_monitor.kafka.broker import EmbeddedBroker
+from stream_monitor.kafka.runtime import KafkaSidecar
 from stream_monitor.pipeline import Monitor
-from stream_monitor.runtime import KafkaSidecar
 
 BATCH = 10_000
 

@@ -20,9 +20,9 @@ import argparse
 import numpy as np
 from scipy import stats as sps
 
-from stream_monitor.engine import NumericColumns, NumericState
-from stream_monitor.reference import NumericProfile
-from stream_monitor.stats import bin_index, ks_from_counts, moments, psi
+from stream_monitor.core.engine import NumericColumns, NumericState
+from stream_monitor.core.reference import NumericProfile
+from stream_monitor.core.stats import bin_index, ks_from_counts, moments, psi
 
 REF_N = 50_000
 ALPHA = 0.01 / 26

@@ -43,9 +43,9 @@ import orjson
 from common import realistic_workload, workload
 
 from stream_monitor.config import ProfileConfig, load_config
+from stream_monitor.core.reference import Reference, build_reference
+from stream_monitor.io.replay import replay
 from stream_monitor.pipeline import Monitor
-from stream_monitor.reference import Reference, build_reference
-from stream_monitor.replay import replay
 
 BATCH = 10_000
 CLOCK = time.process_time
@@ -166,7 +166,7 @@ def _wall(cmd: list[str], rounds: int) -> float:
 def start_up(setup: Setup, rounds: int) -> None:
     py = sys.executable
     bare = _wall([py, "-c", "pass"], rounds)
-    imports = _wall([py, "-c", "import stream_monitor.cli, stream_monitor.replay"], rounds)
+    imports = _wall([py, "-c", "import stream_monitor.cli, stream_monitor.io.replay"], rounds)
     cmd = _wall([py, "-m", "stream_monitor", "replay", "--quiet", "--config",
                  str(setup.config_path), "--input", str(setup.tmp / "one.jsonl"), "--out",
                  str(setup.tmp / "out1")], rounds)

@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from . import __version__
-from .config import (
+from stream_monitor import __version__
+from stream_monitor.config import (
     KAFKA_DEFAULTS,
     ConfigError,
     FieldMapping,
@@ -40,8 +40,8 @@ def config_problems(path: str | Path) -> list[str]:
     """Every mistake in a config file, found in one pass: structure and values, librdkafka
     client settings, and each model's reference (readable, built for that model, and
     matching the feature overrides)."""
-    from .pipeline import Monitor, load_model_reference
-    from .runtime import client_config_problems
+    from stream_monitor.kafka.runtime import client_config_problems
+    from stream_monitor.pipeline import Monitor, load_model_reference
     path = Path(path)
     source = str(path)
     try:
@@ -89,7 +89,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_reference_build(args: argparse.Namespace) -> int:
-    from .reference import build_reference
+    from stream_monitor.core.reference import build_reference
     profile, fields, kinds = ProfileConfig(), FieldMapping(), {}
     if args.config:
         cfg = load_config(args.config)
@@ -123,7 +123,7 @@ def _cmd_reference_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import replay
+    from stream_monitor.io.replay import replay
     cfg = load_config(args.config)
     path = Path(args.input)
     if not path.exists():
@@ -179,7 +179,7 @@ _WINDOW_KEYS = ("start", "end", "events", "first_line", "last_line")
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
-    from .policy import diagnose
+    from stream_monitor.alerting.policy import diagnose
     path = Path(args.input)
     if path.is_dir():
         path = path / "windows.jsonl"
@@ -252,7 +252,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from . import synthetic
+    from stream_monitor.io import synthetic
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train = synthetic.write_jsonl(out / "train.jsonl", args.train, seed=1, labels=True)
@@ -271,7 +271,7 @@ def _feed(bootstrap: str, topic: str, path: Path, rate: float, stop) -> None:
 
     from confluent_kafka import Producer
 
-    from .runtime import KafkaLogBridge
+    from stream_monitor.kafka.runtime import KafkaLogBridge
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
                          "logger": KafkaLogBridge()})
     sent, started = 0, time.monotonic()
@@ -301,7 +301,7 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from .broker import EmbeddedBroker
+    from stream_monitor.kafka.broker import EmbeddedBroker
     if args.feed is not None:
         args.feed = Path(args.feed)
         if not args.feed.is_file():
@@ -433,10 +433,10 @@ def build_parser(with_runtime: bool = True) -> argparse.ArgumentParser:
     k.set_defaults(func=_cmd_broker)
 
     import importlib.util
-    if with_runtime and importlib.util.find_spec("stream_monitor.runtime") is not None:
-        from . import runtime
+    if with_runtime and importlib.util.find_spec("stream_monitor.kafka.runtime") is not None:
+        from stream_monitor.kafka import runtime
         runtime.add_commands(sub)
-    from . import generate  # the compose stack's traffic generator
+    from stream_monitor import generate  # the compose stack's traffic generator
     generate.add_command(sub)
     return p
 
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # imported here: the engine (numpy, scipy) is loaded by the commands that use it,
         # not by every start of the CLI (`run` joins its consumer group meanwhile)
-        from .reference import ReferenceError
+        from stream_monitor.core.reference import ReferenceError
         if isinstance(exc, ReferenceError):
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Producer
 
-from .config import ProfileConfig, parse_config
+from stream_monitor.config import ProfileConfig, parse_config
 
 if TYPE_CHECKING:  # the engine is imported when the demo runs, not when the CLI starts
-    from . import synthetic
+    from stream_monitor.io import synthetic
 
 MODELS = ("churn", "fraud")
 
 
 def _drift(model: str, at: int) -> synthetic.Drift:
-    from . import synthetic
+    from stream_monitor.io import synthetic
     if model == "churn":
         return synthetic.Drift(at=at, mean_shift={"f01": 0.8, "f04": 0.8, "f09": 0.8},
                                categorical={"plan": synthetic.SHIFTED_PLAN})
@@ -43,7 +43,7 @@ class Traffic(threading.Thread):
 
     def __init__(self, bootstrap: str, topic: str, rate: float, drift_after: float):
         super().__init__(name="traffic", daemon=True)
-        from .runtime import KafkaLogBridge
+        from stream_monitor.kafka.runtime import KafkaLogBridge
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
                                   "log.connection.close": False, "logger": KafkaLogBridge()})
         self.topic, self.rate, self.drift_after = topic, rate, drift_after
@@ -51,7 +51,7 @@ class Traffic(threading.Thread):
         self.sent = 0
 
     def run(self) -> None:
-        from . import synthetic
+        from stream_monitor.io import synthetic
         per_model = self.rate / len(MODELS)
         at = int(per_model * self.drift_after)
         gens = [synthetic.generate(10**9, seed=100 + i, model=m, drift=_drift(m, at),
@@ -165,8 +165,8 @@ class LiveView:
 
 
 def _references(directory: Path) -> dict[str, Path]:
-    from . import synthetic
-    from .reference import build_reference
+    from stream_monitor.core.reference import build_reference
+    from stream_monitor.io import synthetic
     out = {}
     for i, model in enumerate(MODELS):
         train = synthetic.write_jsonl(directory / f"{model}-train.jsonl", 30_000, seed=10 + i,
@@ -180,7 +180,7 @@ def _references(directory: Path) -> dict[str, Path]:
 
 def _check_port(host: str, port: int) -> None:
     """Fail before starting anything when the chosen HTTP port is taken."""
-    from .cli import UsageError
+    from stream_monitor.cli import UsageError
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, port))
@@ -194,8 +194,8 @@ def _check_port(host: str, port: int) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .cli import UsageError
-    from .runtime import KafkaSidecar, install_signal_handlers
+    from stream_monitor.cli import UsageError
+    from stream_monitor.kafka.runtime import KafkaSidecar, install_signal_handlers
     logging.basicConfig(level=logging.ERROR)
     for flag, value in (("--rate", args.rate), ("--window", args.window)):
         if value <= 0:
@@ -211,7 +211,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # everything the demo writes (references, the broker's log) goes here and is removed
     work_dir = tempfile.TemporaryDirectory(prefix="stream-monitor-demo-")
     if not bootstrap:
-        from .broker import EmbeddedBroker
+        from stream_monitor.kafka.broker import EmbeddedBroker
         broker = EmbeddedBroker(log_path=str(Path(work_dir.name) / "tansu.log"))
         console.print("starting the embedded Kafka-protocol broker (Tansu)...")
         try:
@@ -224,7 +224,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         from confluent_kafka import KafkaException
         from confluent_kafka.admin import AdminClient
 
-        from .runtime import KafkaLogBridge
+        from stream_monitor.kafka.runtime import KafkaLogBridge
         try:
             AdminClient({"bootstrap.servers": bootstrap, "logger": KafkaLogBridge(
                 logging.getLogger("stream_monitor.demo.probe"))}).list_topics(timeout=10)

@@ -19,7 +19,7 @@ log = logging.getLogger("stream_monitor.generate")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .demo import MODELS, Traffic  # confluent-kafka only when the command runs
+    from stream_monitor.demo import MODELS, Traffic  # confluent-kafka only when the command runs
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -55,7 +55,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _usage(message: str) -> Exception:
-    from .cli import UsageError
+    from stream_monitor.cli import UsageError
     return UsageError(message)
 
 

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import (
+from stream_monitor.alerting.policy import AlertPolicy
+from stream_monitor.alerting.retrain import RetrainPolicy
+from stream_monitor.config import (
     CATEGORICAL_METHODS,
     NUMERIC_METHODS,
     Config,
@@ -23,7 +25,13 @@ from .config import (
     model_settings,
     performance_settings,
 )
-from .decode import (
+from stream_monitor.core.detectors import Detection, ModelDetectors
+from stream_monitor.core.engine import ClosedWindow, ModelWindows
+from stream_monitor.core.evaluate import WindowEvaluator
+from stream_monitor.core.join import LABEL_UNKNOWN_MODEL, decode_labels
+from stream_monitor.core.performance import PerformanceStage, fault_state, performance_enabled
+from stream_monitor.core.reference import Reference, ReferenceBuilder, ReferenceError
+from stream_monitor.io.decode import (
     BAD_FEATURES,
     BAD_TIMESTAMP,
     FUTURE,
@@ -33,14 +41,6 @@ from .decode import (
     ModelSchema,
     Reject,
 )
-from .detectors import Detection, ModelDetectors
-from .engine import ClosedWindow, ModelWindows
-from .evaluate import WindowEvaluator
-from .join import LABEL_UNKNOWN_MODEL, decode_labels
-from .performance import PerformanceStage, fault_state, performance_enabled
-from .policy import AlertPolicy
-from .reference import Reference, ReferenceBuilder, ReferenceError
-from .retrain import RetrainPolicy
 
 
 @dataclass
@@ -246,13 +246,13 @@ class Monitor:
 
     def snapshot(self, model: str) -> bytes:
         """Everything known about `model` as versioned bytes (`state.py`)."""
-        from .state import snapshot
+        from stream_monitor.kafka.state import snapshot
         return snapshot(self, model)
 
     def restore(self, model: str, data: bytes) -> None:
         """Put a `snapshot` of `model` back (into a Monitor built from the same config);
         `state.StateError` if the bytes are corrupt, of another version or layout."""
-        from .state import restore
+        from stream_monitor.kafka.state import restore
         restore(self, model, data)
 
     def process_labels(self, messages: Sequence[bytes], positions: Sequence[int]) -> BatchResult:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from stream_monitor import synthetic
 from stream_monitor.config import ProfileConfig
-from stream_monitor.reference import build_reference
+from stream_monitor.core.reference import build_reference
+from stream_monitor.io import synthetic
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,7 @@ def minimal_config(churn_reference_file: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def kafka_broker():
     """A real Kafka-protocol broker (Tansu) on a free loopback port, for the session."""
-    from stream_monitor.broker import EmbeddedBroker
+    from stream_monitor.kafka.broker import EmbeddedBroker
     broker = EmbeddedBroker()
     broker.start()
     yield broker

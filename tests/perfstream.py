@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 
 from stream_monitor.config import ProfileConfig
-from stream_monitor.reference import ReferenceBuilder
+from stream_monitor.core.reference import ReferenceBuilder
 
 REGIONS = ("eu", "us", "apac", "latam")
 T0 = 1_790_000_000.0

@@ -20,9 +20,9 @@ import pytest
 import yaml
 from helpers import wait_until
 
-from stream_monitor import synthetic
 from stream_monitor.config import parse_config
-from stream_monitor.runtime import KafkaSidecar
+from stream_monitor.io import synthetic
+from stream_monitor.kafka.runtime import KafkaSidecar
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

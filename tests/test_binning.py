@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream_monitor.stats import GridBins, bin_index
+from stream_monitor.core.stats import GridBins, bin_index
 
 FAMILIES = {
     "cauchy": lambda rng, n: rng.standard_cauchy(n),

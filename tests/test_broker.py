@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from stream_monitor.broker import EmbeddedBroker, is_available
+from stream_monitor.kafka.broker import EmbeddedBroker, is_available
 
 pytestmark = pytest.mark.integration
 

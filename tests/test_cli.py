@@ -16,7 +16,7 @@ import pytest
 from stream_monitor import __version__
 from stream_monitor.cli import build_parser, main
 from stream_monitor.config import ProfileConfig
-from stream_monitor.reference import ReferenceBuilder
+from stream_monitor.core.reference import ReferenceBuilder
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def test_check_config_accepts_kafka_section_with_only_the_brokers(tmp_path: Path
 @pytest.fixture(scope="module")
 def drift_then_normal(churn_reference_file: Path, tmp_path_factory) -> Path:
     """Windows 0-1 normal, 2-3 drifted (an alert fires at 2), 4-5 normal again."""
-    from stream_monitor import synthetic
+    from stream_monitor.io import synthetic
     tmp_path = tmp_path_factory.mktemp("diagnose")
     events = tmp_path / "events.jsonl"
     with events.open("wb") as fh:
@@ -249,7 +249,7 @@ def drift_then_normal(churn_reference_file: Path, tmp_path_factory) -> Path:
     cfg.write_text(f"models:\n  churn:\n    reference: {churn_reference_file}\n"
                    "defaults: {window: {events: 5000}}\n")
     from stream_monitor.config import load_config
-    from stream_monitor.replay import replay
+    from stream_monitor.io.replay import replay
     replay(load_config(cfg), events, tmp_path / "out", progress=False)
     return tmp_path / "out"
 

@@ -9,7 +9,7 @@ import pytest
 
 from stream_monitor.cli import main
 from stream_monitor.config import ConfigError, load_config, model_settings, parse_config
-from stream_monitor.reference import ReferenceBuilder
+from stream_monitor.core.reference import ReferenceBuilder
 
 SOURCE = "cfg.yaml"
 BASE = {"models": {"m": {"reference": "x.json"}}}

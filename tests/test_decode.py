@@ -11,9 +11,9 @@ import orjson
 import pytest
 
 from stream_monitor.config import ProfileConfig, parse_config
-from stream_monitor.decode import DecodedBatch, Decoder
+from stream_monitor.core.reference import Reference, ReferenceBuilder
+from stream_monitor.io.decode import DecodedBatch, Decoder
 from stream_monitor.pipeline import ModelPipeline
-from stream_monitor.reference import Reference, ReferenceBuilder
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC).timestamp()
 ABSENT = object()  # marks a key to leave out of an event
@@ -548,7 +548,7 @@ def test_valid_events_of_any_value_mix_stay_on_the_typed_path(seed):
 
 @pytest.mark.parametrize(("seed", "chunk"), [(4, 2048), (5, 7), (6, 64)])
 def test_typed_path_decodes_exactly_as_the_per_event_path(seed, chunk, monkeypatch):
-    import stream_monitor.decode as decode_module
+    import stream_monitor.io.decode as decode_module
     monkeypatch.setattr(decode_module, "_CHUNK", chunk)   # batches cut into typed chunks
     fast = make_decoder()
     slow = on_path(fast, "slow")
@@ -596,7 +596,7 @@ def test_typed_path_gives_the_same_window_statistics_as_the_per_event_path(seed)
 
 
 def _windows(window: dict):
-    from stream_monitor.engine import ModelWindows
+    from stream_monitor.core.engine import ModelWindows
     cfg = parse_config({"models": {"m": {"reference": "m.json"}},
                         "defaults": {"window": window}})
     pipe = ModelPipeline("m", cfg, REFS["m"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from test_decode import T0, decode, enc, event, feats, make_decoder
 
-from stream_monitor.decode import TS_MAX, TS_MIN
+from stream_monitor.io.decode import TS_MAX, TS_MIN
 
 GOOD = enc(event())
 
@@ -74,8 +74,8 @@ def test_replay_rejects_every_poison_line(tmp_path, churn_reference_file):
     import orjson
     from poison import poison_messages
 
-    from stream_monitor import synthetic
     from stream_monitor.cli import main
+    from stream_monitor.io import synthetic
     good = [m for chunk in synthetic.generate(3000, seed=5) for m in chunk]
     poison = poison_messages(good[0])
     lines = good[:1500] + [p for p, _ in poison] + good[1500:]

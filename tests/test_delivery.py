@@ -17,9 +17,9 @@ from helpers import read_topic, wait_until
 from poison import poison_messages
 from test_runtime import _config, _metric, _names, _scrape
 
-from stream_monitor import synthetic
 from stream_monitor.config import parse_config
-from stream_monitor.runtime import KafkaSidecar, PoisonBatch
+from stream_monitor.io import synthetic
+from stream_monitor.kafka.runtime import KafkaSidecar, PoisonBatch
 
 pytestmark = pytest.mark.integration
 
@@ -299,7 +299,7 @@ def _freeze(broker, on: bool) -> None:
 
 @pytest.mark.slow
 def test_unready_while_the_broker_hangs_then_ready(churn_reference_file):
-    from stream_monitor.broker import EmbeddedBroker
+    from stream_monitor.kafka.broker import EmbeddedBroker
     with EmbeddedBroker() as broker:
         names = _names("hung")
         broker.create_topics({names["inferences"]: 1, names["alerts"]: 1,
@@ -332,7 +332,7 @@ def test_unready_while_the_broker_hangs_then_ready(churn_reference_file):
 @pytest.mark.slow
 def test_sigterm_with_undeliverable_outputs_exits_nonzero_within_grace(
         kafka_broker, churn_reference_file, tmp_path):
-    from stream_monitor.broker import EmbeddedBroker
+    from stream_monitor.kafka.broker import EmbeddedBroker
     with EmbeddedBroker() as broker:
         names = _names("grace")
         broker.create_topics({names["inferences"]: 1, names["alerts"]: 1})
@@ -383,8 +383,8 @@ def test_readyz_body_is_short_and_never_librdkafka_text(churn_reference_file):
 def test_http_server_bounds_threads_and_drops_idle_connections():
     import socket
 
-    from stream_monitor.metrics import MonitorMetrics
-    from stream_monitor.runtime import HttpEndpoints, _BoundedWSGIServer, _QuietHandler
+    from stream_monitor.io.metrics import MonitorMetrics
+    from stream_monitor.kafka.runtime import HttpEndpoints, _BoundedWSGIServer, _QuietHandler
     http = HttpEndpoints(MonitorMetrics(), lambda: (True, "ready"), "127.0.0.1", 0)
     http.start()
     before = threading.active_count()
@@ -449,11 +449,11 @@ def test_alert_events_survive_an_unusable_alert_topic_without_crashing(
 
 def test_unknown_model_names_cannot_use_up_the_label_cap():
     """Unit check of item 9.7 (the broker test above covers it end to end)."""
+    from stream_monitor.alerting.policy import AlertPolicy
     from stream_monitor.config import MetricsConfig
-    from stream_monitor.decode import Reject
-    from stream_monitor.metrics import MonitorMetrics
+    from stream_monitor.io.decode import Reject
+    from stream_monitor.io.metrics import MonitorMetrics
     from stream_monitor.pipeline import BatchResult
-    from stream_monitor.policy import AlertPolicy
     m = MonitorMetrics(MetricsConfig(max_models=5))
     m.reserve_models(["churn"])
     noise = BatchResult(rejects=[Reject(i, "unknown_model", b"{}", model=f"x{i}")
@@ -472,7 +472,7 @@ def test_unknown_model_names_cannot_use_up_the_label_cap():
 def test_outage_past_the_session_timeout_does_not_double_count(churn_reference_file):
     """The broker hangs longer than the session: the assignment is lost, the uncommitted
     batch is read again after the group rejoins, and is not applied twice."""
-    from stream_monitor.broker import EmbeddedBroker
+    from stream_monitor.kafka.broker import EmbeddedBroker
     with EmbeddedBroker() as broker:
         names = _names("lost")
         bootstrap = broker.bootstrap_servers

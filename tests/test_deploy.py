@@ -4,7 +4,7 @@ Grafana provisioning and dashboard.
 Validated with the real tools (promtool, amtool, Alertmanager), never mocked. They come
 from the Debian packages `prometheus` and `prometheus-alertmanager`; when missing, these
 tests fail (they do not skip) and say to run `.ci/install-system-deps.sh`.
-Metric names used anywhere are checked against stream_monitor.metrics.METRIC_NAMES.
+Metric names used anywhere are checked against stream_monitor.io.metrics.METRIC_NAMES.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream_monitor.metrics import METRIC_NAMES
+from stream_monitor.io.metrics import METRIC_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -882,7 +882,7 @@ def test_generate_produces_drifting_traffic(kafka_broker):
     import numpy as np
     from confluent_kafka import Consumer
 
-    from stream_monitor.decode import Decoder  # noqa: F401  (the package imports cleanly)
+    from stream_monitor.io.decode import Decoder  # noqa: F401  (the package imports cleanly)
     topic = f"generate-{free_port()}"
     kafka_broker.create_topics({topic: 1})
     exe = REPO / ".venv" / "bin" / "stream-monitor"

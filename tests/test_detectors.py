@@ -16,8 +16,9 @@ import orjson
 import pytest
 from scipy import stats as sps
 
+from stream_monitor.alerting.policy import AlertPolicy
 from stream_monitor.config import AlertingConfig, ProfileConfig, parse_config
-from stream_monitor.detectors import (
+from stream_monitor.core.detectors import (
     ModelDetectors,
     adjacent_cells,
     block_statistics,
@@ -29,16 +30,15 @@ from stream_monitor.detectors import (
     siegmund_arl,
     wilson_hilferty,
 )
-from stream_monitor.metrics import MonitorMetrics
-from stream_monitor.pipeline import Monitor
-from stream_monitor.policy import AlertPolicy
-from stream_monitor.reference import (
+from stream_monitor.core.reference import (
     CategoricalProfile,
     NumericProfile,
     Reference,
     ReferenceBuilder,
 )
-from stream_monitor.stats import GridBins
+from stream_monitor.core.stats import GridBins
+from stream_monitor.io.metrics import MonitorMetrics
+from stream_monitor.pipeline import Monitor
 
 # -- a stream unlike the repo's generator -------------------------------------------------
 
@@ -368,7 +368,7 @@ SUBTLE = {
 
 def test_large_shifts_are_flagged_by_replay_within_3000_events(reference, tmp_path):
     from stream_monitor.config import load_config
-    from stream_monitor.replay import replay
+    from stream_monitor.io.replay import replay
 
     change = 37_123                                     # 0-based event, off the block grid
     change_line = change + 1

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_monitor import synthetic
 from stream_monitor.config import parse_config
-from stream_monitor.engine import ModelWindows, WindowAccumulator
+from stream_monitor.core.engine import ModelWindows, WindowAccumulator
+from stream_monitor.core.reference import Reference
+from stream_monitor.io import synthetic
 from stream_monitor.pipeline import ModelPipeline
-from stream_monitor.reference import Reference
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def pipe(churn_reference_file) -> ModelPipeline:
 @pytest.fixture(scope="module")
 def batch(pipe):
     from stream_monitor.config import DecodeConfig
-    from stream_monitor.decode import Decoder
+    from stream_monitor.io.decode import Decoder
     lines = next(synthetic.generate(600, seed=11, drift=synthetic.Drift(
         at=300, missing={"f03": 0.3}, mean_shift={"f01": 1.0})))
     decoded = Decoder({"churn": pipe.schema}, DecodeConfig()).decode(lines, range(1, 601))
@@ -130,8 +130,8 @@ def test_memory_is_bounded_by_configuration(pipe, batch):
 
 
 def _numeric_layout(n_cols: int):
-    from stream_monitor.engine import NumericColumns
-    from stream_monitor.reference import NumericProfile
+    from stream_monitor.core.engine import NumericColumns
+    from stream_monitor.core.reference import NumericProfile
     rng = np.random.default_rng(0)
     profiles = [NumericProfile.from_values(rng.standard_cauchy(5000) * 1e3 + 1e6, 20)
                 for _ in range(n_cols)]
@@ -144,7 +144,7 @@ def _numeric_layout(n_cols: int):
 def test_numeric_sums_merge_bit_for_bit_over_any_cut_points(cuts, seed):
     # Cauchy tails around a large offset: float sums of these depend on the order of
     # addition in the last bits; the fixed-point sums must not.
-    from stream_monitor.engine import NumericState
+    from stream_monitor.core.engine import NumericState
     layout = _numeric_layout(3)
     rng = np.random.default_rng(seed)
     x = rng.standard_cauchy((3000, 3)) * np.array([1e3, 1e-3, 1e5]) + 1e6
@@ -168,7 +168,7 @@ def test_numeric_sums_merge_bit_for_bit_over_any_cut_points(cuts, seed):
         assert list(acc.s1) == list(whole.s1) and list(acc.s2) == list(whole.s2)
         assert np.array_equal(acc.counts, whole.counts)
     # and the sums are the exact sums of the standardised values, to the grid's precision
-    from stream_monitor.stats import fixed_point_value
+    from stream_monitor.core.stats import fixed_point_value
     z = (x - layout.shift) / layout.scale
     for j in range(3):
         col = z[:, j][~np.isnan(z[:, j])]

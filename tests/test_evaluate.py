@@ -15,10 +15,10 @@ import pytest
 from scipy import stats as sps
 
 from stream_monitor.config import DecodeConfig, ProfileConfig, parse_config
-from stream_monitor.decode import Decoder
-from stream_monitor.engine import ClosedWindow, WindowAccumulator
+from stream_monitor.core.engine import ClosedWindow, WindowAccumulator
+from stream_monitor.core.reference import ReferenceBuilder
+from stream_monitor.io.decode import Decoder
 from stream_monitor.pipeline import ModelPipeline
-from stream_monitor.reference import ReferenceBuilder
 
 
 def _pipeline(rows: list[dict], extra: dict | None = None,

@@ -7,8 +7,8 @@ import time
 import orjson
 import pytest
 
-from stream_monitor import synthetic
 from stream_monitor.config import parse_config
+from stream_monitor.io import synthetic
 from stream_monitor.pipeline import Monitor
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import orjson
 import pytest
 
-from stream_monitor import join
 from stream_monitor.config import FieldMapping, JoinConfig
-from stream_monitor.join import JoinBuffer, LabelEvent, decode_labels, looks_like_label
+from stream_monitor.core import join
+from stream_monitor.core.join import JoinBuffer, LabelEvent, decode_labels, looks_like_label
 
 FIELDS = FieldMapping()
 

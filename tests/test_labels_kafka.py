@@ -13,7 +13,7 @@ from helpers import read_topic, wait_until
 from perfstream import draw, events, reference
 
 from stream_monitor.config import parse_config
-from stream_monitor.runtime import KafkaSidecar
+from stream_monitor.kafka.runtime import KafkaSidecar
 
 pytestmark = pytest.mark.integration
 

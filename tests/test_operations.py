@@ -21,9 +21,9 @@ import yaml
 from confluent_kafka import KafkaError, Producer
 from helpers import wait_until
 
-from stream_monitor import synthetic
-from stream_monitor.broker import EmbeddedBroker, _free_port
-from stream_monitor.runtime import KafkaLogBridge
+from stream_monitor.io import synthetic
+from stream_monitor.kafka.broker import EmbeddedBroker, _free_port
+from stream_monitor.kafka.runtime import KafkaLogBridge
 
 pytestmark = pytest.mark.integration
 

@@ -194,7 +194,7 @@ def test_label_lines_interleaved_in_the_input_and_malformed_labels(tmp_path, ref
         b'{"model": "churn", "event_id": "e5", "label": "no", "ts": 1790009999}']
     path = ps.write(tmp_path / "mixed.jsonl", mixed)
     cfg = load_config(_config(tmp_path, ref_path))
-    from stream_monitor.replay import replay
+    from stream_monitor.io.replay import replay
     summary = replay(cfg, path, tmp_path / "out")
     assert summary.label_lines == 8003 and summary.lines == 8000
     assert summary.rejects == {"label_malformed": 1}
@@ -315,7 +315,7 @@ def _pairs(preds, labels, scores=None):
 
 def test_value_forms_of_classification_predictions():
     from stream_monitor.config import PerformanceConfig
-    from stream_monitor.performance import ModelPerformance
+    from stream_monitor.core.performance import ModelPerformance
     # probability predictions with 0/1 labels and scores keyed otherwise (ignored)
     mp = ModelPerformance("m", PerformanceConfig(window=10, task="classification"), None)
     pairs = _pairs([0.9, 0.2, 0.7, 0.4], [1, 0, 0, 1.0], [{"churn": 0.9}] * 4)
@@ -350,7 +350,7 @@ def test_value_forms_of_classification_predictions():
 
 def test_certain_probability_is_a_score_not_a_class():
     from stream_monitor.config import PerformanceConfig
-    from stream_monitor.performance import ModelPerformance
+    from stream_monitor.core.performance import ModelPerformance
     mp = ModelPerformance("m", PerformanceConfig(window=10, task="classification"), None)
     report, _ = mp.evaluate("v", _pairs([1.0, 0.0, 0.8, 0.1], ["yes", "no", "yes", "yes"]), 0)
     assert set(mp.classes) == {"yes", "no"}

@@ -13,7 +13,7 @@ import pytest
 from river import metrics as rm
 from scipy.stats import mannwhitneyu
 
-from stream_monitor import perfstats as ps
+from stream_monitor.core import perfstats as ps
 
 
 def _river(metric, ys, yhats):

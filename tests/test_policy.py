@@ -7,10 +7,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from stream_monitor import synthetic
+from stream_monitor.alerting.policy import AlertPolicy, diagnose, fingerprint
 from stream_monitor.config import AlertingConfig, load_config
-from stream_monitor.policy import AlertPolicy, diagnose, fingerprint
-from stream_monitor.replay import replay
+from stream_monitor.io import synthetic
+from stream_monitor.io.replay import replay
 
 SEV = ("ok", "warning", "critical")
 DQ_CHECKS = ("missing", "out_of_range", "stuck", "type_violations", "schema")
@@ -191,7 +191,7 @@ def test_direct_push_resends_the_updated_grouped_alert(tmp_path: Path):
 
     from helpers import wait_until
 
-    from stream_monitor.sinks import AlertmanagerPush
+    from stream_monitor.io.sinks import AlertmanagerPush
     binary = shutil.which("alertmanager") or shutil.which("prometheus-alertmanager")
     if binary is None:
         pytest.fail("alertmanager not on PATH: run `bash .ci/install-system-deps.sh`")

@@ -13,7 +13,7 @@ import orjson
 import pytest
 from helpers import wait_until
 
-from stream_monitor.sinks import AlertmanagerPush, alertmanager_payload
+from stream_monitor.io.sinks import AlertmanagerPush, alertmanager_payload
 
 
 def _alert(fp: str, status: str = "firing") -> dict:

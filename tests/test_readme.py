@@ -17,8 +17,8 @@ import pytest
 import yaml
 from helpers import wait_until
 
+from stream_monitor.alerting.policy import fingerprint
 from stream_monitor.config import HttpConfig
-from stream_monitor.policy import fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

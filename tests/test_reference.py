@@ -12,7 +12,7 @@ import pytest
 
 from stream_monitor.cli import main
 from stream_monitor.config import ProfileConfig
-from stream_monitor.reference import (
+from stream_monitor.core.reference import (
     CategoricalProfile,
     NumericProfile,
     Reference,
@@ -442,7 +442,7 @@ def test_reference_build_invalid_bins_is_one_line(tmp_path: Path, capsys):
 
 @pytest.mark.parametrize("n", [10, 5000, 200_000])
 def test_bloom_filter_has_no_false_negatives_and_the_documented_fpr(n):
-    from stream_monitor.sketch import TARGET_FPR, BloomFilter
+    from stream_monitor.core.sketch import TARGET_FPR, BloomFilter
     keys = [f"k{i}" for i in range(n)]
     bf = BloomFilter.of(keys)
     assert all(k in bf for k in keys)                      # never a false negative
@@ -459,7 +459,7 @@ def test_bloom_filter_has_no_false_negatives_and_the_documented_fpr(n):
 
 
 def test_bloom_filters_merge_exactly():
-    from stream_monitor.sketch import BloomFilter
+    from stream_monitor.core.sketch import BloomFilter
     a, b, both = (BloomFilter.for_capacity(2000) for _ in range(3))
     a.update(f"a{i}" for i in range(1000))
     b.update(f"b{i}" for i in range(1000))

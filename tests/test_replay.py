@@ -9,10 +9,10 @@ import numpy as np
 import orjson
 import pytest
 
-from stream_monitor import synthetic
 from stream_monitor.cli import main
 from stream_monitor.config import load_config
-from stream_monitor.replay import replay
+from stream_monitor.io import synthetic
+from stream_monitor.io.replay import replay
 
 DRIFTED = {"f01", "f04", "f09", "f12", "plan"}
 
@@ -194,7 +194,7 @@ def _foreign_stream(path: Path, n: int, seed: int, shifts: dict[int, list[str]] 
 @pytest.fixture(scope="module")
 def foreign_reference(tmp_path_factory) -> Path:
     from stream_monitor.config import ProfileConfig
-    from stream_monitor.reference import build_reference
+    from stream_monitor.core.reference import build_reference
     tmp = tmp_path_factory.mktemp("foreign")
     train = _foreign_stream(tmp / "train.jsonl", 60_000, seed=100)
     ref = build_reference(train, "shop", ProfileConfig())
@@ -271,7 +271,7 @@ def _lines_one_by_one(path: Path) -> list[tuple[bytes, int]]:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_block_reader_gives_the_lines_and_numbers_of_a_line_by_line_read(tmp_path, seed):
-    from stream_monitor.replay import _batches
+    from stream_monitor.io.replay import _batches
     rng = random.Random(seed)
     pieces = [b'{"a":1}'] * 6 + [b"", b"  ", b"\t", b"x" * 50, b"{}\r", b' {"b": 2} ', b"\r",
                                   b"abc\rdef"]
@@ -294,7 +294,7 @@ def test_replay_starts_without_the_kafka_and_prometheus_runtime(minimal_config, 
             f"rc = main(['replay', '--quiet', '--config', {str(minimal_config)!r}, "
             f"'--input', {str(events)!r}, '--out', {str(tmp_path / 'out')!r}]); "
             "heavy = sorted(m for m in ('confluent_kafka', 'prometheus_client', 'scipy.stats',"
-            " 'stream_monitor.runtime') if m in sys.modules); "
+            " 'stream_monitor.kafka.runtime') if m in sys.modules); "
             "print(rc, heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.splitlines()

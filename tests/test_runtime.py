@@ -18,9 +18,9 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from helpers import read_topic, wait_until
 
-from stream_monitor import synthetic
 from stream_monitor.config import parse_config
-from stream_monitor.runtime import KafkaSidecar
+from stream_monitor.io import synthetic
+from stream_monitor.kafka.runtime import KafkaSidecar
 
 pytestmark = pytest.mark.integration
 
@@ -221,7 +221,7 @@ def test_sigterm_commits_what_was_applied(kafka_broker, churn_reference_file, tm
 
 
 def test_broker_outage_unready_then_ready(churn_reference_file):
-    from stream_monitor.broker import EmbeddedBroker
+    from stream_monitor.kafka.broker import EmbeddedBroker
     broker = EmbeddedBroker()
     broker.start()
     names = _names("outage")

@@ -16,9 +16,9 @@ import orjson
 import pytest
 
 from stream_monitor.config import ProfileConfig, parse_config
+from stream_monitor.core.reference import ReferenceBuilder
+from stream_monitor.kafka.state import MAGIC, StateError, pack, unpack
 from stream_monitor.pipeline import BatchResult, Monitor
-from stream_monitor.reference import ReferenceBuilder
-from stream_monitor.state import MAGIC, StateError, pack, unpack
 
 T0 = 1_760_000_000.0
 
@@ -294,7 +294,7 @@ def test_snapshot_runs_no_foreign_code():
 
     import msgspec
 
-    from stream_monitor import state
+    from stream_monitor.kafka import state
     tree = state._tag(state._T_RIVER, pickle.dumps(_Evil()))
     with pytest.raises(StateError, match="not a river class"):
         unpack(msgspec_round(tree))
@@ -306,7 +306,7 @@ def test_snapshot_runs_no_foreign_code():
 def test_a_snapshot_that_does_not_fit_changes_nothing(config):
     import msgspec
 
-    from stream_monitor import state
+    from stream_monitor.kafka import state
     batches = stream(9, 12_000)
     cut = len(batches) // 2
 

@@ -1,4 +1,4 @@
-"""Tests for stream_monitor.stats: each statistic against an independent implementation."""
+"""Tests for stream_monitor.core.stats: each statistic against an independent implementation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 from scipy.spatial.distance import jensenshannon
 
-from stream_monitor.stats import (
+from stream_monitor.core.stats import (
     bin_index,
     binomial_excess_pvalue,
     chi_square_from_counts,

@@ -11,10 +11,10 @@ import pytest
 from confluent_kafka import Producer
 from helpers import read_topic, wait_until
 
-from stream_monitor import synthetic
 from stream_monitor.config import parse_config
-from stream_monitor.replay import replay
-from stream_monitor.runtime import KafkaSidecar
+from stream_monitor.io import synthetic
+from stream_monitor.io.replay import replay
+from stream_monitor.kafka.runtime import KafkaSidecar
 
 pytestmark = pytest.mark.integration
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
 
-from .config import Config
-from .performance import performance_enabled
-from .pipeline import Monitor
-from .sinks import ReplayFiles
+from stream_monitor.config import Config
+from stream_monitor.core.performance import performance_enabled
+from stream_monitor.io.sinks import ReplayFiles
+from stream_monitor.pipeline import Monitor
 
 BATCH_LINES = 10_000
 BLOCK_BYTES = 1 << 20   # read size: one read and one split per MiB (measured best of 0.25-8)
@@ -97,7 +97,9 @@ def replay(config: Config, input_path: Path, out_dir: Path, *, progress: bool | 
            monitor: Monitor | None = None, labels: Path | None = None) -> ReplaySummary:
     """Run the engine over `input_path`, writing windows, alerts and rejects to `out_dir`."""
     if labels is not None or (monitor.performance if monitor else performance_enabled(config)):
-        from .replay_labels import replay_labelled  # delayed labels: merged by event time
+        from stream_monitor.io.replay_labels import (
+            replay_labelled,  # delayed labels: merged by event time
+        )
         return replay_labelled(config, input_path, labels, out_dir, monitor=monitor)
     monitor = monitor or Monitor(config)
     files = ReplayFiles(out_dir)

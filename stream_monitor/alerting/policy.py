@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from .config import AlertingConfig
-from .evaluate import SEVERITY_NAMES
+from stream_monitor.config import AlertingConfig
+from stream_monitor.core.evaluate import SEVERITY_NAMES
 
 # kind -> (alertname, data-quality check or None)
 KINDS: dict[str, tuple[str, str | None]] = {

@@ -27,8 +27,8 @@ import msgspec
 import numpy as np
 import orjson
 
-from .config import DecodeConfig, FieldMapping
-from .reference import CategoricalProfile, Reference, category_key
+from stream_monitor.config import DecodeConfig, FieldMapping
+from stream_monitor.core.reference import CategoricalProfile, Reference, category_key
 
 # Reject reasons (also the `reason` label of stream_monitor_rejects_total).
 TOO_LARGE = "too_large"

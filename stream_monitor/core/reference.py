@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from .config import FieldMapping, ProfileConfig
-from .sketch import BloomFilter
-from .stats import bin_index, profile_edges
+from stream_monitor.config import FieldMapping, ProfileConfig
+from stream_monitor.core.sketch import BloomFilter
+from stream_monitor.core.stats import bin_index, profile_edges
 
 SCHEMA_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
@@ -353,7 +353,9 @@ class ReferenceBuilder:
             label = self._profile(self.labels, "categorical"
                                   if infer_kind(self.labels) == "categorical"
                                   or _few_distinct(self.labels) else "numeric")
-        from .performance import reference_performance  # (performance imports this module)
+        from stream_monitor.core.performance import (
+            reference_performance,  # (performance imports this module)
+        )
         return Reference(model=self.model, features=features, prediction=pred, label=label,
                          events=self.rows, source=source,
                          created_at=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -22,12 +22,23 @@ from typing import Any
 
 import numpy as np
 
-from . import perfstats as ps
-from .config import Config, ConfigError, PerformanceConfig, Thresholds, performance_settings
-from .evaluate import SEVERITY_NAMES, _iso
-from .join import JoinBuffer, LabelEvent, Pair, as_json
-from .policy import AlertPolicy, Finding, fingerprint
-from .reference import CategoricalProfile, NumericProfile, Reference, category_key
+from stream_monitor.alerting.policy import AlertPolicy, Finding, fingerprint
+from stream_monitor.config import (
+    Config,
+    ConfigError,
+    PerformanceConfig,
+    Thresholds,
+    performance_settings,
+)
+from stream_monitor.core import perfstats as ps
+from stream_monitor.core.evaluate import SEVERITY_NAMES, _iso
+from stream_monitor.core.join import JoinBuffer, LabelEvent, Pair, as_json
+from stream_monitor.core.reference import (
+    CategoricalProfile,
+    NumericProfile,
+    Reference,
+    category_key,
+)
 
 CLASSIFICATION_METRICS = ("accuracy", "log_loss")
 REGRESSION_METRICS = ("mae", "rmse", "mape")

@@ -14,8 +14,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .config import MetricsConfig
-from .policy import CHECK_KIND, AlertPolicy
+from stream_monitor.alerting.policy import CHECK_KIND, AlertPolicy
+from stream_monitor.config import MetricsConfig
 
 # Every metric family the monitor exports. Dashboards and rules are tested against it.
 METRIC_NAMES: frozenset[str] = frozenset({

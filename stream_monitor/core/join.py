@@ -26,8 +26,8 @@ from typing import Any
 import msgspec
 import orjson
 
-from .config import FieldMapping, JoinConfig
-from .decode import Reject, parse_timestamp
+from stream_monitor.config import FieldMapping, JoinConfig
+from stream_monitor.io.decode import Reject, parse_timestamp
 
 # Unjoined reasons (the `reason` label of stream_monitor_labels_unjoined_total).
 PREDICTION_EXPIRED = "prediction_expired"      # no label within max_age of label time

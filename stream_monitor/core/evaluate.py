@@ -27,9 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from . import stats
-from .config import DataQualityThresholds, DriftRule, FeatureSettings, ModelSettings, Thresholds
-from .engine import (
+from stream_monitor.config import (
+    DataQualityThresholds,
+    DriftRule,
+    FeatureSettings,
+    ModelSettings,
+    Thresholds,
+)
+from stream_monitor.core import stats
+from stream_monitor.core.engine import (
     CategoricalColumns,
     CategoricalState,
     ClosedWindow,
@@ -38,7 +44,7 @@ from .engine import (
     NumericState,
     WindowAccumulator,
 )
-from .reference import CategoricalProfile, NumericProfile, Reference
+from stream_monitor.core.reference import CategoricalProfile, NumericProfile, Reference
 
 SEVERITY_NAMES = ("ok", "warning", "critical")
 

@@ -9,7 +9,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from .decode import Reject
+from stream_monitor.io.decode import Reject
 
 log = logging.getLogger("stream_monitor")
 
@@ -76,7 +76,7 @@ def alertmanager_payload(alert: dict[str, Any], now: str | None = None) -> dict[
     Alertmanager works in wall-clock time while alert events carry event time, which
     may run ahead of the clock: startsAt is capped at now, and a resolved alert ends now.
     """
-    from .policy import iso_now
+    from stream_monitor.alerting.policy import iso_now
     now = now or iso_now()
     # compared as instants, not strings: event times carry fractions of a second and the
     # clock does not, and a startsAt after endsAt makes Alertmanager refuse the alert
@@ -129,7 +129,7 @@ class AlertmanagerPush:
             if previous is not None and previous["labels"] != payload["labels"]:
                 # an escalation changes the severity label, which makes it another alert
                 # for Alertmanager: end the old one
-                from .policy import iso_now
+                from stream_monitor.alerting.policy import iso_now
                 self.pending.append({**previous, "endsAt": iso_now()})
             if a["status"] == "firing":
                 self.active[a["fingerprint"]] = payload

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .pipeline import BatchResult, Monitor
+from stream_monitor.pipeline import BatchResult, Monitor
 
 
 def process_batch(monitor: Monitor, values: list[bytes], positions: Sequence[int],

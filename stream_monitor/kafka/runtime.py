@@ -31,12 +31,12 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import make_wsgi_app
 
-from .config import Config, ConfigError, load_config
+from stream_monitor.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:  # imported where used: `run` joins its group while the engine loads
-    from .decode import Reject
-    from .metrics import MonitorMetrics
-    from .pipeline import BatchResult, Monitor
+    from stream_monitor.io.decode import Reject
+    from stream_monitor.io.metrics import MonitorMetrics
+    from stream_monitor.pipeline import BatchResult, Monitor
 
 log = logging.getLogger("stream_monitor")
 
@@ -382,8 +382,8 @@ class KafkaSidecar:
             # timeout): start it now, so it overlaps with loading the engine and the
             # references below. Callbacks only run inside consume() (and close()).
             self.subscribe()
-        from .metrics import MonitorMetrics
-        from .pipeline import Monitor
+        from stream_monitor.io.metrics import MonitorMetrics
+        from stream_monitor.pipeline import Monitor
         self.metrics = metrics or MonitorMetrics(config.metrics)
         self.metrics.reserve_models(list(config.models))
         try:
@@ -403,7 +403,7 @@ class KafkaSidecar:
         self.http: HttpEndpoints | None = None
         self.push = None
         if config.alertmanager.url:
-            from .sinks import AlertmanagerPush
+            from stream_monitor.io.sinks import AlertmanagerPush
             self.push = AlertmanagerPush(config.alertmanager.url, config.alertmanager.timeout,
                                          on_failure=self.metrics.alert_failures.inc)
             # (the failure counter counts each failed alert once, not each retry)
@@ -621,7 +621,7 @@ class KafkaSidecar:
 
     def _process(self, values: list[bytes], positions: range,
                  is_label: list[bool] | None) -> BatchResult:
-        from .label_topic import process_batch
+        from stream_monitor.kafka.label_topic import process_batch
         return process_batch(self.monitor, values, positions, is_label)
 
     def _apply(self, values: list[bytes], positions: range,
@@ -641,7 +641,7 @@ class KafkaSidecar:
             self.monitor.rollback(checkpoint)
             log.error("a batch of %d messages failed (%s: %s); isolating the message(s) "
                       "that cause it", len(values), type(exc).__name__, exc)
-        from .pipeline import BatchResult
+        from stream_monitor.pipeline import BatchResult
         result, poison = BatchResult(), []
         mid = len(values) // 2
         self._bisect(values[:mid], positions[:mid], _part(is_label, 0, mid), result, poison)
@@ -663,7 +663,7 @@ class KafkaSidecar:
             self.monitor.rollback(checkpoint)
             if len(values) == 1:
                 detail = f"{type(exc).__name__}: {exc}"[:500]
-                from .decode import PROCESSING_ERROR, Reject
+                from stream_monitor.io.decode import PROCESSING_ERROR, Reject
                 poison.append(Reject(positions[0], PROCESSING_ERROR, values[0], detail=detail))
                 if len(poison) > _MAX_POISON:
                     raise PoisonBatch(f"more than {_MAX_POISON} messages of one batch fail; "
@@ -831,7 +831,7 @@ class KafkaSidecar:
             {n: p.windows.open_events for n, p in self.monitor.models.items()},
             self.monitor.newest_event)
         if self.monitor.performance is not None:
-            from .metrics import record_performance
+            from stream_monitor.io.metrics import record_performance
             record_performance(self.metrics, result, self.monitor)
         self.applied.update(result.events)
         if self.push is not None and (result.alerts or self.push.due()):
@@ -997,5 +997,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level of stderr lines (default: %(default)s)")
     r.set_defaults(func=_cmd_run)
-    from . import demo
+    from stream_monitor import demo
     demo.add_command(sub)

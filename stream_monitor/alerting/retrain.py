@@ -16,7 +16,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from .config import RetrainConfig
+from stream_monitor.config import RetrainConfig
 
 REQUESTED = "requested"
 REFUSED = "refused"

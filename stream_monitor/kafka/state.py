@@ -34,7 +34,7 @@ import msgspec
 import numpy as np
 
 if TYPE_CHECKING:
-    from .pipeline import Monitor
+    from stream_monitor.pipeline import Monitor
 
 MAGIC = b"SMST"
 VERSION = 1
@@ -240,7 +240,7 @@ def _model_state(monitor: Monitor, model: str) -> dict[str, Any]:
 
 
 def _fp(key: tuple) -> str:
-    from .policy import fingerprint
+    from stream_monitor.alerting.policy import fingerprint
     return fingerprint(*key)
 
 
@@ -299,7 +299,7 @@ def restore(monitor: Monitor, model: str, data: bytes) -> None:
 
 
 def _restore(monitor: Monitor, model: str, state: dict[str, Any]) -> None:
-    from .reference import Reference
+    from stream_monitor.core.reference import Reference
     if "reference" in state and model not in monitor.models:  # a baseline finished
         builder, _ = monitor.baselines[model]
         monitor._activate(model, builder, Reference.from_json(state["reference"]))

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtr
 
-from .config import DetectorConfig, ModelSettings
-from .reference import CategoricalProfile, NumericProfile, Reference
-from .stats import GridBins
+from stream_monitor.config import DetectorConfig, ModelSettings
+from stream_monitor.core.reference import CategoricalProfile, NumericProfile, Reference
+from stream_monitor.core.stats import GridBins
 
 LOCATION, SHAPE = "pit_mean", "chi2"
 MIN_EXPECTED = 5.0      # expected values per chi-square cell per block

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import WindowConfig
-from .decode import ModelBatch
-from .reference import CategoricalProfile, NumericProfile
-from .stats import GridBins, fixed_point_sums
+from stream_monitor.config import WindowConfig
+from stream_monitor.core.reference import CategoricalProfile, NumericProfile
+from stream_monitor.core.stats import GridBins, fixed_point_sums
+from stream_monitor.io.decode import ModelBatch
 
 _MAX_NAMES = 50
 

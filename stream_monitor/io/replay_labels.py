@@ -24,11 +24,11 @@ from pathlib import Path
 
 import orjson
 
-from .config import Config
-from .decode import parse_timestamp
-from .join import looks_like_label
-from .pipeline import BatchResult, Monitor
-from .sinks import JsonlSink, ReplayFiles, reject_record
+from stream_monitor.config import Config
+from stream_monitor.core.join import looks_like_label
+from stream_monitor.io.decode import parse_timestamp
+from stream_monitor.io.sinks import JsonlSink, ReplayFiles, reject_record
+from stream_monitor.pipeline import BatchResult, Monitor
 
 BATCH_LINES = 10_000
 

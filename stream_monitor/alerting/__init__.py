@@ -1,0 +1,1 @@
+"""stream_monitor.alerting: policy: hysteresis, grouping, diagnosis, retraining requests."""

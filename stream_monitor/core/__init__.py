@@ -1,0 +1,1 @@
+"""stream_monitor.core: statistics, windows and their evaluation: pure, no I/O."""

@@ -1,0 +1,1 @@
+"""stream_monitor.io: decoding, sources and sinks outside Kafka: files, Prometheus, Alertmanager."""
