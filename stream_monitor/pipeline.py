@@ -318,12 +318,14 @@ class Monitor:
     def _detect(self, pipe: ModelPipeline, batch, late: np.ndarray, result: BatchResult) -> None:
         """Sequential detectors over the batch's counted events (late ones are rejects)."""
         x, codes, pos, ts = batch.numeric, batch.categorical, batch.positions, batch.ts
+        slots = batch.slots     # the engine's bins of these values: not binned twice
         if late.size:
             keep = np.ones(len(batch), bool)
             keep[late] = False
             x, codes, pos, ts = x[keep], codes[keep], pos[keep], ts[keep]
+            slots = None if slots is None else slots[keep]
         blocks = pipe.detectors.blocks
-        found = pipe.detectors.update(x, codes, pos, ts)
+        found = pipe.detectors.update(x, codes, pos, ts, slots)
         result.detections += found
         by_block: dict[int, list[Detection]] = {}
         for d in found:     # a feature's first alarm in a block (location before shape)

@@ -212,6 +212,12 @@ class BlockLayout:
         self.width = self.drop + 1
         lut = np.concatenate(code_cells) if code_cells else np.zeros(0, np.int64)
         self.cat_slot = np.where(lut < 0, self.drop, lut - self.num_cells + self.bins)
+        # the engine's numeric slots (`engine.NumericColumns.slots`: per column its bins,
+        # then a missing slot) -> histogram slots, so a batch is binned once for both
+        self.engine_slot = np.concatenate(
+            [np.append(off + np.arange(e.size + 1), self.drop)
+             for off, e in zip(self.bin_offsets.tolist(), self.edges, strict=True)]
+        ).astype(np.int64) if numeric else np.zeros(0, np.int64)
         self.cell_p = np.concatenate(cell_p) if cell_p else np.zeros(0)
         self.feature_of_cell = (np.concatenate(feat_of_cell) if feat_of_cell
                                 else np.zeros(0, np.int64))
@@ -248,20 +254,25 @@ class BlockSums:
 
 
 def block_sums(layout: BlockLayout, numeric: np.ndarray, codes: np.ndarray,
-               positions: np.ndarray, ts: np.ndarray, offset: int) -> BlockSums:
+               positions: np.ndarray, ts: np.ndarray, offset: int,
+               slots: np.ndarray | None = None) -> BlockSums:
     """Per-block histograms of a batch whose first event is number `offset` of its block.
 
-    One bin lookup for the numeric matrix, one table lookup for the categorical codes,
-    one `bincount` over (block, slot): the PIT sums and chi-square cells of every
-    feature follow from the histogram (`BlockLayout.split`), per block, not per event.
+    One bin lookup for the numeric matrix (or, given the engine's `slots` of the same
+    values, one table lookup), one for the categorical codes, one `bincount` over
+    (block, slot): the PIT sums and chi-square cells of every feature follow from the
+    histogram (`BlockLayout.split`), per block, not per event.
     """
     n = positions.size
     blk = (offset + np.arange(n)) // layout.block
     starts = np.flatnonzero(np.diff(blk, prepend=-1))
     nb = starts.size
+    engine_slots = slots
     slots = np.empty((n, len(layout.names)), np.int64)
     k = len(layout.numeric)
-    if k:
+    if k and engine_slots is not None:
+        slots[:, :k] = layout.engine_slot[engine_slots]
+    elif k:
         bins = slots[:, :k]
         for j, find in enumerate(layout.find_bins):  # per column per batch, as the engine
             bins[:, j] = find(numeric[:, j])
@@ -461,11 +472,12 @@ class ModelDetectors:
         return 0 if self._pending is None else int(self._pending.events[0])
 
     def update(self, numeric: np.ndarray, codes: np.ndarray, positions: np.ndarray,
-               ts: np.ndarray) -> list[Detection]:
-        """Feed one batch of the model's events (the engine's columns); returns alarms."""
+               ts: np.ndarray, slots: np.ndarray | None = None) -> list[Detection]:
+        """Feed one batch of the model's events (the engine's columns, and its numeric
+        slots when it has binned them: `ModelBatch.slots`); returns alarms."""
         if positions.size == 0:
             return []
-        sums = block_sums(self.layout, numeric, codes, positions, ts, self.filled)
+        sums = block_sums(self.layout, numeric, codes, positions, ts, self.filled, slots)
         if self._pending is not None:
             p = self._pending
             sums.hist[0] += p.hist[0]

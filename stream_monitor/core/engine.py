@@ -23,7 +23,7 @@ import numpy as np
 
 from stream_monitor.config import WindowConfig
 from stream_monitor.core.reference import CategoricalProfile, NumericProfile
-from stream_monitor.core.stats import GridBins, fixed_point_sums
+from stream_monitor.core.stats import FIXED_POINT_BITS, GridBins, fixed_point_sums, grid_sums
 from stream_monitor.io.decode import ModelBatch
 
 _MAX_NAMES = 50
@@ -47,6 +47,22 @@ class NumericColumns:
         self.scale = np.array([p.std if p.std > 0 else 1.0 for p in profiles], np.float64)
         self.lo = np.array([p.min for p in profiles], np.float64)
         self.hi = np.array([p.max for p in profiles], np.float64)
+        # dividing by scale * 2**-32 gives (x - shift) / scale * 2**32 bit for bit (a power
+        # of two scales exactly): the fixed-point grid values in one division
+        self.grid_scale = self.scale / 2.0**FIXED_POINT_BITS
+        self.missing_slots = self.offsets[1:] - 1
+        self.starts = self.offsets[:-1]
+
+    def slots(self, x: np.ndarray) -> np.ndarray:
+        """Slot of every value in the layout's counts: its bin, or its column's missing
+        slot for NaN. Computed once per batch and shared: the window update and the
+        sequential detectors (`detectors.block_sums`) both count these."""
+        out = np.empty(x.shape, np.int64, order="F")
+        for j, find in enumerate(self.bins):
+            out[:, j] = find(x[:, j])           # NaN -> the last bin (edges.size)
+        out += np.isnan(x)                      # ... and one more: the missing slot
+        out += self.starts
+        return out
 
     def __len__(self) -> int:
         return len(self.profiles)
@@ -88,28 +104,52 @@ class NumericState:
                    np.zeros(k, object), np.full(k, np.inf), np.full(k, -np.inf),
                    np.zeros(k, np.int64))
 
-    def update(self, layout: NumericColumns, x: np.ndarray) -> None:
-        if x.shape[0] == 0 or len(layout) == 0:
+    def update(self, layout: NumericColumns, x: np.ndarray,
+               slots: np.ndarray | None = None) -> None:
+        """Add a batch (n, columns); `slots` are `layout.slots(x)` when already known."""
+        rows = x.shape[0]
+        if rows == 0 or len(layout) == 0:
             return
-        missing = np.isnan(x)
-        slots = np.empty(x.shape, np.int64)
-        for j, edges in enumerate(layout.edges):
+        if slots is None:
+            slots = layout.slots(x)
+        counts = np.bincount(slots.ravel(order="K"), minlength=layout.size)
+        self.counts += counts
+        missing = counts[layout.missing_slots]
+        self.n += rows - missing
+        lo = np.fmin.reduce(x, axis=0)          # NaN only for a column without values
+        hi = np.fmax.reduce(x, axis=0)
+        self.min = np.fmin(self.min, lo)
+        self.max = np.fmax(self.max, hi)
+        # exact fixed-point sums: the result cannot depend on where windows are cut.
+        # q = z * 2**32 for z = (x - shift) / scale, bit for bit; q * 2**-32 * q is then
+        # z * z * 2**32, the grid value of z squared, also bit for bit
+        with np.errstate(over="ignore", invalid="ignore"):
+            q = np.subtract(x, layout.shift)
+            q /= layout.grid_scale
+            # the batch's min and max bound |q| per column, with the same arithmetic
+            peak = np.fmax(np.abs((lo - layout.shift) / layout.grid_scale),
+                           np.abs((hi - layout.shift) / layout.grid_scale))
+        for j in np.flatnonzero(missing).tolist():
+            col = q[:, j]
+            col[np.isnan(col)] = 0.0
+        peak[np.isnan(peak)] = 0.0              # a column of missing values only: all zero
+        if not np.isfinite(peak).all() or peak.max() >= 2.0**500:
+            # overflow territory: the general function, on z itself
+            z = q / 2.0**FIXED_POINT_BITS
+            self.s1 += np.array(fixed_point_sums(z), dtype=object)
+            self.s2 += np.array(fixed_point_sums(z * z), dtype=object)
+        else:
+            q2 = q * 2.0**-FIXED_POINT_BITS
+            q2 *= q
+            np.rint(q, out=q)
+            np.rint(q2, out=q2)
+            self.s1 += np.array(grid_sums(q, peak), dtype=object)
+            self.s2 += np.array(grid_sums(q2, peak * peak * 2.0**-FIXED_POINT_BITS + 1.0),
+                                dtype=object)
+        # out of the reference's range: only columns whose batch min or max is outside
+        for j in np.flatnonzero((lo < layout.lo) | (hi > layout.hi)).tolist():
             col = x[:, j]
-            slots[:, j] = layout.bins[j](col)
-            slots[missing[:, j], j] = edges.size + 1
-        slots += layout.offsets[:-1]
-        self.counts += np.bincount(slots.ravel(), minlength=layout.size)
-        z = (x - layout.shift) / layout.scale
-        z[missing] = 0.0
-        self.n += x.shape[0] - missing.sum(axis=0)
-        # exact fixed-point sums: the result cannot depend on where windows are cut
-        self.s1 += np.array(fixed_point_sums(z), dtype=object)
-        z *= z
-        self.s2 += np.array(fixed_point_sums(z), dtype=object)
-        self.min = np.fmin(self.min, np.fmin.reduce(x, axis=0))
-        self.max = np.fmax(self.max, np.fmax.reduce(x, axis=0))
-        with np.errstate(invalid="ignore"):
-            self.out_of_range += ((x < layout.lo) | (x > layout.hi)).sum(axis=0)
+            self.out_of_range[j] += np.count_nonzero((col < layout.lo[j]) | (col > layout.hi[j]))
 
     def merge(self, other: NumericState) -> NumericState:
         return NumericState(self.counts + other.counts, self.n + other.n, self.s1 + other.s1,
@@ -198,7 +238,8 @@ class WindowAccumulator:
         if n:
             # one memory layout whichever path decoded the batch (column-major: each
             # column contiguous for binning, and float sums that do not depend on it)
-            self.numeric.update(layout.numeric, np.asfortranarray(batch.numeric))
+            self.numeric.update(layout.numeric, np.asfortranarray(batch.numeric),
+                                batch.slots)
             self.categorical.update(layout.categorical, batch.categorical)
             if self.prediction is not None and batch.prediction is not None:
                 self.prediction.update(layout.prediction, batch.prediction.reshape(-1, 1))
@@ -288,7 +329,12 @@ class ModelWindows:
         return sum(acc.events for acc in self._open.values())
 
     def add(self, batch: ModelBatch) -> tuple[list[ClosedWindow], np.ndarray]:
-        """Apply a batch; returns the windows it closed and the indices of late events."""
+        """Apply a batch; returns the windows it closed and the indices of late events.
+
+        Sets `batch.slots` (the numeric values' slots, binned once for the whole batch)."""
+        if batch.slots is None and len(batch):
+            batch.numeric = np.asfortranarray(batch.numeric)
+            batch.slots = self.layout.numeric.slots(batch.numeric)
         if self.window.events is not None:
             return self._add_by_count(batch), np.empty(0, np.int64)
         return self._add_by_time(batch)

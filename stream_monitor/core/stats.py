@@ -31,6 +31,7 @@ __all__ = [
     "merge_sparse_cells",
     "fixed_point_sums",
     "fixed_point_value",
+    "grid_sums",
     "moments",
     "proportions",
     "psi",
@@ -268,6 +269,7 @@ FIXED_POINT_BITS = 32
 _FIXED_SCALE = float(2**FIXED_POINT_BITS)
 _LIMB = 31
 _INT64_SAFE = float(2**62)
+_FLOAT_SAFE = float(2**53)   # integers below this add exactly in float64
 
 
 def fixed_point_sums(values: np.ndarray) -> list[int]:
@@ -287,8 +289,31 @@ def fixed_point_sums(values: np.ndarray) -> list[int]:
     np.rint(q, out=q)
     if q.size == 0:
         return [0] * (q.shape[1] if q.ndim == 2 else 0)
+    return grid_sums(q)
+
+
+def grid_sums(q: np.ndarray, peak: np.ndarray | None = None) -> list[int]:
+    """Exact column sums of a 2-D float array of integers (values already on the grid,
+    e.g. ``rint(z * 2**32)``), as Python ints; the second half of `fixed_point_sums`.
+
+    ``peak``, when given, bounds ``|q|`` per column (NaN: no bound): columns whose sum
+    cannot pass ``2**53`` are summed in float64 directly, which is exact for integers
+    below that and saves the conversion to int64 (the engine knows the bound from the
+    batch's min and max, so it costs nothing to find).
+    """
+    rows = q.shape[0]
+    if peak is not None:
+        safe = (peak + 1.0) * rows < _FLOAT_SAFE        # NaN peak: False
+        if safe.all():
+            return [int(v) for v in q.sum(axis=0).tolist()]
+        if safe.any():
+            out = q.sum(axis=0).tolist()
+            rest = np.flatnonzero(~safe)
+            for j, v in zip(rest.tolist(), grid_sums(q[:, rest]), strict=True):
+                out[j] = v
+            return [int(v) for v in out]
     peak = float(np.abs(q).max()) if q.size else 0.0
-    if peak * q.shape[0] < _INT64_SAFE:       # a plain int64 sum cannot overflow
+    if peak * rows < _INT64_SAFE:       # a plain int64 sum cannot overflow
         return [int(v) for v in q.astype(np.int64).sum(axis=0)]
     big = ~(np.abs(q) < _INT64_SAFE)           # also NaN / inf
     small = np.where(big, 0.0, q).astype(np.int64)
@@ -440,19 +465,20 @@ class GridBins:
         hi[-1] = e.size
         table = np.where(lo == hi, lo, -1)
         self.table = np.append(table, -1).astype(np.int64)   # last: NaN, searched
-        self.first, self.scale, self.top, self.nan = float(e[0]), scale, g + 4.0, g + 5.0
-        self.span = (g + 5.0) / scale   # |x - e0| beyond this: clipped, never overflows
+        self.first, self.scale, self.top = float(e[0]), scale, g + 4.0
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
         if self.table is None or self.rest > 0:
             self.rest -= 1
             return bin_index(self.edges, values)
-        c = np.subtract(values, self.first)
-        np.clip(c, -self.span, self.span, out=c)
-        c *= self.scale
+        with np.errstate(over="ignore"):            # huge values: inf, clipped below
+            c = np.subtract(values, self.first)
+            c *= self.scale
         c += 1.0
-        np.clip(c, 0.0, self.top, out=c)            # NaN stays NaN
-        np.nan_to_num(c, copy=False, nan=self.nan)
+        # NaN (and +inf) -> the top cell, whose bin is the last one: searchsorted's answer
+        # for NaN too; then -inf -> cell 0. Two ufuncs instead of clip and nan_to_num.
+        np.fmin(c, self.top, out=c)
+        np.maximum(c, 0.0, out=c)
         out = self.table[c.astype(np.intp)]
         unsure = np.flatnonzero(out < 0)
         if unsure.size:

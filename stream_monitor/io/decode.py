@@ -290,6 +290,10 @@ class ModelBatch:
     # per-event raw values for the label join (performance monitoring on): lists keyed by
     # OUTCOME_KEYS, parallel to the rows; None when the decoder does not extract them
     outcomes: dict[str, list] | None = None
+    # (n, n_numeric) int64: each numeric value's slot in the engine's counts (its bin, or
+    # its column's missing slot), set by the engine once per batch and shared with the
+    # sequential detectors; None until then
+    slots: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.positions.size)
@@ -340,7 +344,8 @@ class ModelBatch:
             numeric=self.numeric[index], categorical=self.categorical[index],
             prediction=rows(self.prediction), label=rows(self.label),
             absent_rows=rows(self.absent_rows), violation_rows=rows(self.violation_rows),
-            unexpected_rows=rows(self.unexpected_rows), model_version=self.model_version)
+            unexpected_rows=rows(self.unexpected_rows), model_version=self.model_version,
+            slots=rows(self.slots))
 
 
 @dataclass
