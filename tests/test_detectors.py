@@ -617,3 +617,24 @@ def test_models_with_one_kind_of_feature_and_constant_features(kinds):
     assert {d.feature for d in found} == {"x", "c"} & set(feats)
     assert all(d.window["start"] is None for d in found)        # no timestamps: no times
     assert "const" not in det.last and "one" not in det.last    # nothing to judge
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_detectors_fed_the_engines_bins_decide_exactly_as_binning_themselves(reference, seed):
+    # Monitor.process bins a batch once (`ModelBatch.slots`) and hands the bins to the
+    # detectors: their histograms, statistics and decisions must be those of the
+    # detectors binning the values themselves, shift or not, missing values included
+    mon = monitor(reference)
+    own = monitor(reference).models["m"].detectors
+    alone = []
+    for events, first in stream(12_000, seed, change_at=5_000, drift={"uniform": shift(0.6)},
+                                chunk=3_000):
+        r = mon.process(events, range(first, first + len(events)))
+        b = mon.decoder.decode(events, range(first, first + len(events))).models["m"]
+        alone += own.update(b.numeric, b.categorical, b.positions, b.ts)
+        assert b.slots is None      # the detectors alone had to bin
+        shared = mon.models["m"].detectors
+        assert shared.to_state() == own.to_state()
+        assert [(d.feature, d.method, d.window) for d in r.detections] == [
+            (d.feature, d.method, d.window) for d in alone[len(alone) - len(r.detections):]]
+    assert alone        # the shift was detected, by both

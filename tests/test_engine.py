@@ -176,3 +176,49 @@ def test_numeric_sums_merge_bit_for_bit_over_any_cut_points(cuts, seed):
         assert whole.s1[j] == exact
         assert fixed_point_value(whole.s1[j]) == pytest.approx(math.fsum(col), rel=1e-12,
                                                                abs=col.size * 2**-32)
+
+
+def _grid(v: float) -> int:
+    """A value on the fixed-point grid, exactly (saturating at +-2**1000 as documented)."""
+    q = v * 2**32
+    return int(round(q)) if math.isfinite(q) else (1 << 1000) * (1 if q > 0 else -1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_numeric_update_against_an_independent_computation(seed):
+    # the window update computes bins once per batch, bounds the sums by the batch's min
+    # and max and sums in float64 below 2**53: every field must equal a plain computation
+    # (searchsorted bins, exact Python-int sums of round(z * 2**32) and round(z*z * 2**32))
+    # on tails, huge values, integer ties and columns with missing values only
+    from stream_monitor.core.engine import NumericColumns, NumericState
+    from stream_monitor.core.reference import NumericProfile
+    rng = np.random.default_rng(seed)
+    n = 4000
+    cols = [rng.normal(0, 1, n), rng.standard_cauchy(n) * 1e3, rng.integers(0, 6, n) * 1.0,
+            rng.lognormal(3, 2, n), rng.normal(1e9, 1e-3, n), rng.normal(0, 1, n)]
+    ref = np.column_stack([c[rng.permutation(n)] for c in cols])
+    layout = NumericColumns([NumericProfile.from_values(ref[:, j], 20)
+                             for j in range(ref.shape[1])])
+    x = np.column_stack([c[rng.permutation(n)] for c in cols])
+    x[rng.random(x.shape) < 0.05] = np.nan
+    x[:, 5] = np.nan                            # a column without a single value
+    x[7, 1], x[8, 1] = 1e200, -1e150            # beyond int64 and float-sum bounds
+    state = NumericState.empty(layout)
+    for lo in range(0, n, 1500):               # several updates: sums accumulate
+        state.update(layout, x[lo:lo + 1500])
+    for j in range(x.shape[1]):
+        col = x[:, j]
+        ok = col[~np.isnan(col)]
+        edges = layout.edges[j]
+        want = np.bincount(np.searchsorted(edges, ok, side="right"), minlength=edges.size + 1)
+        got = state.counts[layout.offsets[j]:layout.offsets[j + 1]]
+        assert got[:-1].tolist() == want.tolist() and got[-1] == col.size - ok.size
+        assert state.n[j] == ok.size
+        z = (ok - layout.shift[j]) / layout.scale[j]
+        assert state.s1[j] == sum(map(_grid, z.tolist()))
+        with np.errstate(over="ignore"):
+            assert state.s2[j] == sum(map(_grid, (z * z).tolist()))
+        if ok.size:
+            assert (state.min[j], state.max[j]) == (ok.min(), ok.max())
+        assert state.out_of_range[j] == np.count_nonzero(
+            (ok < layout.lo[j]) | (ok > layout.hi[j]))

@@ -518,3 +518,20 @@ def test_ks_properties(pair: tuple[np.ndarray, np.ndarray]) -> None:
         fc += b / cur.sum()
         best = max(best, abs(fr - fc))
     assert d == pytest.approx(best, abs=1e-12)
+
+
+def test_grid_sums_with_a_bound_are_the_exact_sums() -> None:
+    # the engine passes a per-column bound of |q|: columns whose sums stay below 2**53
+    # are summed in float64, the others as before; every column must be the exact sum
+    from stream_monitor.core.stats import grid_sums
+    rng = np.random.default_rng(5)
+    for rows in (1, 700, 20_000):
+        q = np.rint(np.column_stack([
+            rng.normal(0, 2**32, rows),                 # float-safe
+            rng.normal(0, 2**45, rows),                 # needs int64 at 20,000 rows
+            rng.standard_cauchy(rows) * 2**50,          # beyond int64: limbs
+            np.full(rows, 2.0**52 / rows)]))            # at the float bound
+        peak = np.abs(q).max(axis=0)
+        want = [sum(int(v) for v in q[:, j].tolist()) for j in range(q.shape[1])]
+        assert grid_sums(q.copy(), peak) == want == grid_sums(q.copy())
+        assert grid_sums(q.copy(), np.full(4, np.nan)) == want   # no bound: general path

@@ -136,8 +136,9 @@ class NumericState:
         if not np.isfinite(peak).all() or peak.max() >= 2.0**500:
             # overflow territory: the general function, on z itself
             z = q / 2.0**FIXED_POINT_BITS
-            self.s1 += np.array(fixed_point_sums(z), dtype=object)
-            self.s2 += np.array(fixed_point_sums(z * z), dtype=object)
+            with np.errstate(over="ignore", invalid="ignore"):  # inf saturates, documented
+                self.s1 += np.array(fixed_point_sums(z), dtype=object)
+                self.s2 += np.array(fixed_point_sums(z * z), dtype=object)
         else:
             q2 = q * 2.0**-FIXED_POINT_BITS
             q2 *= q
