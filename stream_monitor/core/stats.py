@@ -48,7 +48,7 @@ def _as_counts(counts: np.ndarray, name: str = "counts") -> np.ndarray:
     arr = np.asarray(counts, dtype=np.float64)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
-    if np.any(arr < 0):
+    if arr.size and arr.min() < 0:     # one reduction (NaN passes, as before)
         raise ValueError(f"{name} must be non-negative")
     return arr
 
@@ -94,8 +94,12 @@ def psi(ref_counts: np.ndarray, cur_counts: np.ndarray, *, smoothing: float = 0.
     ref, cur = _pair(ref_counts, cur_counts)
     if ref.sum() <= 0 or cur.sum() <= 0:
         return _NAN
-    p = proportions(ref, smoothing)
-    q = proportions(cur, smoothing)
+    if smoothing < 0:
+        raise ValueError("smoothing must be >= 0")
+    # `proportions` of each, without validating the counts again (once per window and
+    # feature, so the calls' overhead is what counts)
+    p = (ref + smoothing) / (ref.sum() + smoothing * ref.size)
+    q = (cur + smoothing) / (cur.sum() + smoothing * cur.size)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = (q - p) * np.log(q / p)
     # Equal shares contribute exactly 0 even when both are 0 (only possible with

@@ -182,6 +182,9 @@ class ModelSchema:
         self._num_get = _getter(self.numeric)
         self._cat_get = _getter(self.categorical)
         self._fast_codes = [codes.fast_lookup() for codes in self.cat_codes]
+        # numeric columns that have carried a null: built by np.array at once, rather
+        # than a fromiter that stops at the null and starts over
+        self._nullable: set[int] = set()
 
     def event_type(self, fields: FieldMapping, outcomes: bool = False) -> type:
         """A msgspec Struct that decodes this model's well-formed events in one C call.
@@ -487,12 +490,17 @@ class Decoder:
         bad = np.zeros(n, dtype=bool)
         reasons: dict[int, tuple[str, str]] = {}
         numeric = np.empty((n_num, n), np.float64)
+        nullable = schema._nullable
         for j in range(n_num):
             values = flat[j::width]
+            if j in nullable:   # had a null before: straight to np.array (None -> NaN)
+                numeric[j] = np.array(values, np.float64)
+                continue
             try:
                 numeric[j] = np.fromiter(values, np.float64, n)
             except TypeError:  # null somewhere in the column: np.array makes it NaN
                 numeric[j] = np.array(values, np.float64)
+                nullable.add(j)
         numeric = numeric.T  # (n, n_num), each column contiguous for the engine
         absent_num = numeric.view(np.uint64) == _ABSENT_BITS
         if n_num and np.isinf(numeric).any():
