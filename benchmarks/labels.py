@@ -46,7 +46,7 @@ def label_events(msgs: list[bytes], every: int = 10) -> list[list[bytes]]:
 
 
 def with_labels(base: Monitor) -> Monitor:
-    data = base.config.model_dump(exclude={"base_dir"}, exclude_unset=True, by_alias=True)
+    data = base.config.model_dump(exclude={"base_dir", "source"}, exclude_unset=True, by_alias=True)
     data["topics"] = {"labels": "labels"}
     cfg = parse_config(data)
     return Monitor(cfg, {n: p.reference for n, p in base.models.items()})

@@ -217,23 +217,33 @@ class Monitor:
 
         Windows, alert states and event times are deep-copied (small fixed-size arrays:
         tens of microseconds); references, schemas and settings are shared, not copied;
-        baseline builders only grow, so their row count is enough to undo a batch.
+        baseline builders only grow, so their row count is enough to undo a batch. Join
+        buffers (up to `max_predictions` each) are not copied: each starts an undo
+        journal (`JoinBuffer.begin`), so the checkpoint costs the batch, not the buffer.
         """
         memo: dict[int, Any] = {id(self.config): self.config}
         for p in self.models.values():
             for shared in (p.reference, p.schema, p.evaluator, p.settings, p.windows.layout,
                            p.windows.window):
                 memo[id(shared)] = shared
+        journals = []
+        if self.performance is not None:
+            for mp in self.performance.models.values():
+                memo[id(mp.buffer)] = mp.buffer
+                journals.append((mp.buffer, mp.buffer.begin()))
         # the performance stage shares the policy: one deepcopy keeps them together
         state = copy.deepcopy((self.models, self.policy, self.newest_event, self.performance),
                               memo)
         builders = {n: (b, target, b.rows, set(b.columns))
                     for n, (b, target) in self.baselines.items()}
-        return state, builders
+        return state, builders, journals
 
     def rollback(self, checkpoint: Any) -> None:
         """Back to the state of `checkpoint` (taken by `checkpoint()`; usable once)."""
-        (self.models, self.policy, self.newest_event, self.performance), builders = checkpoint
+        (self.models, self.policy, self.newest_event, self.performance), builders, journals = \
+            checkpoint
+        for buffer, token in journals:
+            buffer.rollback(token)
         for name, (builder, target, rows, columns) in builders.items():
             for col in [c for c in builder.columns if c not in columns]:
                 del builder.columns[col]

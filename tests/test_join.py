@@ -83,7 +83,8 @@ def test_labels_before_predictions_wait_and_join():
     assert len(buf.labels) == 2
     pairs = buf.add_predictions([1, 2, 3], [1.0, 2.0, 3.0], outcomes(["y", "z", "x"], [1, 1, 0]))
     assert sorted((p[4], p[7]) for p in pairs) == [(0, 0), (1, 1)]
-    assert list(buf.predictions) == ["z"] and not buf.labels
+    assert len(buf.predictions) == 1 and not buf.labels
+    assert [p[4] for p in buf.add_labels(labels(["z"], [7.0]))] == [1]  # "z" was waiting
 
 
 def test_unjoined_counted_by_reason():
