@@ -178,6 +178,7 @@ class Monitor:
                                           for n in config.models})
             for name, pipe in self.models.items():
                 self.performance.add_model(name, pipe.reference)
+                self._skip_outcomes(name, pipe)
             self.decoder.outcomes = True
 
     def process(self, messages: Sequence[bytes], positions: Sequence[int]) -> BatchResult:
@@ -380,3 +381,9 @@ class Monitor:
         self.decoder.pending.discard(model)
         if self.performance is not None:
             self.performance.add_model(model, reference)
+            self._skip_outcomes(model, pipe)
+
+    def _skip_outcomes(self, model: str, pipe: ModelPipeline) -> None:
+        """The segment object is decoded only for a model that slices by segment."""
+        if not performance_settings(self.config, model).segments.fields:
+            pipe.schema.outcome_skip = frozenset({"segment"})

@@ -148,7 +148,10 @@ class ModelPerformance:
         self.segments_cut = 0
         self.lags: list[float] = []          # label lags joined since the last report
         self.labels_total = 0                # joined labels (for retraining triggers)
-        self.fresh_lags: list[float] = []    # label lags not yet exported as metrics
+        # label lags not yet exported as metrics: arrays per batch (a checkpoint copies
+        # them as buffers, not as up to 100,000 float objects)
+        self.fresh_lags: list[np.ndarray] = []
+        self.fresh_lag_count = 0
         self.estimate_windows: dict[str | None, dict] = {}  # CBPE over all predictions
 
     def add_estimates(self, ts: list, outcomes: dict[str, list]) -> list[dict[str, Any]]:
@@ -195,8 +198,8 @@ class ModelPerformance:
         return out
 
     def drain_lags(self) -> list[float]:
-        lags, self.fresh_lags = self.fresh_lags, []
-        return lags
+        lags, self.fresh_lags, self.fresh_lag_count = self.fresh_lags, [], 0
+        return np.concatenate(lags).tolist() if lags else []
 
     # -- joining ------------------------------------------------------------------
 
@@ -212,10 +215,13 @@ class ModelPerformance:
         closed = []
         size = self.s.window
         self.labels_total += len(pairs)
-        lags = [p[2] - p[1] for p in pairs if p[1] == p[1] and p[2] == p[2]]
-        self.lags.extend(lags)
-        if len(self.fresh_lags) < 100_000:  # drained per batch by the metrics
-            self.fresh_lags.extend(lags)
+        lag = (np.fromiter((p[2] for p in pairs), np.float64, len(pairs))
+               - np.fromiter((p[1] for p in pairs), np.float64, len(pairs)))
+        lag = lag[~np.isnan(lag)]
+        self.lags.extend(lag.tolist())
+        if self.fresh_lag_count < 100_000:  # drained per batch by the metrics
+            self.fresh_lags.append(lag)
+            self.fresh_lag_count += int(lag.size)
         for p in pairs:
             w = self.windows.get(p[3])
             if w is None:
