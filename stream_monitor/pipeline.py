@@ -311,9 +311,17 @@ class Monitor:
             idx = np.flatnonzero(keep).tolist()
             outcomes = {k: [v[i] for i in idx] for k, v in outcomes.items()}
             positions, ts = positions[keep], ts[keep]
-        ts_list = ts.tolist()
-        result.performance += self.performance.estimates(model, ts_list, outcomes)
-        closed = self.performance.predictions(model, positions.tolist(), ts_list, outcomes)
+        # every prediction a float: the decoder's numeric column serves (no list -> array)
+        values = None
+        preds = outcomes["prediction"]
+        if preds and set(map(type, preds)) == {float}:
+            values = batch.prediction
+            if values is None or values.dtype != np.float64 or values.size != batch.ts.size:
+                values = np.array(preds, np.float64)
+            elif late.size:
+                values = values[keep]
+        result.performance += self.performance.estimates(model, ts, outcomes, values)
+        closed = self.performance.predictions(model, positions, ts, outcomes, values)
         self._close_performance(model, closed, result)
 
     def _close_performance(self, model: str, closed: list, result: BatchResult) -> None:

@@ -240,3 +240,34 @@ def test_stable_keys_do_not_depend_on_the_batch():
     assert len(set(alone)) == len(ids)
     many = join.id_hashes([f"churn-{i}" for i in range(200_000)])
     assert np.unique(many).size == many.size
+
+
+def test_decode_labels_keeps_input_order_across_the_typed_and_per_event_paths():
+    """Well-formed labels take the typed decoder, the others the per-event parser (for the
+    reason); the events come out in input order, and the same as parsed one by one."""
+    lines = []
+    for i in range(60):
+        kind = i % 6
+        if kind == 0:
+            lines.append(b'{"model": "m", "event_id": "%d", "label": 1, "ts": %d}' % (i, i))
+        elif kind == 1:
+            lines.append(b'{"event_id": %d, "label": "a", "ts": "2026-11-22T10:00:00Z"}' % i)
+        elif kind == 2:
+            lines.append(b'{"model": null, "event_id": "%d", "label": 1, "ts": 1}' % i)
+        elif kind == 3:
+            lines.append(b'{"model": "m", "event_id": "", "label": 1, "ts": 1}')
+        elif kind == 4:
+            lines.append(b'{"model": "m", "event_id": "%d", "label": false, "ts": 1e999}' % i)
+        else:
+            lines.append(b'{"model": "m", "event_id": "%d", "label": 2.5, "ts": 3, "x": [1]}'
+                         % i)
+    pos = list(range(100, 160))
+    events, rejects = decode_labels(lines, pos, FIELDS, default_model="dflt")
+    one_by_one = [decode_labels([ln], [p], FIELDS, default_model="dflt")
+                  for ln, p in zip(lines, pos, strict=True)]
+    assert events == [e for evs, _ in one_by_one for e in evs]
+    assert [e.position for e in events] == sorted(e.position for e in events)
+    assert {e.model for e in events} == {"m", "dflt"} and len(events) == 30
+    assert [r.position for r in rejects] == [p for p in pos if (p - 100) % 6 in (2, 3, 4)]
+    slow = join._decode_labels_slow(list(zip(pos, lines, strict=True)), FIELDS, "dflt")
+    assert [r for r in slow if isinstance(r, LabelEvent)] == events

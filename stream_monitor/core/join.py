@@ -67,46 +67,109 @@ def event_key(value: Any) -> str | None:
     return None
 
 
+_LABEL_DECODERS: dict[tuple, Any] = {}
+_TYPED_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError,
+                 RecursionError)
+
+
+def _label_decoder(fields: FieldMapping) -> Any:
+    """A typed (C-level) decoder of well-formed label events; anything else raises and
+    takes the per-event path, which names what is wrong."""
+    key = (fields.model, fields.event_id, fields.label, fields.ts)
+    dec = _LABEL_DECODERS.get(key)
+    if dec is None:
+        unset = msgspec.UnsetType
+        msg = msgspec.defstruct(
+            "_LabelMessage", [("model", str | None | unset, msgspec.UNSET),
+                              ("event_id", str | int | None, None),
+                              ("label", str | bool | int | float | None, None),
+                              ("ts", float | str | None, None)],
+            rename=dict(zip(("model", "event_id", "label", "ts"), key, strict=True)),
+            gc=False)
+        dec = _LABEL_DECODERS[key] = msgspec.json.Decoder(msg).decode
+    return dec
+
+
 def decode_labels(messages: Sequence[bytes], positions: Sequence[int], fields: FieldMapping,
                   default_model: str | None = None
                   ) -> tuple[list[LabelEvent], list[Reject]]:
     """Label events of a batch; malformed ones become `label_malformed` rejects."""
     out: list[LabelEvent] = []
     rejects: list[Reject] = []
-    mk, ik, lk, tk = fields.model, fields.event_id, fields.label, fields.ts
+    fast = _label_decoder(fields)
+    unset = msgspec.UNSET
+    slow: list[tuple[int, bytes]] = []
+    at: list[int] = []  # where in the batch each slow message is, to keep input order
     for pos, raw in zip(positions, messages, strict=True):
+        try:
+            m = fast(raw)
+        except _TYPED_ERRORS:
+            at.append(len(out) + len(slow))
+            slow.append((pos, raw))
+            continue
+        model = default_model if m.model is unset else m.model
+        eid = m.event_id
+        if type(eid) is not str:
+            eid = None if eid is None else str(eid)
+        ts = m.ts
+        if type(ts) is not float:
+            ts = parse_timestamp(ts)
+        if (not model or not eid or m.label is None or ts != ts or ts in (math.inf, -math.inf)):
+            at.append(len(out) + len(slow))
+            slow.append((pos, raw))  # the per-event path names what is wrong
+            continue
+        out.append(LabelEvent(model, eid, m.label, ts, pos))
+    if slow:
+        rows = _decode_labels_slow(slow, fields, default_model)
+        if any(type(r) is LabelEvent for r in rows):
+            merged: list = [None] * (len(out) + len(slow))
+            for i, r in zip(at, rows, strict=True):
+                merged[i] = r
+            it = iter(out)
+            out = [next(it) if r is None else r for r in merged]
+            out = [r for r in out if type(r) is LabelEvent]
+        rejects = [r for r in rows if type(r) is not LabelEvent]
+    return out, rejects
+
+
+def _decode_labels_slow(items: list[tuple[int, bytes]], fields: FieldMapping,
+                        default_model: str | None) -> list[LabelEvent | Reject]:
+    """One label event or one reject (with its reason) per message, parsed one by one."""
+    out: list[LabelEvent | Reject] = []
+    mk, ik, lk, tk = fields.model, fields.event_id, fields.label, fields.ts
+    for pos, raw in items:
         try:
             ev = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            rejects.append(Reject(pos, LABEL_MALFORMED, raw, detail=f"not JSON: {exc}"[:200]))
+            out.append(Reject(pos, LABEL_MALFORMED, raw, detail=f"not JSON: {exc}"[:200]))
             continue
         if type(ev) is not dict:
-            rejects.append(Reject(pos, LABEL_MALFORMED, raw,
+            out.append(Reject(pos, LABEL_MALFORMED, raw,
                                   detail=f"label event is {type(ev).__name__}, not an object"))
             continue
         model = ev.get(mk, default_model)
         if type(model) is not str or not model:
-            rejects.append(Reject(pos, LABEL_MALFORMED, raw, detail=f"no string '{mk}' field"))
+            out.append(Reject(pos, LABEL_MALFORMED, raw, detail=f"no string '{mk}' field"))
             continue
         eid = event_key(ev.get(ik))
         if eid is None:
-            rejects.append(Reject(pos, LABEL_MALFORMED, raw, model=model[:100],
+            out.append(Reject(pos, LABEL_MALFORMED, raw, model=model[:100],
                                   detail=f"'{ik}': expected a non-empty string or integer"))
             continue
         label = ev.get(lk)
         if not isinstance(label, _LABEL_TYPES) or (
                 type(label) is float and not math.isfinite(label)):
-            rejects.append(Reject(pos, LABEL_MALFORMED, raw, model=model[:100],
+            out.append(Reject(pos, LABEL_MALFORMED, raw, model=model[:100],
                                   detail=f"'{lk}': expected a number, string or boolean, got "
                                          f"{type(label).__name__}"))
             continue
         ts = parse_timestamp(ev.get(tk))
         if ts != ts:
-            rejects.append(Reject(pos, LABEL_MALFORMED, raw, model=model[:100],
+            out.append(Reject(pos, LABEL_MALFORMED, raw, model=model[:100],
                                   detail=f"'{tk}': missing or not a timestamp"))
             continue
         out.append(LabelEvent(model, eid, label, ts, pos))
-    return out, rejects
+    return out
 
 
 def looks_like_label(raw: bytes, fields: FieldMapping) -> bool:
@@ -303,11 +366,13 @@ class JoinBuffer:
     # -- input ----------------------------------------------------------------------
 
     def add_predictions(self, positions: Sequence[int], ts: Sequence[float],
-                        outcomes: dict[str, list]) -> list[Pair]:
+                        outcomes: dict[str, list],
+                        values: np.ndarray | None = None) -> list[Pair]:
         """Buffer a batch of predictions; those carrying a label are joined at once.
 
         `outcomes` holds per-event lists (decode.OUTCOME_KEYS): event_id, prediction,
-        scores, label, segment and model_version.
+        scores, label, segment and model_version. `values`: the predictions as a float
+        array when every one is a float (the decoder's column), else None.
         """
         n = len(ts)
         if n == 0:
@@ -337,7 +402,7 @@ class JoinBuffer:
             take &= np.fromiter((v is None for v in inline_labels), bool, n)
         rows = None if take.all() else np.flatnonzero(take)
         if rows is None or rows.size:
-            pairs += self._buffer(rows, h, t, outcomes, versions)
+            pairs += self._buffer(rows, h, t, outcomes, versions, values)
         self.joined += len(pairs)
         self._bound()
         return pairs
@@ -369,7 +434,8 @@ class JoinBuffer:
         return pairs
 
     def _buffer(self, rows: np.ndarray | None, h: np.ndarray, t: np.ndarray,
-                outcomes: dict[str, list], versions: list) -> list[Pair]:
+                outcomes: dict[str, list], versions: list,
+                values: np.ndarray | None) -> list[Pair]:
         """Predictions without a label into a new chunk (columns); those whose label is
         already waiting are joined instead."""
         def pick(col: list) -> list:
@@ -378,9 +444,10 @@ class JoinBuffer:
         if rows is not None:
             h, t = h[rows], t[rows]
         n = int(h.size)
-        preds = pick(outcomes["prediction"])
         pf = po = sc = sg = None
-        if set(map(type, preds)) == {float}:
+        if values is not None:
+            pf = values if rows is None else values[rows]
+        elif set(map(type, preds := pick(outcomes["prediction"]))) == {float}:
             # the prediction carries the score (a binary probability, or a regression
             # value): the scores object is not needed, nor kept
             pf = np.array(preds, np.float64)
