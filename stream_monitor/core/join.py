@@ -280,8 +280,8 @@ class JoinBuffer:
         self.versions: list[str | None] = []     # model versions, coded in chunk["ver"]
         # key -> (ts, label, position, seq); insertion order = arrival
         self.labels: dict[int, tuple] = {}
-        # keys joined recently (duplicate detection) -> seq, bounded like the predictions
-        self.joined_ids: dict[int, int] = {}
+        # keys of the last `max_labels` joined pairs (to tell a duplicate), oldest first
+        self.joined_ids: dict[int, None] = {}
         self.seq = 0                             # arrival counter (orders dicts on undo)
         self.joined = 0
         self.unjoined: Counter = Counter()
@@ -316,6 +316,7 @@ class JoinBuffer:
         if token is not j or j is None:
             raise RuntimeError("join buffer: rollback to a checkpoint that is not the latest")
         reorder = []
+        front: list[int] = []  # joined keys evicted (from the front), newest first
         for entry in reversed(j["log"]):
             kind = entry[0]
             if kind == "alive":
@@ -328,14 +329,21 @@ class JoinBuffer:
                 _, d, key, old = entry
                 if old is _MISSING:
                     d.pop(key, None)
+                elif d is j["saved"]["joined_ids"]:
+                    front.append(key)
                 else:
                     d[key] = old
                     reorder.append(d)
         for d in {id(d): d for d in reorder}.values():  # re-inserted keys: arrival order
-            items = sorted(d.items(), key=lambda kv: kv[1] if type(kv[1]) is int
-                           else kv[1][-1])
+            items = sorted(d.items(), key=lambda kv: kv[1][-1])
             d.clear()
             d.update(items)
+        if front:  # evicted joined keys go back in front, in their order
+            joined = j["saved"]["joined_ids"]
+            rest = list(joined)
+            joined.clear()
+            joined.update(dict.fromkeys(reversed(front)))
+            joined.update(dict.fromkeys(rest))
         for c, start, live in j["marks"]:
             c["start"], c["live"] = start, live
         vars(self).update(j["saved"])
@@ -424,7 +432,7 @@ class JoinBuffer:
                 if key in joined:
                     self.unjoined[LABEL_DUPLICATE] += 1
                     continue
-                self._set(joined, key, self._seqs(1)[0])
+                self._set(joined, key, None)
                 if key in waiting:  # the topic's label came first: a duplicate
                     self._del(waiting, key)
                     self.unjoined[LABEL_DUPLICATE] += 1
@@ -481,8 +489,8 @@ class JoinBuffer:
                 match = np.flatnonzero(np.fromiter((k in waiting for k in hl), bool, n)
                                        & c["alive"])
                 labs = [self._del(waiting, hl[i]) for i in match.tolist()]
-                for i, s in zip(match.tolist(), self._seqs(len(labs)), strict=True):
-                    self._set(self.joined_ids, hl[i], s)
+                for i in match.tolist():
+                    self._set(self.joined_ids, hl[i], None)
                 pairs = self._pairs(c, match, [lab[2] for lab in labs],
                                     [lab[0] for lab in labs], [lab[1] for lab in labs])
                 self._kill(c, match)
@@ -620,7 +628,7 @@ class JoinBuffer:
                                      lts[sel].tolist(), [events[i].label for i in sl])
                 self._kill(c, rows)
             keys = h[fl].tolist()
-            self.joined_ids.update(zip(keys, self._seqs(len(keys)), strict=True))
+            self.joined_ids.update(dict.fromkeys(keys))
             if self._journal is not None:
                 self._journal["log"].append(("add", self.joined_ids, keys))
         rest = np.flatnonzero(first & (where_c < 0))
@@ -646,7 +654,7 @@ class JoinBuffer:
         self._expire_labels(self.prediction_watermark - b.max_age)
         self._evict_predictions(b.max_predictions)
         self._evict(self.labels, b.max_labels, LABEL_UNKNOWN_EVENT)
-        self._evict(self.joined_ids, b.max_predictions, None)
+        self._evict(self.joined_ids, b.max_labels, None)
         if any(not c["live"] for c in self.chunks):
             self.chunks = [c for c in self.chunks if c["live"]]
         # joined rows stay in their chunk until it empties: compact when they dominate
@@ -775,9 +783,8 @@ class JoinBuffer:
                                      buf._version_codes(p["model_version"]), sc, sg))
         buf.labels = {int(r[0]): (math.nan if r[1] is None else float(r[1]), r[2], r[3], i)
                       for i, r in enumerate(state["labels"])}
-        buf.joined_ids = {int(k): i + len(buf.labels)
-                          for i, k in enumerate(state["joined_ids"])}
-        buf.seq = len(buf.labels) + len(buf.joined_ids)
+        buf.joined_ids = dict.fromkeys(int(k) for k in state["joined_ids"])
+        buf.seq = len(buf.labels)
         buf.joined = int(state["joined"])
         buf.unjoined = Counter(state["unjoined"])
         pw, lw = state["prediction_watermark"], state["label_watermark"]
