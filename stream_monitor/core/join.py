@@ -206,8 +206,8 @@ def id_hashes(ids: Sequence[str]) -> np.ndarray:
     n = len(ids)
     if n == 0:
         return np.empty(0, np.int64)
-    lens = np.fromiter(map(len, ids), np.int64, n)
-    if lens.max() > _LONG_ID:
+    lens = np.fromiter(map(len, ids), np.int64, n)  # numpy drops trailing NULs: not this
+    if lens.max() > _LONG_ID:  # checked first: never one very wide array
         out = np.empty(n, np.int64)
         for part in (lens <= _LONG_ID, lens > _LONG_ID):
             idx = np.flatnonzero(part)
@@ -219,9 +219,10 @@ def id_hashes(ids: Sequence[str]) -> np.ndarray:
 
 def _poly_hash(ids: Sequence[str], lens: np.ndarray) -> np.ndarray:
     a = np.array(ids, dtype=np.str_)
+    n = a.size
     w = max(a.dtype.itemsize // 4, 1)
-    codes = a.view(np.uint32).reshape(len(ids), w).T  # one row per character position
-    h = np.zeros(len(ids), np.uint64)
+    codes = a.view(np.uint32).reshape(n, w).T  # one row per character position
+    h = np.zeros(n, np.uint64)
     p = np.uint64(1)
     with np.errstate(over="ignore"):
         for row in codes:
@@ -387,10 +388,11 @@ class JoinBuffer:
             self._bound()
             return []
         t = np.asarray(ts, dtype=np.float64)
-        if not np.isnan(t).all():
-            newest = float(np.nanmax(t))
-            if newest > self.prediction_watermark:
-                self.prediction_watermark = newest
+        newest = float(t.max())
+        if newest != newest:  # NaN somewhere
+            newest = float(np.nanmax(t)) if not np.isnan(t).all() else -math.inf
+        if newest > self.prediction_watermark:
+            self.prediction_watermark = newest
         ids, inline_labels = outcomes["event_id"], outcomes["label"]
         versions = outcomes.get("model_version") or [None] * n
         if set(map(type, ids)) == {str} and "" not in ids:
