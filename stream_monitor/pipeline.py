@@ -274,9 +274,10 @@ class Monitor:
         d = self.config.decode
         events, result.rejects = decode_labels(messages, positions, d.fields, d.default_model)
         closed, unknown = self.performance.labels(events)
-        for ev in events:
-            if ev.model in self.performance.models:
-                result.labels[ev.model] += 1
+        counted = Counter(ev.model for ev in events)
+        for model, n in counted.items():
+            if model in self.performance.models:
+                result.labels[model] += n
         result.unjoined[LABEL_UNKNOWN_MODEL] += sum(unknown.values())
         for model, windows in closed.items():
             self._close_performance(model, windows, result)

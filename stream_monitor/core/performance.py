@@ -227,6 +227,18 @@ class ModelPerformance:
         if self.fresh_lag_count < 100_000:  # drained per batch by the metrics
             self.fresh_lags.append(lag)
             self.fresh_lag_count += int(lag.size)
+        versions = {p[3] for p in pairs}
+        if len(versions) == 1:  # one model version (the common case): whole slices
+            (version,) = versions
+            w = self.windows.get(version)
+            if w is None:
+                w = self.windows[version] = _Window()
+            w.pairs.extend(pairs)
+            while len(w.pairs) >= size:
+                closed.append((version, w.pairs[:size], w.index))
+                w.pairs = w.pairs[size:]
+                w.index += 1
+            return closed
         for p in pairs:
             w = self.windows.get(p[3])
             if w is None:
@@ -840,6 +852,10 @@ class PerformanceStage:
         """Join label events; returns closed windows per model and unknown-model counts."""
         by_model: dict[str, list[LabelEvent]] = {}
         unknown: Counter = Counter()
+        models = {ev.model for ev in events}
+        if len(models) == 1 and next(iter(models)) in self.models:  # the common case
+            by_model[next(iter(models))] = list(events)
+            events = []
         for ev in events:
             if ev.model in self.models:
                 by_model.setdefault(ev.model, []).append(ev)
