@@ -227,6 +227,14 @@ def measure(name: str, events: int, rounds: int) -> None:
         start_up(setup, rounds)
 
 
+def labelled(events: int, rounds: int) -> None:
+    """The engine with 10% of the events labelled (issue 13): `labels.py` in a process of
+    its own prints the engine's rate with and without the label join and the join's cost."""
+    print("\nclean workload, 10% of the events labelled (benchmarks/labels.py)", flush=True)
+    subprocess.run([sys.executable, str(Path(__file__).with_name("labels.py")), "--events",
+                    str(events), "--rounds", str(rounds)], check=True)
+
+
 def main() -> None:
     global CLOCK
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -247,6 +255,7 @@ def main() -> None:
     for name in names:
         subprocess.run([sys.executable, __file__, "--one", name, "--events", str(args.events),
                         "--rounds", str(args.rounds), "--clock", args.clock], check=True)
+    labelled(args.events, args.rounds)
 
 
 if __name__ == "__main__":

@@ -178,6 +178,7 @@ class Monitor:
                                           for n in config.models})
             for name, pipe in self.models.items():
                 self.performance.add_model(name, pipe.reference)
+                self._skip_outcomes(name, pipe)
             self.decoder.outcomes = True
 
     def process(self, messages: Sequence[bytes], positions: Sequence[int]) -> BatchResult:
@@ -217,23 +218,33 @@ class Monitor:
 
         Windows, alert states and event times are deep-copied (small fixed-size arrays:
         tens of microseconds); references, schemas and settings are shared, not copied;
-        baseline builders only grow, so their row count is enough to undo a batch.
+        baseline builders only grow, so their row count is enough to undo a batch. Join
+        buffers (up to `max_predictions` each) are not copied: each starts an undo
+        journal (`JoinBuffer.begin`), so the checkpoint costs the batch, not the buffer.
         """
         memo: dict[int, Any] = {id(self.config): self.config}
         for p in self.models.values():
             for shared in (p.reference, p.schema, p.evaluator, p.settings, p.windows.layout,
                            p.windows.window):
                 memo[id(shared)] = shared
+        journals = []
+        if self.performance is not None:
+            for mp in self.performance.models.values():
+                memo[id(mp.buffer)] = mp.buffer
+                journals.append((mp.buffer, mp.buffer.begin()))
         # the performance stage shares the policy: one deepcopy keeps them together
         state = copy.deepcopy((self.models, self.policy, self.newest_event, self.performance),
                               memo)
         builders = {n: (b, target, b.rows, set(b.columns))
                     for n, (b, target) in self.baselines.items()}
-        return state, builders
+        return state, builders, journals
 
     def rollback(self, checkpoint: Any) -> None:
         """Back to the state of `checkpoint` (taken by `checkpoint()`; usable once)."""
-        (self.models, self.policy, self.newest_event, self.performance), builders = checkpoint
+        (self.models, self.policy, self.newest_event, self.performance), builders, journals = \
+            checkpoint
+        for buffer, token in journals:
+            buffer.rollback(token)
         for name, (builder, target, rows, columns) in builders.items():
             for col in [c for c in builder.columns if c not in columns]:
                 del builder.columns[col]
@@ -263,9 +274,10 @@ class Monitor:
         d = self.config.decode
         events, result.rejects = decode_labels(messages, positions, d.fields, d.default_model)
         closed, unknown = self.performance.labels(events)
-        for ev in events:
-            if ev.model in self.performance.models:
-                result.labels[ev.model] += 1
+        counted = Counter(ev.model for ev in events)
+        for model, n in counted.items():
+            if model in self.performance.models:
+                result.labels[model] += n
         result.unjoined[LABEL_UNKNOWN_MODEL] += sum(unknown.values())
         for model, windows in closed.items():
             self._close_performance(model, windows, result)
@@ -300,9 +312,17 @@ class Monitor:
             idx = np.flatnonzero(keep).tolist()
             outcomes = {k: [v[i] for i in idx] for k, v in outcomes.items()}
             positions, ts = positions[keep], ts[keep]
-        ts_list = ts.tolist()
-        result.performance += self.performance.estimates(model, ts_list, outcomes)
-        closed = self.performance.predictions(model, positions.tolist(), ts_list, outcomes)
+        # every prediction a float: the decoder's numeric column serves (no list -> array)
+        values = None
+        preds = outcomes["prediction"]
+        if preds and set(map(type, preds)) == {float}:
+            values = batch.prediction
+            if values is None or values.dtype != np.float64 or values.size != batch.ts.size:
+                values = np.array(preds, np.float64)
+            elif late.size:
+                values = values[keep]
+        result.performance += self.performance.estimates(model, ts, outcomes, values)
+        closed = self.performance.predictions(model, positions, ts, outcomes, values)
         self._close_performance(model, closed, result)
 
     def _close_performance(self, model: str, closed: list, result: BatchResult) -> None:
@@ -372,3 +392,9 @@ class Monitor:
         self.decoder.pending.discard(model)
         if self.performance is not None:
             self.performance.add_model(model, reference)
+            self._skip_outcomes(model, pipe)
+
+    def _skip_outcomes(self, model: str, pipe: ModelPipeline) -> None:
+        """The segment object is decoded only for a model that slices by segment."""
+        if not performance_settings(self.config, model).segments.fields:
+            pipe.schema.outcome_skip = frozenset({"segment"})

@@ -83,7 +83,8 @@ def test_labels_before_predictions_wait_and_join():
     assert len(buf.labels) == 2
     pairs = buf.add_predictions([1, 2, 3], [1.0, 2.0, 3.0], outcomes(["y", "z", "x"], [1, 1, 0]))
     assert sorted((p[4], p[7]) for p in pairs) == [(0, 0), (1, 1)]
-    assert list(buf.predictions) == ["z"] and not buf.labels
+    assert len(buf.predictions) == 1 and not buf.labels
+    assert [p[4] for p in buf.add_labels(labels(["z"], [7.0]))] == [1]  # "z" was waiting
 
 
 def test_unjoined_counted_by_reason():
@@ -162,3 +163,111 @@ def test_batch_fast_path_matches_the_per_event_path(seed):
             out += buf.add_labels(labels(lab.tolist(), [ts[-1] + 10.0] * 60))
         results.append((sorted(map(repr, out)), buf.state()))
     assert results[0] == results[1]
+
+
+def _chunks_equal(a: JoinBuffer, b: JoinBuffer) -> bool:
+    """The internal columns, not only `state()`: rollback must restore them exactly."""
+    if len(a.chunks) != len(b.chunks):
+        return False
+    for x, y in zip(a.chunks, b.chunks, strict=True):
+        for k in x:
+            u, v = x[k], y[k]
+            if isinstance(u, np.ndarray):
+                if not isinstance(v, np.ndarray) or u.dtype != v.dtype or not (
+                        np.array_equal(u, v, equal_nan=u.dtype.kind == "f")):
+                    return False
+            elif u != v:
+                return False
+    return (a.labels == b.labels and list(a.labels) == list(b.labels)
+            and list(a.joined_ids.items()) == list(b.joined_ids.items())
+            and (a.seq, a.joined, a.unjoined, a.versions) == (b.seq, b.joined, b.unjoined,
+                                                              b.versions))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rollback_restores_the_buffer_exactly(seed):
+    """Batches of predictions (duplicates, inline labels, objects and floats) and labels
+    (early, duplicate, unknown) that expire, evict and merge chunks; after each, a
+    rollback must give back exactly the buffer of before, and re-applying the batch must
+    give what a buffer that never rolled back holds."""
+    import copy
+
+    r = np.random.default_rng(seed)
+    bounds = JoinConfig(max_predictions=400, max_labels=60, max_age=4000.0)
+    buf, twin = JoinBuffer(bounds), JoinBuffer(bounds)
+    for b in range(30):
+        size = int(r.choice([3, 40, 300]))
+        ids = (r.choice(2500, size, replace=False) + b * 60).tolist()
+        ts = (b * 300.0 + np.arange(size)).tolist()
+        floats = b % 3 != 0
+        preds = r.random(size).tolist() if floats else r.choice(["yes", "no"], size).tolist()
+        inline = [None if r.random() > 0.05 else "yes" for _ in range(size)]
+        out = outcomes([str(i) for i in ids], preds, labels=inline,
+                       scores=[{"yes": 0.5}] * size, segs=[{"r": str(b % 4)}] * size,
+                       version=f"v{b % 2}")
+        lab_ids = r.choice(2500 + b * 60, 50).tolist()  # some twice, some unknown
+        lab = labels(lab_ids, (ts[-1] + r.uniform(-500, 3000, 50)).tolist())
+        before = copy.deepcopy(buf)
+        token = buf.begin()
+        buf.add_predictions(list(range(size)), ts, out)
+        buf.add_labels(lab)
+        buf.rollback(token)
+        assert _chunks_equal(buf, before)
+        assert buf.state() == before.state()
+        expect = twin.add_predictions(list(range(size)), ts, out) + twin.add_labels(lab)
+        buf.begin()  # a journal that is not rolled back changes nothing
+        got = buf.add_predictions(list(range(size)), ts, out) + buf.add_labels(lab)
+        assert sorted(map(repr, got)) == sorted(map(repr, expect))
+        assert _chunks_equal(buf, twin)
+    assert buf.unjoined[join.PREDICTION_EXPIRED] and buf.unjoined[join.LABEL_DUPLICATE]
+    assert buf.unjoined[join.PREDICTION_EVICTED] and buf.joined
+
+
+def test_rollback_to_an_older_checkpoint_is_refused():
+    buf = JoinBuffer(JoinConfig())
+    old = buf.begin()
+    buf.begin()
+    with pytest.raises(RuntimeError):
+        buf.rollback(old)
+
+
+def test_stable_keys_do_not_depend_on_the_batch():
+    """The same id gets the same key alone, beside longer ids, and beside a very long one
+    (the array width differs), and distinct ids get distinct keys."""
+    ids = ["a", "ab", "b", "é-7", "x" * 64, "x" * 65, "y" * 300, "a\x00"]
+    alone = [int(join.id_hashes([i])[0]) for i in ids]
+    assert join.id_hashes(ids).tolist() == alone
+    assert len(set(alone)) == len(ids)
+    many = join.id_hashes([f"churn-{i}" for i in range(200_000)])
+    assert np.unique(many).size == many.size
+
+
+def test_decode_labels_keeps_input_order_across_the_typed_and_per_event_paths():
+    """Well-formed labels take the typed decoder, the others the per-event parser (for the
+    reason); the events come out in input order, and the same as parsed one by one."""
+    lines = []
+    for i in range(60):
+        kind = i % 6
+        if kind == 0:
+            lines.append(b'{"model": "m", "event_id": "%d", "label": 1, "ts": %d}' % (i, i))
+        elif kind == 1:
+            lines.append(b'{"event_id": %d, "label": "a", "ts": "2026-11-22T10:00:00Z"}' % i)
+        elif kind == 2:
+            lines.append(b'{"model": null, "event_id": "%d", "label": 1, "ts": 1}' % i)
+        elif kind == 3:
+            lines.append(b'{"model": "m", "event_id": "", "label": 1, "ts": 1}')
+        elif kind == 4:
+            lines.append(b'{"model": "m", "event_id": "%d", "label": false, "ts": 1e999}' % i)
+        else:
+            lines.append(b'{"model": "m", "event_id": "%d", "label": 2.5, "ts": 3, "x": [1]}'
+                         % i)
+    pos = list(range(100, 160))
+    events, rejects = decode_labels(lines, pos, FIELDS, default_model="dflt")
+    one_by_one = [decode_labels([ln], [p], FIELDS, default_model="dflt")
+                  for ln, p in zip(lines, pos, strict=True)]
+    assert events == [e for evs, _ in one_by_one for e in evs]
+    assert [e.position for e in events] == sorted(e.position for e in events)
+    assert {e.model for e in events} == {"m", "dflt"} and len(events) == 30
+    assert [r.position for r in rejects] == [p for p in pos if (p - 100) % 6 in (2, 3, 4)]
+    slow = join._decode_labels_slow(list(zip(pos, lines, strict=True)), FIELDS, "dflt")
+    assert [r for r in slow if isinstance(r, LabelEvent)] == events

@@ -375,3 +375,33 @@ def test_cbpe_estimates_before_any_label(tmp_path, ref_path, seed):
         assert abs(e["estimated"]["accuracy"] - real) <= 0.02
     assert abs(realized[-1] - realized[0]) > 0.03  # the shift moved accuracy
     assert mon.performance.models["churn"].buffer.joined == 0
+
+
+def test_monitor_rollback_restores_the_join_exactly_without_copying_it(tmp_path, ref_path):
+    """`checkpoint` shares the join buffer (its undo journal, not a copy of up to
+    max_predictions entries); `rollback` after a batch of predictions and one of labels
+    restores the join state exactly, and the batches re-applied give the same outputs."""
+    cfg = load_config(_config(tmp_path, ref_path))
+    d = ps.draw(12_000, seed=21)
+    evs, labs = ps.events(d), ps.labels(d, fraction=0.5)
+    mon, twin = Monitor(cfg), Monitor(cfg)
+    for m in (mon, twin):
+        m.process(evs[:8000], list(range(8000)))
+        m.process_labels(labs[:2000], list(range(2000)))
+    buf = mon.performance.models["churn"].buffer
+    before = buf.state()
+    cp = mon.checkpoint()
+    assert cp[0][3].models["churn"].buffer is buf  # shared, not deep-copied
+    mon.process(evs[8000:], list(range(8000, 12_000)))
+    mon.process_labels(labs[2000:], list(range(2000, len(labs))))
+    assert buf.state() != before
+    mon.rollback(cp)
+    assert mon.performance.models["churn"].buffer.state() == before
+    a = [mon.process(evs[8000:], list(range(8000, 12_000))),
+         mon.process_labels(labs[2000:], list(range(2000, len(labs))))]
+    b = [twin.process(evs[8000:], list(range(8000, 12_000))),
+         twin.process_labels(labs[2000:], list(range(2000, len(labs))))]
+    for x, y in zip(a, b, strict=True):
+        assert orjson.dumps(x.performance) == orjson.dumps(y.performance)
+        assert x.alerts == y.alerts
+    assert buf.state() == twin.performance.models["churn"].buffer.state()

@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from itertools import islice, repeat
+from itertools import islice
 from typing import Any
 
 import msgspec
+import numpy as np
 import orjson
 
 from stream_monitor.config import FieldMapping, JoinConfig
@@ -66,46 +67,109 @@ def event_key(value: Any) -> str | None:
     return None
 
 
+_LABEL_DECODERS: dict[tuple, Any] = {}
+_TYPED_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError,
+                 RecursionError)
+
+
+def _label_decoder(fields: FieldMapping) -> Any:
+    """A typed (C-level) decoder of well-formed label events; anything else raises and
+    takes the per-event path, which names what is wrong."""
+    key = (fields.model, fields.event_id, fields.label, fields.ts)
+    dec = _LABEL_DECODERS.get(key)
+    if dec is None:
+        unset = msgspec.UnsetType
+        msg = msgspec.defstruct(
+            "_LabelMessage", [("model", str | None | unset, msgspec.UNSET),
+                              ("event_id", str | int | None, None),
+                              ("label", str | bool | int | float | None, None),
+                              ("ts", float | str | None, None)],
+            rename=dict(zip(("model", "event_id", "label", "ts"), key, strict=True)),
+            gc=False)
+        dec = _LABEL_DECODERS[key] = msgspec.json.Decoder(msg).decode
+    return dec
+
+
 def decode_labels(messages: Sequence[bytes], positions: Sequence[int], fields: FieldMapping,
                   default_model: str | None = None
                   ) -> tuple[list[LabelEvent], list[Reject]]:
     """Label events of a batch; malformed ones become `label_malformed` rejects."""
     out: list[LabelEvent] = []
     rejects: list[Reject] = []
-    mk, ik, lk, tk = fields.model, fields.event_id, fields.label, fields.ts
+    fast = _label_decoder(fields)
+    unset = msgspec.UNSET
+    slow: list[tuple[int, bytes]] = []
+    at: list[int] = []  # where in the batch each slow message is, to keep input order
     for pos, raw in zip(positions, messages, strict=True):
+        try:
+            m = fast(raw)
+        except _TYPED_ERRORS:
+            at.append(len(out) + len(slow))
+            slow.append((pos, raw))
+            continue
+        model = default_model if m.model is unset else m.model
+        eid = m.event_id
+        if type(eid) is not str:
+            eid = None if eid is None else str(eid)
+        ts = m.ts
+        if type(ts) is not float:
+            ts = parse_timestamp(ts)
+        if (not model or not eid or m.label is None or ts != ts or ts in (math.inf, -math.inf)):
+            at.append(len(out) + len(slow))
+            slow.append((pos, raw))  # the per-event path names what is wrong
+            continue
+        out.append(LabelEvent(model, eid, m.label, ts, pos))
+    if slow:
+        rows = _decode_labels_slow(slow, fields, default_model)
+        if any(type(r) is LabelEvent for r in rows):
+            merged: list = [None] * (len(out) + len(slow))
+            for i, r in zip(at, rows, strict=True):
+                merged[i] = r
+            it = iter(out)
+            out = [next(it) if r is None else r for r in merged]
+            out = [r for r in out if type(r) is LabelEvent]
+        rejects = [r for r in rows if type(r) is not LabelEvent]
+    return out, rejects
+
+
+def _decode_labels_slow(items: list[tuple[int, bytes]], fields: FieldMapping,
+                        default_model: str | None) -> list[LabelEvent | Reject]:
+    """One label event or one reject (with its reason) per message, parsed one by one."""
+    out: list[LabelEvent | Reject] = []
+    mk, ik, lk, tk = fields.model, fields.event_id, fields.label, fields.ts
+    for pos, raw in items:
         try:
             ev = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            rejects.append(Reject(pos, LABEL_MALFORMED, raw, detail=f"not JSON: {exc}"[:200]))
+            out.append(Reject(pos, LABEL_MALFORMED, raw, detail=f"not JSON: {exc}"[:200]))
             continue
         if type(ev) is not dict:
-            rejects.append(Reject(pos, LABEL_MALFORMED, raw,
+            out.append(Reject(pos, LABEL_MALFORMED, raw,
                                   detail=f"label event is {type(ev).__name__}, not an object"))
             continue
         model = ev.get(mk, default_model)
         if type(model) is not str or not model:
-            rejects.append(Reject(pos, LABEL_MALFORMED, raw, detail=f"no string '{mk}' field"))
+            out.append(Reject(pos, LABEL_MALFORMED, raw, detail=f"no string '{mk}' field"))
             continue
         eid = event_key(ev.get(ik))
         if eid is None:
-            rejects.append(Reject(pos, LABEL_MALFORMED, raw, model=model[:100],
+            out.append(Reject(pos, LABEL_MALFORMED, raw, model=model[:100],
                                   detail=f"'{ik}': expected a non-empty string or integer"))
             continue
         label = ev.get(lk)
         if not isinstance(label, _LABEL_TYPES) or (
                 type(label) is float and not math.isfinite(label)):
-            rejects.append(Reject(pos, LABEL_MALFORMED, raw, model=model[:100],
+            out.append(Reject(pos, LABEL_MALFORMED, raw, model=model[:100],
                                   detail=f"'{lk}': expected a number, string or boolean, got "
                                          f"{type(label).__name__}"))
             continue
         ts = parse_timestamp(ev.get(tk))
         if ts != ts:
-            rejects.append(Reject(pos, LABEL_MALFORMED, raw, model=model[:100],
+            out.append(Reject(pos, LABEL_MALFORMED, raw, model=model[:100],
                                   detail=f"'{tk}': missing or not a timestamp"))
             continue
         out.append(LabelEvent(model, eid, label, ts, pos))
-    return out, rejects
+    return out
 
 
 def looks_like_label(raw: bytes, fields: FieldMapping) -> bool:
@@ -122,165 +186,464 @@ def looks_like_label(raw: bytes, fields: FieldMapping) -> bool:
 # label). Position is the label's (or the inline event's) so pairs sort in input order.
 Pair = tuple
 
+# Stable 64-bit keys of event ids: a polynomial over the UCS-4 code points (trailing
+# padding adds nothing, so the width of the batch's array does not matter), the length,
+# then the splitmix64 finaliser.
+_POLY = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_LONG_ID = 64          # longer ids are hashed apart, so one long id does not widen a batch
+_MISSING = object()
+
+
+def id_hashes(ids: Sequence[str]) -> np.ndarray:
+    """The join keys (int64) of a batch of event ids, computed in numpy.
+
+    Stable across processes (unlike `hash()`), so a checkpointed buffer keeps matching
+    after a restart. Two distinct ids share a key with probability about n^2 / 2^65
+    (1e-9 with 200,000 waiting): such a label would join the other id's prediction.
+    """
+    n = len(ids)
+    if n == 0:
+        return np.empty(0, np.int64)
+    lens = np.fromiter(map(len, ids), np.int64, n)  # numpy drops trailing NULs: not this
+    if lens.max() > _LONG_ID:  # checked first: never one very wide array
+        out = np.empty(n, np.int64)
+        for part in (lens <= _LONG_ID, lens > _LONG_ID):
+            idx = np.flatnonzero(part)
+            if idx.size:
+                out[idx] = _poly_hash([ids[i] for i in idx.tolist()], lens[idx])
+        return out
+    return _poly_hash(ids, lens)
+
+
+def _poly_hash(ids: Sequence[str], lens: np.ndarray) -> np.ndarray:
+    a = np.array(ids, dtype=np.str_)
+    n = a.size
+    w = max(a.dtype.itemsize // 4, 1)
+    codes = a.view(np.uint32).reshape(n, w).T  # one row per character position
+    h = np.zeros(n, np.uint64)
+    p = np.uint64(1)
+    with np.errstate(over="ignore"):
+        for row in codes:
+            p = p * _POLY
+            h += row.astype(np.uint64) * p
+        h ^= lens.astype(np.uint64)
+        h ^= h >> np.uint64(30)
+        h *= _MIX1
+        h ^= h >> np.uint64(27)
+        h *= _MIX2
+        h ^= h >> np.uint64(31)
+    return h.view(np.int64)
+
+
+def _chunk(h: np.ndarray, ts: np.ndarray, pf: np.ndarray | None, po: np.ndarray | None,
+           ver: np.ndarray, sc: np.ndarray | None, sg: np.ndarray | None) -> dict[str, Any]:
+    """Waiting predictions of one or more batches: columns in arrival order, the keys
+    sorted (`hs`, `order`) for lookups, `alive` rows not yet joined nor dropped, and
+    `start` (rows before it are gone). A plain dict of numpy arrays: it serialises."""
+    order = np.argsort(h, kind="stable")
+    return {"h": h, "ts": ts, "pf": pf, "po": po, "ver": ver, "sc": sc, "sg": sg,
+            "alive": np.ones(h.size, bool), "order": order, "hs": h[order], "start": 0,
+            "live": int(h.size)}
+
+
+class _Waiting:
+    """`len()` and truth of the waiting predictions (they live in columns, not objects)."""
+
+    def __init__(self, buf: JoinBuffer):
+        self._buf = buf
+
+    def __len__(self) -> int:
+        return sum(c["live"] for c in self._buf.chunks)
+
+    def __bool__(self) -> bool:
+        return any(c["live"] for c in self._buf.chunks)
+
 
 class JoinBuffer:
-    """One model's predictions waiting for labels and labels waiting for predictions."""
+    """One model's predictions waiting for labels and labels waiting for predictions.
+
+    Predictions are kept as columns (numpy arrays, one chunk per batch, small chunks
+    merged) keyed by a stable 64-bit hash of the event id: a batch is inserted, looked up
+    and expired with a few numpy calls, and a prediction that never gets a label costs
+    no Python object. Only the labelled fraction lives in dicts: labels waiting for their
+    prediction, and the keys joined recently (to tell duplicates).
+
+    `begin()` starts an undo journal (O(1): the batch's changes are logged as they are
+    made), `rollback()` undoes everything since: the per-batch checkpoint of the Kafka
+    edge costs the size of the batch, not of the buffer.
+    """
 
     def __init__(self, bounds: JoinConfig):
         self.bounds = bounds
-        # event id -> (ts, version, prediction, scores, segment); insertion order = arrival
-        self.predictions: dict[str, tuple] = {}
-        # event id -> (ts, label, position)
-        self.labels: dict[str, tuple] = {}
-        # ids joined recently (duplicate detection), bounded like the predictions
-        self.joined_ids: dict[str, None] = {}
+        self.chunks: list[dict[str, Any]] = []
+        self.versions: list[str | None] = []     # model versions, coded in chunk["ver"]
+        # key -> (ts, label, position, seq); insertion order = arrival
+        self.labels: dict[int, tuple] = {}
+        # keys of the last `max_labels` joined pairs (to tell a duplicate), oldest first
+        self.joined_ids: dict[int, None] = {}
+        self.seq = 0                             # arrival counter (orders dicts on undo)
         self.joined = 0
         self.unjoined: Counter = Counter()
         self.prediction_watermark = -math.inf   # newest prediction event time
         self.label_watermark = -math.inf        # newest label event time
         self.keep_segment = True                # False when no segment field is configured
+        self._journal: dict[str, Any] | None = None
+
+    @property
+    def predictions(self) -> _Waiting:
+        return _Waiting(self)
+
+    @property
+    def _chunk_rows(self) -> int:
+        return max(1024, self.bounds.max_predictions // 16)
+
+    # -- undo journal ---------------------------------------------------------------
+
+    def begin(self) -> object:
+        """Start logging changes; `rollback(token)` undoes them. O(number of chunks)."""
+        saved = {k: v for k, v in vars(self).items() if k != "_journal"}
+        saved["chunks"] = list(self.chunks)
+        saved["versions"] = list(self.versions)
+        saved["unjoined"] = Counter(self.unjoined)
+        self._journal = {"saved": saved, "log": [],
+                         "marks": [(c, c["start"], c["live"]) for c in self.chunks]}
+        return self._journal
+
+    def rollback(self, token: object) -> None:
+        """Undo every change since `begin()` returned `token` (the latest one)."""
+        j = self._journal
+        if token is not j or j is None:
+            raise RuntimeError("join buffer: rollback to a checkpoint that is not the latest")
+        reorder = []
+        front: list[int] = []  # joined keys evicted (from the front), newest first
+        for entry in reversed(j["log"]):
+            kind = entry[0]
+            if kind == "alive":
+                entry[1]["alive"][entry[2]] = True
+            elif kind == "add":
+                d = entry[1]
+                for k in entry[2]:
+                    d.pop(k, None)
+            else:  # "set": d[key] was `old` (or absent)
+                _, d, key, old = entry
+                if old is _MISSING:
+                    d.pop(key, None)
+                elif d is j["saved"]["joined_ids"]:
+                    front.append(key)
+                else:
+                    d[key] = old
+                    reorder.append(d)
+        for d in {id(d): d for d in reorder}.values():  # re-inserted keys: arrival order
+            items = sorted(d.items(), key=lambda kv: kv[1][-1])
+            d.clear()
+            d.update(items)
+        if front:  # evicted joined keys go back in front, in their order
+            joined = j["saved"]["joined_ids"]
+            rest = list(joined)
+            joined.clear()
+            joined.update(dict.fromkeys(reversed(front)))
+            joined.update(dict.fromkeys(rest))
+        for c, start, live in j["marks"]:
+            c["start"], c["live"] = start, live
+        vars(self).update(j["saved"])
+        self._journal = None
+
+    def _set(self, d: dict, key: int, value: Any) -> None:
+        if self._journal is not None:
+            self._journal["log"].append(("set", d, key, d.get(key, _MISSING)))
+        d[key] = value
+
+    def _del(self, d: dict, key: int) -> Any:
+        value = d.pop(key)
+        if self._journal is not None:
+            self._journal["log"].append(("set", d, key, value))
+        return value
+
+    def _kill(self, c: dict[str, Any], rows: np.ndarray) -> None:
+        """Rows leave the waiting predictions (joined, expired, evicted, duplicate)."""
+        c["alive"][rows] = False
+        c["live"] -= int(rows.size)
+        if self._journal is not None:
+            self._journal["log"].append(("alive", c, rows))
+
+    def _seqs(self, n: int) -> range:
+        self.seq += n
+        return range(self.seq - n, self.seq)
 
     # -- input ----------------------------------------------------------------------
 
     def add_predictions(self, positions: Sequence[int], ts: Sequence[float],
-                        outcomes: dict[str, list]) -> list[Pair]:
+                        outcomes: dict[str, list],
+                        values: np.ndarray | None = None) -> list[Pair]:
         """Buffer a batch of predictions; those carrying a label are joined at once.
 
         `outcomes` holds per-event lists (decode.OUTCOME_KEYS): event_id, prediction,
-        scores, label, segment and model_version.
+        scores, label, segment and model_version. `values`: the predictions as a float
+        array when every one is a float (the decoder's column), else None.
         """
-        pairs: list[Pair] = []
         n = len(ts)
-        versions = outcomes.get("model_version") or [None] * n
-        if n and not set(map(type, versions)) <= {str, type(None)}:
-            versions = [v if v is None else str(v) for v in versions]
-        if n and ts:
-            newest = max(ts)
-            if newest != newest:  # NaN somewhere: max() of floats with NaN is order-bound
-                newest = max((t for t in ts if t == t), default=math.nan)
-            if newest == newest and newest > self.prediction_watermark:
-                self.prediction_watermark = float(newest)
-        rest = self._add_common(positions, ts, outcomes, versions) if n else None
-        if rest is None:
+        if n == 0:
             self._bound()
-            return pairs
-        keep_segment = self.keep_segment
-        preds, labels, joined_ids, unjoined = self.predictions, self.labels, self.joined_ids, \
-            self.unjoined
-        ids, pr, sc, lb, sg = (outcomes[k] for k in ("event_id", "prediction", "scores",
-                                                      "label", "segment"))
-        rows = zip(positions, ts, ids, pr, sc, lb, sg, versions, strict=True)
-        if rest is not True:
-            rows = ((positions[i], ts[i], ids[i], pr[i], sc[i], lb[i], sg[i], versions[i])
-                    for i in rest)
-        for pos, t, eid, pred, scores, label, seg, version in rows:
-            if version is not None and type(version) is not str:
-                version = str(version)
-            key = eid if type(eid) is str and eid else event_key(eid)
-            if label is not None:  # inline label: joined at once
-                if key is not None:
-                    if key in joined_ids:
-                        unjoined[LABEL_DUPLICATE] += 1
-                        continue
-                    joined_ids[key] = None
-                    waiting = labels.pop(key, None)
-                    if waiting is not None:  # the topic's label came first: a duplicate
-                        unjoined[LABEL_DUPLICATE] += 1
-                pairs.append((int(pos), t, t, version, pred, scores, seg, label))
-                continue
-            if key is None:
-                unjoined[PREDICTION_NO_ID] += 1
-                continue
-            if key in joined_ids:
-                unjoined[PREDICTION_DUPLICATE] += 1
-                continue
-            if key in preds:  # a re-sent prediction: the latest wins, counted once
-                unjoined[PREDICTION_DUPLICATE] += 1
-            waiting = labels.pop(key, None)
-            if waiting is not None:
-                joined_ids[key] = None
-                pairs.append((waiting[2], t, waiting[0], version, pred, scores, seg, waiting[1]))
-                continue
-            # raw JSON slices (msgspec.Raw) are copied out so that a waiting prediction
-            # does not keep its whole message alive
-            if type(pred) is float:  # the prediction carries the score (see _add_common)
-                scores = None
-            elif scores is not None and type(scores) is not dict:
-                scores = bytes(scores)
-            if seg is not None:
-                seg = (seg if type(seg) is dict else bytes(seg)) if keep_segment else None
-            preds[key] = (t, version, pred, scores, seg)
+            return []
+        t = np.asarray(ts, dtype=np.float64)
+        newest = float(t.max())
+        if newest != newest:  # NaN somewhere
+            newest = float(np.nanmax(t)) if not np.isnan(t).all() else -math.inf
+        if newest > self.prediction_watermark:
+            self.prediction_watermark = newest
+        ids, inline_labels = outcomes["event_id"], outcomes["label"]
+        versions = outcomes.get("model_version") or [None] * n
+        if set(map(type, ids)) == {str} and "" not in ids:
+            keys: list = ids
+            with_key = None
+        else:
+            keys = [event_key(e) for e in ids]
+            with_key = np.fromiter((k is not None for k in keys), bool, n)
+            keys = [k or "" for k in keys]
+        h = id_hashes(keys)
+        pairs: list[Pair] = []
+        take = np.ones(n, bool) if with_key is None else with_key.copy()
+        if with_key is not None and not with_key.all():
+            self.unjoined[PREDICTION_NO_ID] += int(n - with_key.sum())
+        if inline_labels.count(None) != n:  # inline labels: joined at once
+            pairs += self._inline(positions, t, h, with_key, outcomes, versions)
+            take &= np.fromiter((v is None for v in inline_labels), bool, n)
+        rows = None if take.all() else np.flatnonzero(take)
+        if rows is None or rows.size:
+            pairs += self._buffer(rows, h, t, outcomes, versions, values)
         self.joined += len(pairs)
         self._bound()
         return pairs
 
-    def _add_common(self, positions: Sequence[int], ts: Sequence[float],
-                    outcomes: dict[str, list], versions: list) -> list[int] | bool | None:
-        """The common batch (string ids, no inline labels, no duplicates) in C-level calls.
+    def _inline(self, positions, t: np.ndarray, h: np.ndarray, with_key: np.ndarray | None,
+                outcomes: dict[str, list], versions: list) -> list[Pair]:
+        """Events that carry their label: one pair each (the labelled fraction, per event)."""
+        pairs = []
+        joined, waiting = self.joined_ids, self.labels
+        hl = h.tolist()
+        for i, label in enumerate(outcomes["label"]):
+            if label is None:
+                continue
+            version = versions[i]
+            if version is not None and type(version) is not str:
+                version = str(version)
+            if with_key is None or with_key[i]:
+                key = hl[i]
+                if key in joined:
+                    self.unjoined[LABEL_DUPLICATE] += 1
+                    continue
+                self._set(joined, key, None)
+                if key in waiting:  # the topic's label came first: a duplicate
+                    self._del(waiting, key)
+                    self.unjoined[LABEL_DUPLICATE] += 1
+            pairs.append((int(positions[i]), float(t[i]), float(t[i]), version,
+                          outcomes["prediction"][i], outcomes["scores"][i],
+                          outcomes["segment"][i], label))
+        return pairs
 
-        Buffers what it can and returns the indices left for the per-event path: None
-        when nothing is left, True when the whole batch needs it.
-        """
-        ids, labels_col = outcomes["event_id"], outcomes["label"]
-        n = len(ids)
-        if labels_col.count(None) != n or set(map(type, ids)) != {str}:
-            return True
-        idset = set(ids)
-        if len(idset) != n or "" in idset or not idset.isdisjoint(self.joined_ids):
-            return True
-        matched = idset.intersection(self.labels) if self.labels else ()
-        scores, segs = outcomes["scores"], outcomes["segment"]
-        if set(map(type, outcomes["prediction"])) == {float}:
+    def _buffer(self, rows: np.ndarray | None, h: np.ndarray, t: np.ndarray,
+                outcomes: dict[str, list], versions: list,
+                values: np.ndarray | None) -> list[Pair]:
+        """Predictions without a label into a new chunk (columns); those whose label is
+        already waiting are joined instead."""
+        def pick(col: list) -> list:
+            return col if rows is None else [col[i] for i in rows.tolist()]
+
+        if rows is not None:
+            h, t = h[rows], t[rows]
+        n = int(h.size)
+        pf = po = sc = sg = None
+        if values is not None:
+            pf = values if rows is None else values[rows]
+        elif set(map(type, preds := pick(outcomes["prediction"]))) == {float}:
             # the prediction carries the score (a binary probability, or a regression
             # value): the scores object is not needed, nor kept
-            scores = repeat(None)
-        elif n and scores[0] is not None and type(scores[0]) is not dict and None not in scores:
-            scores = list(map(bytes, scores))  # copy raw JSON slices out of the messages
-        elif any(s is not None and type(s) is not dict for s in scores):
-            scores = [s if s is None or type(s) is dict else bytes(s) for s in scores]
-        if not self.keep_segment:
-            segs = repeat(None)
-        elif any(s is not None and type(s) is not dict for s in segs):
-            segs = [s if s is None or type(s) is dict else bytes(s) for s in segs]
-        entries = zip(ts, versions, outcomes["prediction"], scores, segs,
-                      strict=False)  # segs may be repeat(None); the others have length n
-        if not matched:
-            before = len(self.predictions)
-            self.predictions.update(zip(ids, entries, strict=True))
-            # ids already waiting were replaced (the latest wins): count them
-            replaced = n - (len(self.predictions) - before)
-            if replaced:
-                self.unjoined[PREDICTION_DUPLICATE] += replaced
-            return None
-        rest = []
-        preds = self.predictions
-        for i, (k, e) in enumerate(zip(ids, entries, strict=True)):
-            if k in matched:
-                rest.append(i)
-            else:
-                if k in preds:
-                    self.unjoined[PREDICTION_DUPLICATE] += 1
-                preds[k] = e
-        return rest
+            pf = np.array(preds, np.float64)
+        else:
+            po = np.empty(n, object)
+            po[:] = preds
+            scores = pick(outcomes["scores"])
+            if scores.count(None) != n:
+                # raw JSON slices (msgspec.Raw) are copied out so that a waiting
+                # prediction does not keep its whole message alive
+                sc = np.empty(n, object)
+                sc[:] = [s if s is None or type(s) is dict else bytes(s) for s in scores]
+        if self.keep_segment:
+            segs = pick(outcomes["segment"])
+            if segs.count(None) != n:
+                sg = np.empty(n, object)
+                sg[:] = [s if s is None or type(s) is dict else bytes(s) for s in segs]
+        ver = self._version_codes(pick(versions))
+        c = _chunk(h, t, pf, po, ver, sc, sg)
+        self._dedupe(c)
+        pairs: list[Pair] = []
+        hl = None
+        if self.joined_ids and not self.joined_ids.keys().isdisjoint(hl := h.tolist()):
+            dup = np.fromiter((k in self.joined_ids for k in hl), bool, n) & c["alive"]
+            self._kill(c, np.flatnonzero(dup))
+            self.unjoined[PREDICTION_DUPLICATE] += int(dup.sum())
+        if self.labels:
+            hl = h.tolist() if hl is None else hl
+            if not self.labels.keys().isdisjoint(hl):
+                waiting = self.labels
+                match = np.flatnonzero(np.fromiter((k in waiting for k in hl), bool, n)
+                                       & c["alive"])
+                labs = [self._del(waiting, hl[i]) for i in match.tolist()]
+                for i in match.tolist():
+                    self._set(self.joined_ids, hl[i], None)
+                pairs = self._pairs(c, match, [lab[2] for lab in labs],
+                                    [lab[0] for lab in labs], [lab[1] for lab in labs])
+                self._kill(c, match)
+        if c["live"]:
+            self.chunks.append(c)
+            self._merge_tail()
+        return pairs
+
+    def _version_codes(self, versions: list) -> np.ndarray:
+        n = len(versions)
+        distinct = set(versions)
+        codes = {}
+        for v in distinct:
+            name = v if v is None or type(v) is str else str(v)
+            if name not in self.versions:
+                self.versions.append(name)
+            codes[v] = self.versions.index(name)
+        if len(distinct) == 1:
+            return np.full(n, codes[versions[0]] if n else 0, np.int32)
+        return np.fromiter(map(codes.__getitem__, versions), np.int32, n)
+
+    def _dedupe(self, c: dict[str, Any]) -> None:
+        """Within a chunk, one waiting row per key: the latest (a re-sent prediction)."""
+        hs = c["hs"]
+        if hs.size < 2:
+            return
+        same = hs[1:] == hs[:-1]
+        if not same.any():
+            return
+        older = c["order"][:-1][same]  # stable sort: the later row of an equal pair wins
+        older = older[c["alive"][older]]
+        if older.size:
+            self._kill(c, older)
+            self.unjoined[PREDICTION_DUPLICATE] += int(older.size)
+
+    def _merge_tail(self) -> None:
+        """Merge the newest chunks while they are small (small batches), binary-counter
+        style, so that a lookup visits a bounded number of chunks."""
+        ch, limit = self.chunks, self._chunk_rows
+        while len(ch) >= 2:
+            a, b = ch[-2]["live"], ch[-1]["live"]
+            if a + b > limit or a > 2 * b:
+                break
+            ch[-2:] = [self._compact(ch[-2:])]
+
+    def _compact(self, chunks: list[dict[str, Any]]) -> dict[str, Any]:
+        """One new chunk of the waiting rows of `chunks` (which are left untouched)."""
+        rows = [np.flatnonzero(c["alive"]) for c in chunks]
+
+        def col(name: str, fill_float: bool = False) -> np.ndarray | None:
+            if all(c[name] is None for c in chunks):
+                return None
+            parts = []
+            for c, r in zip(chunks, rows, strict=True):
+                v = c[name]
+                if v is None:
+                    if name == "po":  # float predictions beside objects: objects
+                        v = np.empty(c["pf"].size, object)
+                        v[:] = c["pf"].tolist()
+                    else:
+                        v = np.full(c["h"].size, None, object)
+                parts.append(v[r])
+            return np.concatenate(parts)
+
+        po = col("po")
+        pf = None if po is not None else np.concatenate(
+            [c["pf"][r] for c, r in zip(chunks, rows, strict=True)])
+        out = _chunk(*(np.concatenate([c[k][r] for c, r in zip(chunks, rows, strict=True)])
+                       for k in ("h", "ts")), pf, po,
+                     np.concatenate([c["ver"][r] for c, r in zip(chunks, rows, strict=True)]),
+                     col("sc"), col("sg"))
+        self._dedupe(out)
+        return out
+
+    def _pairs(self, c: dict[str, Any], rows: np.ndarray, positions: list, label_ts: list,
+               labels: list) -> list[Pair]:
+        k = int(rows.size)
+        versions = self.versions
+        vers = [versions[v] for v in c["ver"][rows].tolist()]
+        pred = (c["po"] if c["po"] is not None else c["pf"])[rows].tolist()
+        none = [None] * k
+        sc = none if c["sc"] is None else c["sc"][rows].tolist()
+        sg = none if c["sg"] is None else c["sg"][rows].tolist()
+        return list(zip(positions, c["ts"][rows].tolist(), label_ts, vers, pred, sc, sg,
+                        labels, strict=True))
 
     def add_labels(self, events: Sequence[LabelEvent]) -> list[Pair]:
         """Join labels to waiting predictions; the others wait (bounded) or are counted."""
+        m = len(events)
+        if m == 0:
+            self._bound()
+            return []
+        h = id_hashes([ev.event_id for ev in events])
+        lts = np.fromiter((ev.ts for ev in events), np.float64, m)
+        if not np.isnan(lts).all():
+            self.label_watermark = max(self.label_watermark, float(np.nanmax(lts)))
+        first = np.ones(m, bool)
+        _, idx = np.unique(h, return_index=True)
+        if idx.size != m:  # a key twice in the batch: the first label counts
+            first[:] = False
+            first[idx] = True
+            self.unjoined[LABEL_DUPLICATE] += int(m - idx.size)
+        # the latest waiting row of each key, over the chunks (oldest first)
+        where_c = np.full(m, -1, np.int64)
+        where_r = np.zeros(m, np.int64)
+        for ci, c in enumerate(self.chunks):
+            if not c["live"]:
+                continue
+            hs = c["hs"]
+            i = np.searchsorted(hs, h, side="right") - 1
+            np.maximum(i, 0, out=i)
+            hit = hs[i] == h
+            if not hit.any():
+                continue
+            rows = c["order"][i]
+            hit &= c["alive"][rows]
+            if hit.any():
+                older = hit & (where_c >= 0)
+                for cj in np.unique(where_c[older]).tolist():  # re-sent in a later batch
+                    stale = where_r[older & (where_c == cj)]
+                    self._kill(self.chunks[cj], stale)
+                    self.unjoined[PREDICTION_DUPLICATE] += int(stale.size)
+                where_c[hit] = ci
+                where_r[hit] = rows[hit]
+        found = first & (where_c >= 0)
         pairs: list[Pair] = []
-        preds, labels, joined_ids, unjoined = self.predictions, self.labels, self.joined_ids, \
-            self.unjoined
-        for ev in events:
-            key = ev.event_id
-            pred = preds.pop(key, None)
-            if pred is not None:
-                joined_ids[key] = None
-                pairs.append((ev.position, pred[0], ev.ts, pred[1], pred[2], pred[3], pred[4],
-                              ev.label))
-            elif key in joined_ids or key in labels:
-                unjoined[LABEL_DUPLICATE] += 1
-            else:
-                labels[key] = (ev.ts, ev.label, ev.position)
-            if ev.ts > self.label_watermark:
-                self.label_watermark = ev.ts
+        if found.any():
+            fl = np.flatnonzero(found)
+            for ci in np.unique(where_c[fl]).tolist():
+                sel = fl[where_c[fl] == ci]
+                rows = where_r[sel]
+                sl = sel.tolist()
+                c = self.chunks[ci]
+                pairs += self._pairs(c, rows, [events[i].position for i in sl],
+                                     lts[sel].tolist(), [events[i].label for i in sl])
+                self._kill(c, rows)
+            keys = h[fl].tolist()
+            self.joined_ids.update(dict.fromkeys(keys))
+            if self._journal is not None:
+                self._journal["log"].append(("add", self.joined_ids, keys))
+        rest = np.flatnonzero(first & (where_c < 0))
+        if rest.size:
+            joined, waiting = self.joined_ids, self.labels
+            hl = h.tolist()
+            for i in rest.tolist():
+                key = hl[i]
+                if key in joined or key in waiting:
+                    self.unjoined[LABEL_DUPLICATE] += 1
+                else:
+                    ev = events[i]
+                    self._set(waiting, key, (ev.ts, ev.label, ev.position, self._seqs(1)[0]))
         self.joined += len(pairs)
         self._bound()
         return pairs
@@ -289,58 +652,109 @@ class JoinBuffer:
 
     def _bound(self) -> None:
         b = self.bounds
-        self._expire(self.predictions, self.label_watermark - b.max_age, PREDICTION_EXPIRED)
-        self._expire(self.labels, self.prediction_watermark - b.max_age, LABEL_UNKNOWN_EVENT)
-        self._evict(self.predictions, b.max_predictions, PREDICTION_EVICTED)
+        self._expire_predictions(self.label_watermark - b.max_age)
+        self._expire_labels(self.prediction_watermark - b.max_age)
+        self._evict_predictions(b.max_predictions)
         self._evict(self.labels, b.max_labels, LABEL_UNKNOWN_EVENT)
-        excess = len(self.joined_ids) - b.max_predictions
-        if excess > 0:
-            for k in list(islice(self.joined_ids, excess)):
-                del self.joined_ids[k]
+        self._evict(self.joined_ids, b.max_labels, None)
+        if any(not c["live"] for c in self.chunks):
+            self.chunks = [c for c in self.chunks if c["live"]]
+        # joined rows stay in their chunk until it empties: compact when they dominate
+        total = sum(c["h"].size for c in self.chunks)
+        if total > 2 * b.max_predictions + self._chunk_rows:
+            self.chunks = [self._compact([c]) if 2 * c["live"] < c["h"].size else c
+                           for c in self.chunks]
 
-    def _expire(self, waiting: dict[str, tuple], cutoff: float, reason: str) -> None:
-        """Drop entries older than `cutoff`, oldest arrivals first.
+    def _expire_predictions(self, cutoff: float) -> None:
+        """Drop predictions older than `cutoff`, oldest arrivals first.
 
         Checked in arrival order: an old entry behind a newer one waits until it reaches
         the front (at most the count bound), which keeps this O(expired) per batch.
         """
-        if cutoff == -math.inf or not waiting:
+        if cutoff == -math.inf:
+            return
+        for c in self.chunks:
+            if not c["live"]:
+                continue
+            s = c["start"]
+            alive = c["alive"][s:]
+            blocked = alive & ~(c["ts"][s:] < cutoff)
+            stop = int(blocked.argmax()) if blocked.any() else int(alive.size)
+            gone = np.flatnonzero(alive[:stop]) + s
+            if gone.size:
+                self._kill(c, gone)
+                self.unjoined[PREDICTION_EXPIRED] += int(gone.size)
+            c["start"] = s + stop
+            if stop < alive.size:
+                break
+
+    def _expire_labels(self, cutoff: float) -> None:
+        if cutoff == -math.inf or not self.labels:
             return
         gone = []
-        for k, v in waiting.items():
+        for k, v in self.labels.items():
             if v[0] < cutoff:
                 gone.append(k)
             else:
                 break
         for k in gone:
-            del waiting[k]
+            self._del(self.labels, k)
         if gone:
-            self.unjoined[reason] += len(gone)
+            self.unjoined[LABEL_UNKNOWN_EVENT] += len(gone)
 
-    def _evict(self, waiting: dict[str, tuple], limit: int, reason: str) -> None:
+    def _evict_predictions(self, limit: int) -> None:
+        excess = sum(c["live"] for c in self.chunks) - limit
+        for c in self.chunks:
+            if excess <= 0:
+                break
+            if not c["live"]:
+                continue
+            s = c["start"]
+            gone = np.flatnonzero(c["alive"][s:])[:excess] + s
+            self._kill(c, gone)
+            c["start"] = int(gone[-1]) + 1
+            excess -= int(gone.size)
+            self.unjoined[PREDICTION_EVICTED] += int(gone.size)
+
+    def _evict(self, waiting: dict, limit: int, reason: str | None) -> None:
         excess = len(waiting) - limit
         if excess > 0:
             for k in list(islice(waiting, excess)):
-                del waiting[k]
-            self.unjoined[reason] += excess
+                self._del(waiting, k)
+            if reason is not None:
+                self.unjoined[reason] += excess
 
     # -- introspection and state ----------------------------------------------------
 
     def oldest_prediction_age(self) -> float:
         """Event-time age of the oldest waiting prediction (0 when none)."""
-        for v in self.predictions.values():
-            t = v[0]
-            if t == t and self.prediction_watermark > -math.inf:
-                return max(0.0, self.prediction_watermark - t)
-            return 0.0
+        for c in self.chunks:
+            if c["live"]:
+                s = c["start"]
+                t = float(c["ts"][s + int(c["alive"][s:].argmax())])
+                if t == t and self.prediction_watermark > -math.inf:
+                    return max(0.0, self.prediction_watermark - t)
+                return 0.0
         return 0.0
+
+    def _rows(self) -> list[tuple[dict[str, Any], np.ndarray]]:
+        return [(c, np.flatnonzero(c["alive"])) for c in self.chunks if c["live"]]
 
     def state(self) -> dict[str, Any]:
         """A JSON-friendly snapshot (the checkpoint of this buffer)."""
+        keys, ts, vers, preds, scores, segs = [], [], [], [], [], []
+        for c, rows in self._rows():
+            keys += c["h"][rows].tolist()
+            ts += [_finite(t) for t in c["ts"][rows].tolist()]
+            vers += [self.versions[v] for v in c["ver"][rows].tolist()]
+            preds += (c["po"] if c["po"] is not None else c["pf"])[rows].tolist()
+            none = [None] * int(rows.size)
+            scores += none if c["sc"] is None else [as_json(s) for s in c["sc"][rows].tolist()]
+            segs += none if c["sg"] is None else [as_json(s) for s in c["sg"][rows].tolist()]
         return {
-            "predictions": [[k, _finite(v[0]), v[1], v[2], as_json(v[3]), as_json(v[4])]
-                            for k, v in self.predictions.items()],
-            "labels": [[k, _finite(v[0]), *v[1:]] for k, v in self.labels.items()],
+            "predictions": {"key": keys, "ts": ts, "model_version": vers, "prediction": preds,
+                            "scores": scores, "segment": segs},
+            "labels": [[k, _finite(v[0]), v[1], v[2]] for k, v in self.labels.items()],
             "joined_ids": list(self.joined_ids),
             "joined": self.joined,
             "unjoined": dict(self.unjoined),
@@ -351,12 +765,28 @@ class JoinBuffer:
     @classmethod
     def from_state(cls, bounds: JoinConfig, state: dict[str, Any]) -> JoinBuffer:
         buf = cls(bounds)
-        def entry(r: list) -> tuple:
-            return (math.nan if r[1] is None else float(r[1]), *r[2:])
-
-        buf.predictions = {r[0]: entry(r) for r in state["predictions"]}
-        buf.labels = {r[0]: entry(r) for r in state["labels"]}
-        buf.joined_ids = dict.fromkeys(state["joined_ids"])
+        p = state["predictions"]
+        if p["key"]:
+            n = len(p["key"])
+            preds = p["prediction"]
+            pf = po = sc = sg = None
+            if set(map(type, preds)) == {float}:
+                pf = np.array(preds, np.float64)
+            else:
+                po = np.empty(n, object)
+                po[:] = preds
+            for name, col in (("sc", p["scores"]), ("sg", p["segment"])):
+                if col.count(None) != n:
+                    arr = np.empty(n, object)
+                    arr[:] = col
+                    sc, sg = (arr, sg) if name == "sc" else (sc, arr)
+            ts = np.array([math.nan if t is None else t for t in p["ts"]], np.float64)
+            buf.chunks.append(_chunk(np.array(p["key"], np.int64), ts, pf, po,
+                                     buf._version_codes(p["model_version"]), sc, sg))
+        buf.labels = {int(r[0]): (math.nan if r[1] is None else float(r[1]), r[2], r[3], i)
+                      for i, r in enumerate(state["labels"])}
+        buf.joined_ids = dict.fromkeys(int(k) for k in state["joined_ids"])
+        buf.seq = len(buf.labels)
         buf.joined = int(state["joined"])
         buf.unjoined = Counter(state["unjoined"])
         pw, lw = state["prediction_watermark"], state["label_watermark"]

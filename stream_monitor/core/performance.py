@@ -148,25 +148,33 @@ class ModelPerformance:
         self.segments_cut = 0
         self.lags: list[float] = []          # label lags joined since the last report
         self.labels_total = 0                # joined labels (for retraining triggers)
-        self.fresh_lags: list[float] = []    # label lags not yet exported as metrics
+        # label lags not yet exported as metrics: arrays per batch (a checkpoint copies
+        # them as buffers, not as up to 100,000 float objects)
+        self.fresh_lags: list[np.ndarray] = []
+        self.fresh_lag_count = 0
         self.estimate_windows: dict[str | None, dict] = {}  # CBPE over all predictions
 
-    def add_estimates(self, ts: list, outcomes: dict[str, list]) -> list[dict[str, Any]]:
+    def add_estimates(self, ts: Any, outcomes: dict[str, list],
+                      values: np.ndarray | None = None) -> list[dict[str, Any]]:
         """CBPE over all predictions, labelled or not: windows of `estimate_window` events.
 
         Applies to binary models whose prediction is the positive-class probability (a
-        float in [0, 1]); vectorised per batch. Returns the estimate reports that closed.
+        float in [0, 1]); vectorised per batch. `values`: the predictions as a float
+        array when every one is a float (the decoder's column), else None. Returns the
+        estimate reports that closed.
         """
         if not self.s.estimate or self.task != "classification":
             return []
         preds = outcomes["prediction"]
-        if not preds or set(map(type, preds)) != {float}:
-            return []
-        p = np.array(preds, float)
-        if p.min() < 0.0 or p.max() > 1.0:
+        if values is None:
+            if not preds or set(map(type, preds)) != {float}:
+                return []
+            values = np.array(preds, float)
+        p = values
+        if not p.size or p.min() < 0.0 or p.max() > 1.0:
             return []
         versions = outcomes.get("model_version") or [None] * len(preds)
-        t = np.array(ts, float)
+        t = np.asarray(ts, float)
         out = []
         size = self.s.estimate_window
         distinct = set(versions)
@@ -195,8 +203,8 @@ class ModelPerformance:
         return out
 
     def drain_lags(self) -> list[float]:
-        lags, self.fresh_lags = self.fresh_lags, []
-        return lags
+        lags, self.fresh_lags, self.fresh_lag_count = self.fresh_lags, [], 0
+        return np.concatenate(lags).tolist() if lags else []
 
     # -- joining ------------------------------------------------------------------
 
@@ -212,10 +220,25 @@ class ModelPerformance:
         closed = []
         size = self.s.window
         self.labels_total += len(pairs)
-        lags = [p[2] - p[1] for p in pairs if p[1] == p[1] and p[2] == p[2]]
-        self.lags.extend(lags)
-        if len(self.fresh_lags) < 100_000:  # drained per batch by the metrics
-            self.fresh_lags.extend(lags)
+        lag = (np.fromiter((p[2] for p in pairs), np.float64, len(pairs))
+               - np.fromiter((p[1] for p in pairs), np.float64, len(pairs)))
+        lag = lag[~np.isnan(lag)]
+        self.lags.extend(lag.tolist())
+        if self.fresh_lag_count < 100_000:  # drained per batch by the metrics
+            self.fresh_lags.append(lag)
+            self.fresh_lag_count += int(lag.size)
+        versions = {p[3] for p in pairs}
+        if len(versions) == 1:  # one model version (the common case): whole slices
+            (version,) = versions
+            w = self.windows.get(version)
+            if w is None:
+                w = self.windows[version] = _Window()
+            w.pairs.extend(pairs)
+            while len(w.pairs) >= size:
+                closed.append((version, w.pairs[:size], w.index))
+                w.pairs = w.pairs[size:]
+                w.index += 1
+            return closed
         for p in pairs:
             w = self.windows.get(p[3])
             if w is None:
@@ -314,8 +337,16 @@ class ModelPerformance:
         n, pos, cls = len(pairs), self.positive, self._class
         preds = [p[4] for p in pairs]
         scores = [p[5] if type(p[5]) is dict else None for p in pairs]
-        y = np.fromiter(map(cls, map(category_key, (p[7] for p in pairs))), np.int64, n)
-        if pos is not None:  # a float in [0, 1] that is not one of the classes is a score
+        y = _class_codes([p[7] for p in pairs], cls)
+        if pos is not None and preds and set(map(type, preds)) == {float}:
+            # all floats (the common case), vectorised: an integral one that names a
+            # class is that class, every other one in [0, 1] a score
+            q = np.array(preds, np.float64)
+            is_prob = (q >= 0.0) & (q <= 1.0)
+            whole = np.flatnonzero(is_prob & (q == np.floor(q)))
+            for i in whole.tolist():
+                is_prob[i] = category_key(preds[i]) not in self.classes
+        elif pos is not None:  # a float in [0, 1] that is not one of the classes is a score
             names = self.classes
             is_prob = np.fromiter((type(v) is float and 0.0 <= v <= 1.0 and (
                 not v.is_integer() or category_key(v) not in names) for v in preds), bool, n)
@@ -803,23 +834,28 @@ class PerformanceStage:
         self.models[name] = ModelPerformance(name, performance_settings(self.config, name),
                                              reference, where=f"models.{name}.")
 
-    def predictions(self, model: str, positions: list, ts: list,
-                    outcomes: dict[str, list]) -> list:
+    def predictions(self, model: str, positions: Any, ts: Any, outcomes: dict[str, list],
+                    values: np.ndarray | None = None) -> list:
         """Join a model's decoded predictions; returns the windows that filled."""
         mp = self.models.get(model)
         if mp is None:
             return []
-        return mp.add_pairs(mp.buffer.add_predictions(positions, ts, outcomes))
+        return mp.add_pairs(mp.buffer.add_predictions(positions, ts, outcomes, values))
 
-    def estimates(self, model: str, ts: list, outcomes: dict[str, list]) -> list[dict]:
+    def estimates(self, model: str, ts: Any, outcomes: dict[str, list],
+                  values: np.ndarray | None = None) -> list[dict]:
         """Estimate windows (CBPE over every prediction, before any label) that closed."""
         mp = self.models.get(model)
-        return [] if mp is None else mp.add_estimates(ts, outcomes)
+        return [] if mp is None else mp.add_estimates(ts, outcomes, values)
 
     def labels(self, events: list[LabelEvent]) -> tuple[dict[str, list], Counter]:
         """Join label events; returns closed windows per model and unknown-model counts."""
         by_model: dict[str, list[LabelEvent]] = {}
         unknown: Counter = Counter()
+        models = {ev.model for ev in events}
+        if len(models) == 1 and next(iter(models)) in self.models:  # the common case
+            by_model[next(iter(models))] = list(events)
+            events = []
         for ev in events:
             if ev.model in self.models:
                 by_model.setdefault(ev.model, []).append(ev)
@@ -986,6 +1022,14 @@ def _task_from(reference: Reference | None) -> str | None:
     if isinstance(reference.label, NumericProfile):
         return "regression"
     return None
+
+
+def _class_codes(values: list, cls: Any) -> np.ndarray:
+    """Class indices of values: `category_key` and `cls` once per distinct value (typed,
+    so that True and 1 stay apart), then one C-level lookup per value."""
+    typed = list(zip(map(type, values), values, strict=True))
+    codes = {tv: cls(category_key(tv[1])) for tv in dict.fromkeys(typed)}
+    return np.fromiter(map(codes.__getitem__, typed), np.int64, len(values))
 
 
 def _is_probability(v: Any) -> bool:

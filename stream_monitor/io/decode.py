@@ -185,6 +185,9 @@ class ModelSchema:
         # numeric columns that have carried a null: built by np.array at once, rather
         # than a fromiter that stops at the null and starts over
         self._nullable: set[int] = set()
+        # outcome fields the label join does not need for this model (set by the
+        # pipeline): the typed decoder skips them like unknown keys, they stay None
+        self.outcome_skip: frozenset[str] = frozenset()
 
     def event_type(self, fields: FieldMapping, outcomes: bool = False) -> type:
         """A msgspec Struct that decodes this model's well-formed events in one C call.
@@ -235,7 +238,8 @@ class ModelSchema:
             rename={"features": fields.features, "ts": fields.ts,
                     "prediction": fields.prediction, "label": fields.label,
                     "model_version": fields.model_version,
-                    **({k: getattr(fields, k) for k in OUTCOME_EXTRAS} if outcomes else {})},
+                    **({k: getattr(fields, k) if k not in self.outcome_skip else f"__unused_{k}__"
+                        for k in OUTCOME_EXTRAS} if outcomes else {})},
             tag_field=fields.model, tag=self.model, gc=False)
         self._n_fields = len(spec)
         return event
@@ -378,10 +382,11 @@ class Decoder:
         self._version_key, self._pred_key, self._label_key = f.model_version, f.prediction, f.label
 
     def _fast_decoder(self):
-        key = (*sorted(self.schemas), self.outcomes)
+        key = (*sorted(self.schemas), self.outcomes,
+               tuple(sorted(self.schemas[m].outcome_skip) for m in sorted(self.schemas)))
         if getattr(self, "_fast_key", None) != key:
             types = {self.schemas[m].event_type(self.config.fields, self.outcomes): m
-                     for m in key[:-1]}
+                     for m in key[:-2]}
             # msgspec treats the tag of a lone tagged struct as optional; in a union it is
             # required, so a never-matching member keeps events without a model out
             never = msgspec.defstruct("_no_model", [], tag_field=self.config.fields.model,

@@ -227,7 +227,8 @@ def _model_state(monitor: Monitor, model: str) -> dict[str, Any]:
     if monitor.performance is not None and model in monitor.performance.models:
         mp = monitor.performance.models[model]
         attrs = {k: v for k, v in vars(mp).items() if k not in ("s", "reference", "buffer")}
-        buffer = {k: v for k, v in vars(mp.buffer).items() if k != "bounds"}
+        buffer = {k: v for k, v in vars(mp.buffer).items()
+                  if k != "bounds" and not k.startswith("_")}  # not the undo journal
         state["performance"] = {"attrs": attrs, "buffer": buffer}
     if monitor.retrain is not None:
         state["retrain"] = {k: v for k, v in monitor.retrain.states.items() if k[0] == model}
