@@ -96,7 +96,10 @@ def reader_config(kafka: dict[str, Any]) -> dict[str, Any]:
     cfg = {k: v for k, v in kafka.items() if k not in _CONSUMER_ONLY and k not in _PRODUCER_ONLY}
     cfg.update({"group.id": f"{kafka.get('group.id', 'stream-monitor')}-changelog-reader",
                 "enable.auto.commit": False, "enable.partition.eof": True,
-                "isolation.level": "read_committed", "auto.offset.reset": "earliest"})
+                "isolation.level": "read_committed", "auto.offset.reset": "earliest",
+                # the end of the topic is reported by the first empty fetch: do not let
+                # the broker hold it for the default 500 ms
+                "fetch.wait.max.ms": 20})
     return cfg
 
 
@@ -113,7 +116,8 @@ def read_changelog(kafka: dict[str, Any], topic: str, timeout: float = 60.0,
     try:
         deadline = time.monotonic() + timeout
         try:
-            md = c.list_topics(topic, timeout=max(1.0, min(10.0, timeout)))
+            # all topics: asking for this one by name may auto-create it
+            md = c.list_topics(timeout=max(1.0, min(10.0, timeout)))
         except KafkaException as exc:
             raise TimeoutError(f"cannot read the changelog {topic}: "
                                f"{exc.args[0].str()}") from None
@@ -127,7 +131,7 @@ def read_changelog(kafka: dict[str, Any], topic: str, timeout: float = 60.0,
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading the changelog {topic} did not reach its end "
                                    f"within {timeout:.0f} s (partitions {sorted(waiting)})")
-            for m in c.consume(1000, 0.5):
+            for m in c.consume(1000, 0.05):  # returns at the timeout unless the batch fills
                 err = m.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
@@ -183,7 +187,9 @@ def ensure_topic(kafka: dict[str, Any], topic: str, partitions: int = 1,
         cfg["logger"] = logger
     admin = AdminClient(cfg)
     try:
-        md = admin.list_topics(topic, timeout=timeout)
+        # all topics: asking for this one by name makes some brokers auto-create it
+        # (uncompacted)
+        md = admin.list_topics(timeout=timeout)
         meta = md.topics.get(topic)
         if meta is not None and meta.error is None and meta.partitions:
             return "exists"
