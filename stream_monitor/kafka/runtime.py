@@ -7,6 +7,13 @@ commits a batch's offsets only once it is applied and everything it and every ea
 batch produced is delivered (at-least-once, on every exit path). A batch that makes the
 monitor raise is rolled back and bisected so that only the poison messages are
 dead-lettered. `/metrics`, `/healthz` and `/readyz` are served from one bounded server.
+
+That is at-least-once mode. In exactly-once mode (the default, `processing.guarantee`)
+the outputs go into an open Kafka transaction instead, and every `checkpoint.interval`
+`_checkpoint` commits each model's state snapshot (changelog topic), the consumer
+offsets it reflects and those outputs in one transaction; a failed transaction is
+aborted and state and input rewound to the last checkpoint, and every assignment
+restores the state from the changelog (`changelog.py`) before consuming.
 """
 
 from __future__ import annotations
