@@ -589,14 +589,15 @@ class KafkaSidecar:
         started = time.perf_counter()
         offsets = {tp: o for tp, o in self._positions.items() if tp in self.assigned}
         name, now = self._txn_name(), time.time()
-        from stream_monitor.kafka.changelog import headers
+        from stream_monitor.kafka.changelog import headers, parts
         head = headers(offsets, name, self._base_txn, now)
         snaps: dict[str, bytes] = {}
         try:
             self._begin()
             for model in self.config.models:
                 snaps[model] = data = self.monitor.snapshot(model)
-                self._produce_raw(self.changelog, model.encode(), data, head)
+                for key, piece, part_headers in parts(model, data):
+                    self._produce_raw(self.changelog, key, piece, head + part_headers)
             for extra in self.checkpoint_records:
                 for topic, key, value, hdrs in extra():
                     self._produce_raw(topic, key, value,
