@@ -715,6 +715,27 @@ class KafkaSidecar:
                 mon.restore(model, data)
         self.monitor = mon
 
+    def _pin_latest(self, tps: list[TopicPartition], committed: dict[tuple[str, int], int],
+                    timeout: float) -> None:
+        """A partition without a committed offset, with `auto.offset.reset: latest`,
+        starts at its end as of now (the assignment, when the monitor turns ready), not
+        whenever the fetcher first asks: outputs produced just after readiness are read.
+        The start is assigned explicitly and is the rewind target of the first abort."""
+        reset = str(self.config.kafka.get("auto.offset.reset", "latest"))
+        cooperative = "cooperative" in str(self.config.kafka.get(
+            "partition.assignment.strategy", ""))
+        if reset not in ("latest", "largest", "end") or cooperative:
+            return
+        pinned, needed = [], False
+        for tp in tps:
+            key = (tp.topic, tp.partition)
+            if key not in committed:
+                _, high = self.consumer.get_watermark_offsets(tp, timeout=timeout)
+                committed[key], needed = high, True
+            pinned.append(TopicPartition(tp.topic, tp.partition, committed[key]))
+        if needed:
+            self.consumer.assign(pinned)
+
     def _restore(self) -> None:
         """On assignment: the committed offsets, and the changelog read to its end;
         each model restored from its snapshot at exactly those offsets."""
@@ -727,8 +748,10 @@ class KafkaSidecar:
         timeout = self.config.checkpoint.restore_timeout
         committed = {(tp.topic, tp.partition): tp.offset
                      for tp in self.consumer.committed(tps, timeout=timeout) if tp.offset >= 0}
+        group_offsets = dict(committed)
+        self._pin_latest(tps, committed, timeout)
         records = read_changelog(self.config.kafka, self.changelog, timeout, self.kafka_log)
-        chosen = choose(records, committed)
+        chosen = choose(records, group_offsets)
         for model in chosen.mismatched:
             log.warning("changelog %s: no snapshot of %s at the committed offsets; restoring "
                         "its newest (offsets reset by hand?)", self.changelog, model)
