@@ -516,6 +516,7 @@ class KafkaSidecar:
         self._loop_failed = False
         self._pristine = True              # nothing applied yet: a fresh start keeps the monitor
         self._abort_streak = 0
+        self._closing_by: float | None = None  # close(): transactional calls end by then
         self._resume_at = 0.0              # after an abort: back off before re-reading
         # Extra records committed in each checkpoint's transaction (e.g. partial windows
         # of scale-out): callables returning (topic, key, value, headers) tuples, called
@@ -530,6 +531,8 @@ class KafkaSidecar:
         return f"{self._run}:{self._seq}"
 
     def _txn_timeout(self) -> float:
+        if self._closing_by is not None:  # shutting down: within the grace, whatever hangs
+            return max(0.5, self._closing_by - time.monotonic())
         return max(10.0, self.config.delivery.shutdown_grace)
 
     def _start_eos(self) -> bool:
@@ -655,7 +658,8 @@ class KafkaSidecar:
                 return
             except KafkaException as exc:
                 err = exc.args[0]
-                if attempt == 2 or not err.retriable() or err.txn_requires_abort():
+                if (attempt == 2 or not err.retriable() or err.txn_requires_abort()
+                        or self._closing_by is not None):
                     raise
 
     def _abort(self, why: str, seek: bool = True, fatal: bool = False) -> None:
@@ -1268,6 +1272,7 @@ class KafkaSidecar:
         elif self.eos:
             # the last checkpoint: state, offsets and outputs committed together (or,
             # failing that, aborted: a restart resumes from the previous checkpoint)
+            self._closing_by = deadline - min(5.0, self.config.delivery.shutdown_grace / 3)
             try:
                 delivered = self._checkpoint(rewind=False)
             except TransactionFailed as exc:
