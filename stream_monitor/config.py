@@ -271,6 +271,8 @@ class Topics(Strict):
     dead_letter: str = "model-events-dlq"
     retrain: str = "model-retrain"       # retraining requests (performance monitoring)
     windows: str | None = None           # closed windows' reports (replay's windows.jsonl)
+    # scale-out: partial windows and watermarks between instances (internal, keyed by model)
+    partials: str = "stream-monitor-partials"
 
     @field_validator("inferences", mode="before")
     @classmethod
@@ -301,6 +303,16 @@ class DeliveryConfig(Strict):
     retry_backoff_max: float = Field(default=30.0, gt=0)        # failed delivery: 1 s doubling
     stall_after: float = Field(default=30.0, gt=0)   # unready when an output waits longer
     max_pending: int = Field(default=50_000, ge=1)   # outputs waiting: stop fetching beyond
+
+
+class ScaleOutConfig(Strict):
+    """Several instances share a model's partitions; partial event-time windows are merged
+    by the owner of the model's partition of `topics.partials` (kafka/partials.py)."""
+
+    enabled: bool = False
+    # a partition whose instance accepted no event of a model for this long (wall clock)
+    # no longer holds that model's windows open (like Flink's `withIdleness`)
+    idle_timeout: float = Field(default=30.0, gt=0)
 
 
 class AlertmanagerConfig(Strict):
@@ -334,6 +346,7 @@ class Config(Strict):
     decode: DecodeConfig = DecodeConfig()
     alertmanager: AlertmanagerConfig = AlertmanagerConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    scale_out: ScaleOutConfig = ScaleOutConfig()
     defaults: Defaults = Defaults()
     models: dict[str, ModelConfig] = Field(min_length=1)
 
