@@ -141,6 +141,7 @@ class Cluster:
         self.owner: dict[int, str] = {}
         self.judge = Monitor(config)
         self.merger = PartialMerger.for_monitor(self.judge)
+        self.merger.expected = frozenset(SOURCES)
         self.reports: dict = {}
         self.alerts: dict = {}
         self.events: Counter = Counter()
@@ -206,6 +207,7 @@ class Cluster:
         for m, data in judge_state.items():
             self.judge.restore(m, data)
         self.merger = PartialMerger.for_monitor(self.judge)
+        self.merger.expected = frozenset(SOURCES)
         self.merger.restore(merger_state)
 
 
@@ -353,3 +355,21 @@ def test_scale_out_refuses_count_windows_and_baselines(config, tmp_path):
     text = "\n".join(err.value.lines)
     assert "models.pay.window" in text and "models.ads.reference" in text
     Monitor(bad, scale_out=False)                         # fine without scale-out
+
+
+def test_a_partition_that_never_reported_holds_windows(config):
+    """Until every input partition has reported, no window closes: an instance that has
+    not published its first marks yet is not left out as if it did not exist."""
+    merger = PartialMerger.for_monitor(Monitor(config))
+    merger.expected = frozenset(["t:0", "t:1"])
+    a = Monitor(config)
+    ev = {"model": "iot", "features": {"temp": 20.0, "ok": True}}
+    a.process([orjson.dumps({**ev, "ts": T0 + t}) for t in range(0, 300, 3)], list(range(100)))
+    for rec in PartialPublisher(5, "a").records(a, ["t:0"]):
+        merger.add(rec)
+    assert merger.ready() == {} and merger.watermark("iot") == float("-inf")
+    b = Monitor(config)
+    b.process([orjson.dumps({**ev, "ts": T0 + 250})], [500])
+    for rec in PartialPublisher(5, "b").records(b, ["t:1"]):
+        merger.add(rec)
+    assert [w.accumulator.events for w in merger.ready()["iot"]] == [20, 20, 20]

@@ -152,6 +152,10 @@ class PartialMerger:
         self.closed_to: dict[str, float] = {}   # model -> merged watermark applied so far
         self.late_events: Counter = Counter()   # model -> events in deltas after closing
         self.late_records: Counter = Counter()  # model -> such deltas
+        # every input partition that must report before a window closes (the Kafka edge
+        # sets it from the topics' metadata): an instance that has not published its
+        # first marks yet must not be left out as if it did not exist
+        self.expected: frozenset[str] = frozenset()
 
     @classmethod
     def for_monitor(cls, monitor: Monitor) -> PartialMerger:
@@ -180,9 +184,10 @@ class PartialMerger:
 
     def watermark(self, model: str) -> float:
         """The model's merged watermark: the minimum over partitions not idle."""
-        marks = list(self.marks.get(model, {}).values())
-        if not marks:
+        reported = self.marks.get(model, {})
+        if not reported or not self.expected <= reported.keys():
             return _NEG_INF
+        marks = list(reported.values())
         active = [wm for wm, idle in marks if not idle]
         return min(active) if active else max(wm for wm, _ in marks)
 
@@ -210,12 +215,28 @@ class PartialMerger:
 
     # -- checkpoint: the merger's state travels with the rest of the monitor's ----------
 
+    def model_state(self, model: str) -> dict[str, Any]:
+        """One model's pending sums, marks and progress (`pack`-able), for a changelog
+        record of the instance that owns the model's partition of `topics.partials`."""
+        return {"pending": [[w.index, w.start, w.end, w.accumulator]
+                            for w in self.pending.get(model, {}).values()],
+                "marks": self.marks.get(model, {}), "closed_to": self.closed_to.get(model),
+                "late_events": self.late_events[model], "late_records": self.late_records[model]}
+
+    def load_model_state(self, model: str, state: dict[str, Any]) -> None:
+        self.pending[model] = {int(i): ClosedWindow(model, int(i), acc, start=s, end=e)
+                               for i, s, e, acc in state["pending"]}
+        self.marks[model] = {str(src): (float(wm), bool(idle))
+                             for src, (wm, idle) in state["marks"].items()}
+        if state["closed_to"] is not None:
+            self.closed_to[model] = float(state["closed_to"])
+        self.late_events[model] = int(state["late_events"])
+        self.late_records[model] = int(state["late_records"])
+
     def snapshot(self) -> bytes:
-        """Pending sums, marks and closing progress as bytes (restored by `restore`)."""
-        body = {"pending": {m: [[w.index, w.start, w.end, w.accumulator] for w in p.values()]
-                            for m, p in self.pending.items()},
-                "marks": self.marks, "closed_to": self.closed_to,
-                "late_events": self.late_events, "late_records": self.late_records}
+        """Every model's state as bytes (`restore` puts it back)."""
+        models = sorted(set(self.pending) | set(self.marks))
+        body = {m: self.model_state(m) for m in models}
         return MAGIC + VERSION.to_bytes(2, "big") + _encoder.encode(pack(body))
 
     def restore(self, data: bytes) -> None:
@@ -223,14 +244,8 @@ class PartialMerger:
             raise StateError("not a partial-merger snapshot of this version")
         try:
             body: dict[str, Any] = unpack(_decoder.decode(bytes(data[6:])))
-            pending = {m: {int(i): ClosedWindow(m, int(i), acc, start=s, end=e)
-                           for i, s, e, acc in p} for m, p in body["pending"].items()}
+            for model, state in body.items():
+                self.load_model_state(model, state)
         except Exception as exc:
             raise StateError(f"corrupt partial-merger snapshot ({type(exc).__name__}: "
                              f"{exc})") from None
-        self.pending = pending
-        self.marks = {m: {s: (float(wm), bool(i)) for s, (wm, i) in v.items()}
-                      for m, v in body["marks"].items()}
-        self.closed_to = {m: float(v) for m, v in body["closed_to"].items()}
-        self.late_events = Counter(body["late_events"])
-        self.late_records = Counter(body["late_records"])
