@@ -61,6 +61,9 @@ class BatchResult:
     performance: list[dict[str, Any]] = field(default_factory=list)
     retrain: list[dict[str, Any]] = field(default_factory=list)
     unjoined: Counter = field(default_factory=Counter)      # reason -> labels (no model)
+    # scale-out: sequential detectors' alarms, (model, [(feature, method, value,
+    # threshold)], block window) per block, judged by the merger with the merged windows
+    alarms: list[tuple[str, list[tuple], dict[str, Any]]] = field(default_factory=list)
 
     def extend(self, other: BatchResult) -> None:
         self.messages += other.messages
@@ -74,6 +77,7 @@ class BatchResult:
         self.performance += other.performance
         self.retrain += other.retrain
         self.unjoined.update(other.unjoined)
+        self.alarms += other.alarms
 
 
 class ModelPipeline:
@@ -325,6 +329,15 @@ class Monitor:
         self._close(self.models[model], windows, result)
         return result
 
+    def judge_alarms(self, model: str, alarms: list[tuple[str, list[tuple], dict[str, Any]]]
+                     ) -> BatchResult:
+        """Scale-out: detector alarms of the instances, judged by this model's alert
+        policy (the one that sees the merged windows), in the order given."""
+        result = BatchResult()
+        for _, found, window in alarms:
+            result.alerts += self.policy.detections(model, found, window)
+        return result
+
     def _close(self, pipe: ModelPipeline, closed: list[ClosedWindow], result: BatchResult) -> None:
         for window in closed:
             report = pipe.evaluator.evaluate(window)
@@ -375,9 +388,11 @@ class Monitor:
             if all(g.feature != d.feature for g in group):
                 group.append(d)
         for group in by_block.values():     # one block's alarms are judged together
-            result.alerts += self.policy.detections(
-                pipe.name, [(d.feature, d.method, d.value, d.threshold) for d in group],
-                group[0].window)
+            alarms = [(d.feature, d.method, d.value, d.threshold) for d in group]
+            if self.scale_out:  # judged where the model's windows are (kafka/partials.py)
+                result.alarms.append((pipe.name, alarms, group[0].window))
+            else:
+                result.alerts += self.policy.detections(pipe.name, alarms, group[0].window)
         if pipe.detectors.blocks != blocks:
             result.block_stats[pipe.name] = dict(pipe.detectors.last)
 

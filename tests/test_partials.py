@@ -169,7 +169,12 @@ class Cluster:
         monitor, publisher = self.instances[name]
         owned = [SOURCES[p] for p, o in self.owner.items() if o == name]
         for record in publisher.records(monitor, owned):
-            self.merger.add(PartialRecord.decode(record.encode()))  # through the bytes
+            record = PartialRecord.decode(record.encode())      # through the bytes
+            self.merger.add(record)
+            if record.alarms:
+                alerts = self.judge.judge_alarms(record.model, [
+                    (record.model, found, window) for found, window in record.alarms]).alerts
+                self.alerts.setdefault(record.model, []).extend(alerts)
         self.close(self.merger.ready(), counted=True)
 
     def close(self, ready: dict, counted: bool = False) -> None:
@@ -189,8 +194,8 @@ class Cluster:
                 result = monitor.process([lines[i] for i in mine], positions[mine].tolist())
                 self.events.update(result.events)
                 self.rejects += len(result.rejects)
-                assert not result.reports         # nothing is judged on an instance
-                publisher.note(result.events)
+                assert not result.reports and not result.alerts  # nothing judged here
+                publisher.note(result.events, result.alarms)
             if self.rng.random() < 0.3:           # a checkpoint at a random point
                 self.publish(name)
 
@@ -373,3 +378,39 @@ def test_a_partition_that_never_reported_holds_windows(config):
     for rec in PartialPublisher(5, "b").records(b, ["t:1"]):
         merger.add(rec)
     assert [w.accumulator.events for w in merger.ready()["iot"]] == [20, 20, 20]
+
+
+def test_detector_alarms_are_judged_once_by_the_merger(config, tmp_path):
+    """Sequential detectors run per instance (each over its share of the events, in its
+    own blocks); their alarms travel in the partial records and the merger's alert
+    policy pages them with the merged windows: a feature two instances both flag pages
+    once, and the instances page nothing themselves."""
+    from stream_monitor.config import parse_config as parse
+    raw = {"defaults": {"window": {"seconds": 60, "allowed_lateness": 30}, "block": 200,
+                        "min_events": 100},
+           "models": {m: {"reference": str(config.models[m].reference)} for m in MAKERS},
+           "scale_out": {"enabled": True}}
+    cfg = parse(raw, str(tmp_path / "c.yaml"))
+    lines, parts = make_stream(31)
+    cluster = Cluster(cfg, seed=8)
+    cluster.add_instance("a", [0, 1, 2])
+    cluster.add_instance("b", [3, 4, 5])
+    positions = np.arange(1, len(lines) + 1)
+    for idx in chunks(np.random.default_rng(3), len(lines)):
+        cluster.feed([lines[j] for j in idx], parts[idx], positions[idx])
+    cluster.finish()
+    alerts = [a for v in cluster.alerts.values() for a in v]
+    detector_pages = [a for a in alerts if a["status"] == "firing"
+                      and str(a["method"]).startswith(("cusum", "page_hinkley"))]
+    assert detector_pages, "the drift is flagged by the detectors between windows"
+    assert {a["labels"].get("feature") for a in detector_pages} >= {"ctr", "temp"}
+    paged: dict = {}
+    for a in alerts:      # a feature never paged twice at one severity without a change
+        if "feature" not in a["labels"]:
+            continue      # (a grouped alert is updated as features join or leave it)
+        fp, severity = a["fingerprint"], a["labels"]["severity"]
+        if a["status"] == "firing":
+            assert paged.get(fp) != severity, a["labels"]
+            paged[fp] = severity
+        else:
+            paged.pop(fp, None)

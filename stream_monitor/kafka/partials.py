@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -53,11 +53,15 @@ class PartialRecord:
     windows: list[ClosedWindow]                   # deltas of open windows (start/end set)
     marks: list[tuple[str, float, bool]]          # (source, watermark, idle) per partition
     instance: str = ""
+    # sequential detectors' alarms since the previous record: ([(feature, method,
+    # value, threshold)], block window) per block (`BatchResult.alarms`)
+    alarms: list[tuple[list[tuple], dict[str, Any]]] = field(default_factory=list)
 
     def encode(self) -> bytes:
         body = {"model": self.model, "instance": self.instance,
                 "windows": [[w.index, w.start, w.end, w.accumulator] for w in self.windows],
-                "marks": [[s, float(wm), bool(idle)] for s, wm, idle in self.marks]}
+                "marks": [[s, float(wm), bool(idle)] for s, wm, idle in self.marks],
+                "alarms": [[[list(a) for a in found], window] for found, window in self.alarms]}
         return MAGIC + VERSION.to_bytes(2, "big") + _encoder.encode(pack(body))
 
     @classmethod
@@ -76,7 +80,10 @@ class PartialRecord:
             marks = [(str(s), float(wm), bool(idle)) for s, wm, idle in body["marks"]]
             if not all(isinstance(w.accumulator, WindowAccumulator) for w in windows):
                 raise TypeError("a window without an accumulator")
-            return cls(str(body["model"]), windows, marks, str(body.get("instance", "")))
+            alarms = [([tuple(a) for a in found], dict(window))
+                      for found, window in body.get("alarms", [])]
+            return cls(str(body["model"]), windows, marks, str(body.get("instance", "")),
+                       alarms)
         except StateError:
             raise
         except Exception as exc:  # truncated or corrupted bytes
@@ -100,18 +107,26 @@ class PartialPublisher:
         self.clock = clock
         self.started = clock()
         self.active: dict[str, float] = {}    # model -> clock of its last accepted event
+        self.alarms: dict[str, list] = {}     # model -> detector alarms not published yet
 
     def assigned(self) -> None:
         """New partitions: give every model a fresh grace period before it counts idle."""
         self.started = self.clock()
         self.active = {m: max(t, self.started) for m, t in self.active.items()}
 
-    def note(self, events: Counter) -> None:
-        """A batch was applied: `events` is its per-model count of accepted events."""
+    def note(self, events: Counter, alarms: Iterable[tuple] = ()) -> None:
+        """A batch was applied: `events` is its per-model count of accepted events,
+        `alarms` its detector alarms (`BatchResult.alarms`), published with the deltas."""
         now = self.clock()
         for model, n in events.items():
             if n:
                 self.active[model] = now
+        for model, found, window in alarms:
+            self.alarms.setdefault(model, []).append((found, window))
+
+    def forget(self) -> None:
+        """The input since the last checkpoint is re-read (an abort): drop its alarms."""
+        self.alarms = {}
 
     def idle(self, model: str) -> bool:
         return self.clock() - self.active.get(model, self.started) > self.idle_timeout
@@ -127,8 +142,9 @@ class PartialPublisher:
             idle = self.idle(model)
             marks = [(s, wm, idle) for s in sources]
             windows = deltas.get(model, [])
-            if windows or marks:
-                out.append(PartialRecord(model, windows, marks, self.instance))
+            alarms = self.alarms.pop(model, [])
+            if windows or marks or alarms:
+                out.append(PartialRecord(model, windows, marks, self.instance, alarms))
         return out
 
 
