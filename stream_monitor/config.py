@@ -313,6 +313,9 @@ class ScaleOutConfig(Strict):
     # a partition whose instance accepted no event of a model for this long (wall clock)
     # no longer holds that model's windows open (like Flink's `withIdleness`)
     idle_timeout: float = Field(default=30.0, gt=0)
+    # partitions of `topics.partials` (created when absent): how many instances can
+    # share the merging of models; a model's windows are always merged by one
+    partitions: int = Field(default=6, ge=1, le=10_000)
 
 
 class AlertmanagerConfig(Strict):
