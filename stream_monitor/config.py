@@ -271,6 +271,9 @@ class Topics(Strict):
     dead_letter: str = "model-events-dlq"
     retrain: str = "model-retrain"       # retraining requests (performance monitoring)
     windows: str | None = None           # closed windows' reports (replay's windows.jsonl)
+    # exactly-once: per-model state snapshots, compacted, key = model; default
+    # `<group.id>-changelog` (see `changelog_topic`)
+    changelog: str | None = None
     # scale-out: partial windows and watermarks between instances (internal, keyed by model)
     partials: str = "stream-monitor-partials"
 
@@ -303,6 +306,29 @@ class DeliveryConfig(Strict):
     retry_backoff_max: float = Field(default=30.0, gt=0)        # failed delivery: 1 s doubling
     stall_after: float = Field(default=30.0, gt=0)   # unready when an output waits longer
     max_pending: int = Field(default=50_000, ge=1)   # outputs waiting: stop fetching beyond
+
+
+class CheckpointInterval(Strict):
+    """A checkpoint (one Kafka transaction) is committed after this many messages or
+    seconds, whichever comes first, once anything was consumed since the last one."""
+
+    events: int = Field(default=100_000, ge=1)
+    seconds: float = Field(default=2.0, gt=0, le=3600)
+
+
+class CheckpointConfig(Strict):
+    interval: CheckpointInterval = CheckpointInterval()
+    restore_timeout: float = Field(default=60.0, gt=0)  # reading the changelog, at most
+
+
+class ProcessingConfig(Strict):
+    """`run`'s processing guarantee (README: Processing guarantees)."""
+
+    # exactly_once: state, offsets and outputs committed in one Kafka transaction;
+    # at_least_once: for brokers without transactions (a crash may count twice)
+    guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    # transactional.id = `<prefix>-<group.instance.id or host name>`; prefix: group.id
+    transactional_id: str | None = Field(default=None, min_length=1)
 
 
 class ScaleOutConfig(Strict):
@@ -349,6 +375,8 @@ class Config(Strict):
     decode: DecodeConfig = DecodeConfig()
     alertmanager: AlertmanagerConfig = AlertmanagerConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    processing: ProcessingConfig = ProcessingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     scale_out: ScaleOutConfig = ScaleOutConfig()
     defaults: Defaults = Defaults()
     models: dict[str, ModelConfig] = Field(min_length=1)
@@ -363,6 +391,21 @@ class Config(Strict):
     def _merge_kafka_defaults(cls, v: dict[str, Any]) -> dict[str, Any]:
         # merged, not replaced: a section with only bootstrap.servers keeps group.id etc.
         return {**KAFKA_DEFAULTS, **v}
+
+
+def changelog_topic(cfg: Config) -> str:
+    """The changelog topic of exactly-once state: configured, or named from the group."""
+    return cfg.topics.changelog or f"{cfg.kafka.get('group.id', 'stream-monitor')}-changelog"
+
+
+def transactional_id(cfg: Config, host: str | None = None) -> str:
+    """Stable per instance: a restarted instance aborts its crashed predecessor's open
+    transaction at once (`init_transactions`), instead of readers waiting for the
+    transaction timeout; distinct instances of one group must not share it."""
+    import socket
+    prefix = cfg.processing.transactional_id or str(cfg.kafka.get("group.id", "stream-monitor"))
+    suffix = cfg.kafka.get("group.instance.id") or host or socket.gethostname()
+    return f"{prefix}-{suffix}"
 
 
 # Keys whose values are never printed (librdkafka's sasl.password, ssl.key.password,
@@ -388,6 +431,22 @@ def _format_errors(err: ValidationError, source: str) -> list[str]:
             shown = ""
         lines.append(f"{source}: {path}: {msg}" + (f" (got {shown})" if shown else ""))
     return lines
+
+
+def _guarantee_problems(cfg: Config, source: str) -> list[str]:
+    """Client settings that would silently break exactly-once: the sidecar sets them."""
+    if cfg.processing.guarantee != "exactly_once":
+        return []
+    problems = []
+    if "transactional.id" in cfg.kafka:
+        problems.append(f"{source}: kafka.transactional.id: set by the monitor in exactly_once "
+                        "mode (use processing.transactional_id for its prefix)")
+    level = str(cfg.kafka.get("isolation.level", "read_committed"))
+    if level != "read_committed":
+        problems.append(f"{source}: kafka.isolation.level: exactly_once reads with "
+                        f"read_committed (got {level!r}; or set processing.guarantee: "
+                        "at_least_once)")
+    return problems
 
 
 def _method_problems(data: dict[str, Any], source: str) -> list[str]:
@@ -447,6 +506,8 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     except ValidationError as err:
         problems += _format_errors(err, source)
     problems += sorted(set(_method_problems(data, source)))
+    if cfg is not None:
+        problems += _guarantee_problems(cfg, source)
     if problems or cfg is None:
         raise ConfigError(problems)
     return cfg

@@ -47,6 +47,13 @@ def _committed(bootstrap: str, group: str, topic: str, partitions: int = 1) -> i
     return sum(max(tp.offset, 0) for tp in got)
 
 
+def _alo(cfg: dict) -> dict:
+    """At-least-once mode: these tests are about its mechanics (outputs retried while the
+    commit waits, re-reads skipped); exactly-once aborts and re-does instead
+    (tests/test_exactly_once.py)."""
+    return {**cfg, "processing": {"guarantee": "at_least_once"}}
+
+
 def _start(cfg_dict: dict, **kw) -> tuple[KafkaSidecar, threading.Thread, list]:
     sidecar = KafkaSidecar(parse_config(cfg_dict), **kw)
     errors: list[BaseException] = []
@@ -223,7 +230,7 @@ def test_undeliverable_output_holds_commits_and_readiness(kafka_broker, churn_re
     names = _names("undeliv")
     bootstrap = kafka_broker.bootstrap_servers
     kafka_broker.create_topics({names["inferences"]: 1, names["alerts"]: 1})
-    cfg = _config(bootstrap, names, churn_reference_file, window=1000)
+    cfg = _alo(_config(bootstrap, names, churn_reference_file, window=1000))
     cfg["topics"]["dead_letter"] = BAD_TOPIC
     cfg["delivery"] = {"stall_after": 2, "shutdown_grace": 3}
     good = _good(3000, seed=34)
@@ -261,7 +268,7 @@ def test_reread_after_a_failed_commit_is_not_applied_twice(kafka_broker,
     names = _names("reread")
     bootstrap = kafka_broker.bootstrap_servers
     kafka_broker.create_topics({names["inferences"]: 1, names["alerts"]: 1})
-    cfg = _config(bootstrap, names, churn_reference_file, window=1000)
+    cfg = _alo(_config(bootstrap, names, churn_reference_file, window=1000))
     cfg["topics"]["dead_letter"] = BAD_TOPIC  # keeps the second batch uncommitted
     good = _good(2000, seed=35)
     sidecar, thread, errors = _start(cfg)
@@ -336,7 +343,7 @@ def test_sigterm_with_undeliverable_outputs_exits_nonzero_within_grace(
     with EmbeddedBroker() as broker:
         names = _names("grace")
         broker.create_topics({names["inferences"]: 1, names["alerts"]: 1})
-        cfg = _config(broker.bootstrap_servers, names, churn_reference_file, window=1000)
+        cfg = _alo(_config(broker.bootstrap_servers, names, churn_reference_file, window=1000))
         cfg["topics"]["dead_letter"] = BAD_TOPIC
         cfg["delivery"] = {"shutdown_grace": 5}
         path = tmp_path / "config.yaml"
@@ -426,7 +433,7 @@ def test_alert_events_survive_an_unusable_alert_topic_without_crashing(
     names = _names("badalert")
     bootstrap = kafka_broker.bootstrap_servers
     kafka_broker.create_topics({names["inferences"]: 1, names["dead_letter"]: 1})
-    cfg = _config(bootstrap, names, churn_reference_file, window=2000)
+    cfg = _alo(_config(bootstrap, names, churn_reference_file, window=2000))
     cfg["topics"]["alerts"] = BAD_TOPIC
     messages = _good(8000, seed=38) + [b"x"]
     drifted = [m for chunk in synthetic.generate(4000, seed=39, start_index=8000,
@@ -477,7 +484,7 @@ def test_outage_past_the_session_timeout_does_not_double_count(churn_reference_f
         names = _names("lost")
         bootstrap = broker.bootstrap_servers
         broker.create_topics({names["inferences"]: 1, names["alerts"]: 1})
-        cfg = _config(bootstrap, names, churn_reference_file, window=1000)
+        cfg = _alo(_config(bootstrap, names, churn_reference_file, window=1000))
         cfg["topics"]["dead_letter"] = BAD_TOPIC  # keeps the second batch uncommitted
         good = _good(2000, seed=40)
         sidecar, thread, errors = _start(cfg)

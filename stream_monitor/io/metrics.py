@@ -50,6 +50,12 @@ METRIC_NAMES: frozenset[str] = frozenset({
     "stream_monitor_loop_heartbeat_timestamp_seconds",
     "stream_monitor_detector_block_statistic",         # {model, feature, statistic}
     "stream_monitor_detector_alarms_total",            # {model, feature, method}
+    # exactly-once state (kafka/runtime.py): checkpoints, restores, aborted transactions
+    "stream_monitor_checkpoint_age_seconds",
+    "stream_monitor_checkpoint_size_bytes",            # {model}
+    "stream_monitor_checkpoints_total",
+    "stream_monitor_restore_duration_seconds",
+    "stream_monitor_transaction_aborts_total",
 })
 
 UNKNOWN_MODEL = "unknown"  # the one model label value of every unconfigured model name
@@ -176,6 +182,20 @@ class MonitorMetrics:
         self.detector_alarms = Counter(_name(p + "detector_alarms_total"),
                                        "Sequential detector alarms", ["model", "feature",
                                                                       "method"], registry=r)
+        self.checkpoint_age = Gauge(p + "checkpoint_age_seconds",
+                                    "Seconds since the last committed checkpoint (exactly-once)",
+                                    registry=r)
+        self.checkpoint_size = Gauge(p + "checkpoint_size_bytes",
+                                     "Size of the model's last committed state snapshot",
+                                     ["model"], registry=r)
+        self.checkpoints = Counter(_name(p + "checkpoints_total"),
+                                   "Checkpoints committed (state, offsets and outputs in one "
+                                   "Kafka transaction)", registry=r)
+        self.restore_seconds = Gauge(p + "restore_duration_seconds",
+                                     "Time the last restore from the changelog took", registry=r)
+        self.txn_aborts = Counter(_name(p + "transaction_aborts_total"),
+                                  "Kafka transactions aborted (state and input rewound to the "
+                                  "last checkpoint)", registry=r)
         self._models = LabelCap(cfg.max_models, "model", self.dropped)
         self._features: dict[str, LabelCap] = {}
         self._reasons = LabelCap(cfg.max_reasons, "reason", self.dropped)

@@ -20,8 +20,9 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,13 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import make_wsgi_app
 
-from stream_monitor.config import Config, ConfigError, load_config
+from stream_monitor.config import (
+    Config,
+    ConfigError,
+    changelog_topic,
+    load_config,
+    transactional_id,
+)
 
 if TYPE_CHECKING:  # imported where used: `run` joins its group while the engine loads
     from stream_monitor.io.decode import Reject
@@ -54,6 +61,7 @@ _PRODUCER_ONLY = {
     "acks", "enable.idempotence", "linger.ms", "batch.size", "batch.num.messages",
     "compression.type", "message.timeout.ms", "delivery.timeout.ms", "retries",
     "transactional.id", "queue.buffering.max.messages", "queue.buffering.max.ms",
+    "transaction.timeout.ms",
 }
 _SERVICE_CHECK_SECONDS = 2.0
 _HTTP_MAX_THREADS = 8          # concurrent HTTP connections served (more wait to be accepted)
@@ -342,6 +350,12 @@ class PoisonBatch(Exception):
     message but a fault of the monitor itself; the batch is not committed."""
 
 
+class TransactionFailed(Exception):
+    """Exactly-once cannot go on (fenced by another instance with the same
+    transactional.id, a fatal producer error, a rewind or restore that failed): the
+    process exits; the open transaction is aborted, nothing of it is visible."""
+
+
 class KafkaSidecar:
     """The `run` loop: consume a batch, apply it, produce what it produced, go on.
 
@@ -357,10 +371,17 @@ class KafkaSidecar:
                  join_early: bool = False):
         self.config = config
         self.kafka_log = KafkaLogBridge()
-        self.consumer = Consumer({**consumer_config(config.kafka), "logger": self.kafka_log,
+        self.eos = config.processing.guarantee == "exactly_once"
+        ccfg = consumer_config(config.kafka)
+        pcfg = producer_config(config.kafka)
+        self._init_eos()
+        if self.eos:
+            # only committed input (e.g. labels written transactionally upstream)
+            ccfg["isolation.level"] = "read_committed"
+            pcfg["transactional.id"] = self.transactional_id
+        self.consumer = Consumer({**ccfg, "logger": self.kafka_log,
                                   "error_cb": self._on_kafka_error,
                                   "on_commit": self._on_commit})
-        pcfg = producer_config(config.kafka)
         self.producer = Producer({**pcfg, "logger": self.kafka_log,
                                   "error_cb": self._on_kafka_error})
         # what the producer accepts, less room for the key, headers and framing
@@ -416,6 +437,8 @@ class KafkaSidecar:
             return False, f"consume loop stalled for {stalled:.0f}s"
         if not self.broker_ok:
             return False, "broker not reachable"
+        if self.eos and not self._txn_ready:
+            return False, "transactions not initialised"
         if not self.assigned:
             return False, "no partitions assigned yet"
         age = self.oldest_pending_age()
@@ -439,19 +462,289 @@ class KafkaSidecar:
         self.assigned |= {(p.topic, p.partition) for p in partitions}
         self._paused = False  # a new assignment starts fetching
         log.info("assigned %s", sorted(self.assigned))
+        if self.eos:  # before the first message of the assignment is consumed
+            self._restore()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Hand over cleanly: deliver and commit what can be within a short bound. What
         # cannot be committed is re-read by whoever gets the partition; if that is this
         # instance again, `_applied_upto` keeps it from being applied twice.
-        bound = 0.0 if self.stopping.is_set() else min(5.0, self.config.delivery.shutdown_grace)
-        self._drain(time.monotonic() + bound)
+        if self.eos:
+            # the open transaction first: its offsets are still ours to commit
+            self._checkpoint(rewind=False)
+        else:
+            bound = (0.0 if self.stopping.is_set()
+                     else min(5.0, self.config.delivery.shutdown_grace))
+            self._drain(time.monotonic() + bound)
         self.assigned -= {(p.topic, p.partition) for p in partitions}
+        for p in partitions:
+            self._positions.pop((p.topic, p.partition), None)
+            self._committed_positions.pop((p.topic, p.partition), None)
         for p in partitions:
             try:
                 self.metrics.lag.remove(p.topic, str(p.partition))
             except KeyError:
                 pass  # no lag reported for it yet
+
+    # -- exactly-once: transactions, checkpoints, restore --------------------------------
+
+    def _init_eos(self) -> None:
+        """Exactly-once bookkeeping (also set, unused, in at-least-once mode)."""
+        cfg = self.config
+        self.transactional_id = transactional_id(cfg) if self.eos else ""
+        self.changelog = changelog_topic(cfg)
+        self._txn_ready = False           # init_transactions done
+        self._txn_open = False
+        self._txn_error: KafkaError | None = None
+        self._run = uuid.uuid4().hex[:12]  # this process start, in `sm.txn` headers
+        self._seq = 0                      # transactions begun by this process
+        self._base_txn = ""                # the committed checkpoint the state descends from
+        self._positions: dict[tuple[str, int], int] = {}            # applied up to
+        self._committed_positions: dict[tuple[str, int], int] = {}  # at the last commit
+        self._committed_state: dict[str, bytes] = {}
+        self._committed_applied: Counter = Counter()
+        self._since_commit = 0             # messages consumed since the last checkpoint
+        self._last_commit = time.monotonic()
+        self._checkpoint_wanted = False
+        self._loop_failed = False
+        self._pristine = True              # nothing applied yet: a fresh start keeps the monitor
+        self._abort_streak = 0
+        self._resume_at = 0.0              # after an abort: back off before re-reading
+        # Extra records committed in each checkpoint's transaction (e.g. partial windows
+        # of scale-out): callables returning (topic, key, value, headers) tuples, called
+        # after the state snapshots are produced and before the offsets are sent.
+        self.checkpoint_records: list[Callable[[], Iterable[tuple[str, bytes | None, bytes,
+                                                                  list]]]] = []
+        # Called after an abort restored the state of the last checkpoint (and after a
+        # restore on assignment): whoever keeps state beside the Monitor resets it here.
+        self.on_rewind: list[Callable[[], None]] = []
+
+    def _txn_name(self) -> str:
+        return f"{self._run}:{self._seq}"
+
+    def _txn_timeout(self) -> float:
+        return max(10.0, self.config.delivery.shutdown_grace)
+
+    def _start_eos(self) -> bool:
+        """Before the first consume: the changelog exists and the transactional producer
+        is initialised (which aborts a crashed predecessor's open transaction, so the
+        committed offsets read at assignment are stable). False: retried next turn."""
+        if self._txn_ready:
+            return True
+        from stream_monitor.kafka.changelog import ensure_topic
+        done = ensure_topic(self.config.kafka, self.changelog, logger=self.kafka_log)
+        if done != "exists":
+            log.info("changelog topic %s: %s", self.changelog, done)
+        try:
+            self.producer.init_transactions(self._txn_timeout())
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.fatal():
+                raise
+            self.kafka_log.unreachable(f"init_transactions: {err.str()}", confirmed=True)
+            return False
+        self._txn_ready = True
+        log.info("exactly-once: transactional.id %s, changelog %s, checkpoint every %d "
+                 "messages or %.1f s", self.transactional_id, self.changelog,
+                 self.config.checkpoint.interval.events, self.config.checkpoint.interval.seconds)
+        return True
+
+    def _begin(self) -> None:
+        if not self._txn_open:
+            self.producer.begin_transaction()
+            self._txn_open = True
+
+    def request_checkpoint(self) -> None:
+        """Commit at the next turn even without new input (e.g. a watermark moved)."""
+        self._checkpoint_wanted = True
+
+    def _checkpoint_due(self) -> bool:
+        if not (self._since_commit or self._txn_open or self._checkpoint_wanted):
+            return False
+        every = self.config.checkpoint.interval
+        return (self._since_commit >= every.events or self._checkpoint_wanted
+                or time.monotonic() - self._last_commit >= every.seconds)
+
+    def _checkpoint(self, rewind: bool = True) -> bool:
+        """Commit one checkpoint: each model's snapshot to the changelog, the extra
+        `checkpoint_records`, the consumer offsets the state reflects, and every output
+        produced since the last checkpoint, in one Kafka transaction. On failure the
+        transaction is aborted and state and input rewound to the last checkpoint
+        (`rewind=False`: state only, for partitions being revoked). True when committed
+        or nothing was to commit."""
+        if not self.eos or not self._txn_ready:
+            return True
+        if not (self._since_commit or self._txn_open or self._checkpoint_wanted):
+            return True
+        if self._txn_error is not None:
+            self._abort(f"a delivery failed: {self._txn_error.str()}", seek=rewind)
+            return False
+        started = time.perf_counter()
+        offsets = {tp: o for tp, o in self._positions.items() if tp in self.assigned}
+        name, now = self._txn_name(), time.time()
+        from stream_monitor.kafka.changelog import headers
+        head = headers(offsets, name, self._base_txn, now)
+        snaps: dict[str, bytes] = {}
+        try:
+            self._begin()
+            for model in self.config.models:
+                snaps[model] = data = self.monitor.snapshot(model)
+                self._produce_raw(self.changelog, model.encode(), data, head)
+            for extra in self.checkpoint_records:
+                for topic, key, value, hdrs in extra():
+                    self._produce_raw(topic, key, value,
+                                      [*(hdrs or []), ("sm.txn", name.encode())])
+            if offsets:
+                self.producer.send_offsets_to_transaction(
+                    [TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())],
+                    self.consumer.consumer_group_metadata(), self._txn_timeout())
+            self._commit_transaction()
+        except KafkaException as exc:
+            err = exc.args[0]
+            self._abort(err.str() if isinstance(err, KafkaError) else str(err), seek=rewind,
+                        fatal=isinstance(err, KafkaError) and err.fatal())
+            return False
+        self.producer.poll(0)  # delivery callbacks: alert counts, on_alert
+        self._txn_open, self._seq = False, self._seq + 1
+        self._base_txn = name
+        self._committed_positions.update(offsets)
+        self._committed_state = snaps
+        self._committed_applied = Counter(self.applied)
+        self._batches.clear()
+        self._since_commit, self._checkpoint_wanted = 0, False
+        self._last_commit = time.monotonic()
+        self._abort_streak = 0
+        self._failing.clear()
+        m = self.metrics
+        m.checkpoints.inc()
+        m.checkpoint_age.set(0)
+        for model, data in snaps.items():
+            if m._models.admit(model):
+                m.checkpoint_size.labels(model).set(len(data))
+        log.debug("checkpoint %s committed in %.1f ms", name,
+                  1000 * (time.perf_counter() - started))
+        return True
+
+    def _produce_raw(self, topic: str, key: bytes | None, value: bytes, hdrs: list) -> None:
+        """Produce into the open transaction, waiting while the local queue is full."""
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, headers=hdrs,
+                                      on_delivery=self._raw_delivered)
+                return
+            except BufferError:
+                self.producer.poll(0.1)
+
+    def _raw_delivered(self, err: KafkaError | None, msg) -> None:
+        if err is not None and self._txn_error is None:
+            self._txn_error = err
+
+    def _commit_transaction(self) -> None:
+        """commit_transaction, retried while the error says a retry may succeed."""
+        for attempt in range(3):
+            try:
+                self.producer.commit_transaction(self._txn_timeout())
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if attempt == 2 or not err.retriable() or err.txn_requires_abort():
+                    raise
+
+    def _abort(self, why: str, seek: bool = True, fatal: bool = False) -> None:
+        """Abort the open transaction and go back to the last committed checkpoint:
+        the monitor's state restored from its snapshots, the consumer rewound to its
+        offsets, so the re-done batches count once."""
+        self.metrics.txn_aborts.inc()
+        self._abort_streak += 1
+        if fatal:  # fenced (another instance with this transactional.id) or worse
+            log.error("transaction failed fatally (%s): exiting; the open transaction is "
+                      "aborted by the broker or the next instance", why)
+            raise TransactionFailed(f"fatal transaction error: {why}")
+        log.warning("transaction aborted (%s): state and input rewound to checkpoint %s",
+                    why, self._base_txn or "(start)")
+        if self._txn_open:
+            try:
+                self.producer.abort_transaction(self._txn_timeout())
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.fatal():
+                    raise TransactionFailed(f"fatal transaction error: {err.str()}") from exc
+                log.warning("abort_transaction failed (%s)", err.str())
+        self._txn_open, self._txn_error, self._seq = False, None, self._seq + 1
+        self._rebuild(self._committed_state)
+        self.applied = Counter(self._committed_applied)
+        self._batches.clear()
+        self._since_commit, self._checkpoint_wanted = 0, False
+        self._last_commit = time.monotonic()
+        self._applied_upto.clear()
+        self._batch_firsts.clear()
+        self._rereading.clear()
+        self._positions = dict(self._committed_positions)
+        backoff = min(self.config.delivery.retry_backoff_max, 2.0 ** (self._abort_streak - 1))
+        self._resume_at = time.monotonic() + (backoff if self._abort_streak > 1 else 0.0)
+        if seek:
+            for (t, p), off in sorted(self._committed_positions.items()):
+                if (t, p) not in self.assigned:
+                    continue
+                try:
+                    self.consumer.seek(TopicPartition(t, p, off))
+                except KafkaException as exc:
+                    raise TransactionFailed(f"cannot rewind {t}[{p}] to offset {off}: "
+                                      f"{exc.args[0].str()}") from exc
+        for hook in self.on_rewind:
+            hook()
+
+    def _rebuild(self, states: dict[str, bytes]) -> None:
+        """A fresh Monitor (same config and references) holding `states`: models
+        without a snapshot start empty."""
+        from stream_monitor.pipeline import Monitor
+        old = self.monitor
+        refs = {n: p.reference for n, p in old.models.items()
+                if self.config.models[n].reference is not None}
+        mon = Monitor(self.config, refs, labels=old.performance is not None)
+        for model, data in states.items():
+            if model in self.config.models:
+                mon.restore(model, data)
+        self.monitor = mon
+
+    def _restore(self) -> None:
+        """On assignment: the committed offsets, and the changelog read to its end;
+        each model restored from its snapshot at exactly those offsets."""
+        from stream_monitor.kafka.changelog import choose, read_changelog
+        from stream_monitor.kafka.state import StateError
+        started = time.perf_counter()
+        if self._txn_open:  # not committed at revocation: it cannot be any more
+            self._abort("reassigned with a transaction open", seek=False)
+        tps = [TopicPartition(t, p) for t, p in sorted(self.assigned)]
+        timeout = self.config.checkpoint.restore_timeout
+        committed = {(tp.topic, tp.partition): tp.offset
+                     for tp in self.consumer.committed(tps, timeout=timeout) if tp.offset >= 0}
+        records = read_changelog(self.config.kafka, self.changelog, timeout, self.kafka_log)
+        chosen = choose(records, committed)
+        for model in chosen.mismatched:
+            log.warning("changelog %s: no snapshot of %s at the committed offsets; restoring "
+                        "its newest (offsets reset by hand?)", self.changelog, model)
+        try:
+            if chosen.states or not self._pristine:
+                self._rebuild(chosen.states)
+        except StateError as exc:
+            raise TransactionFailed(f"cannot restore from the changelog {self.changelog}: {exc}") \
+                from None
+        self._positions = dict(committed)
+        self._committed_positions = dict(committed)
+        self._committed_state = {m: self.monitor.snapshot(m) for m in self.config.models}
+        self._committed_applied = Counter(self.applied)
+        bases = {r.txn for r in chosen.records.values()}
+        self._base_txn = min(bases) if len(bases) == 1 else ",".join(sorted(bases))
+        self._since_commit = 0
+        self._last_commit = time.monotonic()
+        for hook in self.on_rewind:
+            hook()
+        took = time.perf_counter() - started
+        self.metrics.restore_seconds.set(took)
+        log.info("restored %d model(s) from %s (%d record(s) read) at offsets %s in %.2f s",
+                 len(chosen.states), self.changelog, chosen.read,
+                 {f"{t}[{p}]": o for (t, p), o in sorted(committed.items())} or "(none)", took)
 
     # -- delivery ---------------------------------------------------------------------
 
@@ -472,6 +765,15 @@ class KafkaSidecar:
                 self._failed(out, err)
 
         out.attempts += 1
+        if self.eos:
+            if self._txn_error is not None:
+                return  # the transaction is doomed: aborted and re-done at the checkpoint
+            try:
+                self._begin()
+            except KafkaException as exc:
+                self._txn_error = exc.args[0]
+                return
+            out.headers = [*out.headers, ("sm.txn", self._txn_name().encode())]
         give_up = time.monotonic() + 5.0
         while True:
             try:
@@ -480,6 +782,9 @@ class KafkaSidecar:
                 return
             except BufferError:  # local queue full: let deliveries drain, then retry
                 self.producer.poll(0.2)
+                if self.eos and time.monotonic() > give_up:
+                    self._txn_error = KafkaError(KafkaError._QUEUE_FULL)
+                    return
                 if self.stopping.is_set() or time.monotonic() > give_up:
                     out.retry_at = time.monotonic() + 1.0  # later, from the retry list
                     self._retry.append(out)
@@ -502,6 +807,15 @@ class KafkaSidecar:
 
     def _failed(self, out: _Output, err: KafkaError) -> None:
         self.metrics.alert_failures.inc()
+        if self.eos:
+            # a failed delivery makes the transaction abortable: the checkpoint aborts it,
+            # rewinds and re-does the batches (no retry inside the doomed transaction)
+            if self._txn_error is None:
+                log.warning("delivery to %s failed (%s): the transaction will be aborted and "
+                            "its input re-read", out.topic, err.str())
+            self._txn_error = self._txn_error or err
+            self._failing.add(out.topic)
+            return
         if (err.code() == KafkaError.MSG_SIZE_TOO_LARGE and out.kind == "dead_letter"
                 and len(out.value) > _MIN_TRUNCATED):
             # the broker's limit is below the producer's: send a smaller truncated copy
@@ -530,6 +844,8 @@ class KafkaSidecar:
 
     def _commit_delivered(self, asynchronous: bool = True) -> None:
         """Commit the offsets of the leading batches whose outputs are all delivered."""
+        if self.eos:  # offsets are committed in the checkpoint's transaction only
+            return
         offsets: dict[tuple[str, int], int] = {}
         while self._batches and self._batches[0].sealed and self._batches[0].pending == 0:
             offsets.update(self._batches.popleft().offsets)
@@ -570,7 +886,7 @@ class KafkaSidecar:
         either call can block far longer."""
         tps = [TopicPartition(t, p, o) for (t, p), o in self._committable.items()
                if (t, p) in self.assigned]
-        if tps:
+        if tps and not self.eos:
             try:
                 self.consumer.commit(offsets=tps, asynchronous=False)
             except KafkaException as exc:
@@ -695,6 +1011,8 @@ class KafkaSidecar:
                 self.kafka_log.unreachable(
                     err.str() if isinstance(err, KafkaError) else str(exc), confirmed=True)
         self.metrics.ready.set(1 if self.readiness()[0] else 0)
+        if self.eos:
+            self.metrics.checkpoint_age.set(now - self._last_commit)
         if not self.assigned:
             return
         tps = [TopicPartition(t, p) for t, p in sorted(self.assigned)]
@@ -801,8 +1119,13 @@ class KafkaSidecar:
             self.push.send([])
         self._pump()
         self._backpressure()
+        if self.eos and (not self._start_eos() or time.monotonic() < self._resume_at):
+            time.sleep(cfg.poll_timeout)  # transactions not ready, or backing off
+            return 0
         raw = self.consumer.consume(cfg.batch_size, cfg.poll_timeout)
         if not raw:
+            if self.eos and self._checkpoint_due():
+                self._checkpoint()
             return 0
         self._last_data = time.monotonic()
         messages, values, offsets, topics = self._fresh(raw)
@@ -810,6 +1133,8 @@ class KafkaSidecar:
         self._batches.append(batch)
         if not messages:  # only re-reads: nothing to apply, but the offsets may be committed
             batch.sealed = True
+            if self.eos:
+                self._track_positions(raw, offsets)
             return 0
         self.broker_ok = True
         self.kafka_log.reachable()
@@ -825,6 +1150,9 @@ class KafkaSidecar:
         for line in map(alert_line, result.alerts):
             log.info("%s", line)
         self._deliver(result, messages, base, batch)
+        if self.eos:  # applied and handed to the transaction: part of the next checkpoint
+            self._pristine = False
+            self._track_positions(raw, offsets)
         self.metrics.record_batch(
             result, topics, time.perf_counter() - started,
             self.monitor.policy,
@@ -842,7 +1170,20 @@ class KafkaSidecar:
         self._pump()
         if self.on_batch is not None:
             self.on_batch(result)
+        if self.eos and self._checkpoint_due():
+            self._checkpoint()
         return len(messages)
+
+    def _track_positions(self, raw: list, offsets: dict[tuple[str, int], int]) -> None:
+        """Exactly-once: where each partition's applied input ends, and where it started
+        when the group had no committed offset for it (the rewind target)."""
+        self._since_commit += len(raw)
+        if offsets.keys() - self._committed_positions.keys():
+            for m in raw:
+                tp = (m.topic(), m.partition())
+                if tp not in self._committed_positions and m.error() is None:
+                    self._committed_positions[tp] = m.offset()
+        self._positions.update(offsets)
 
     def subscribe(self) -> None:
         if self._subscribed:  # again would make the group rebalance
@@ -858,6 +1199,10 @@ class KafkaSidecar:
         # these partitions any more; re-reads are skipped by `_applied_upto`
         log.warning("partitions lost: %s", sorted((p.topic, p.partition) for p in partitions))
         self.assigned -= {(p.topic, p.partition) for p in partitions}
+        if self.eos and (self._txn_open or self._since_commit):
+            # their offsets cannot be committed any more (another member may own them):
+            # abort, and restore from the changelog at the next assignment
+            self._abort("partitions lost", seek=False)
 
     def run(self) -> bool:
         """Run until `stop()` (or SIGTERM/SIGINT when installed), then shut down within
@@ -866,6 +1211,11 @@ class KafkaSidecar:
         try:
             while not self.stopping.is_set():
                 self.poll_once()
+        except BaseException:
+            # exactly-once: the state may hold part of the failed batch; nothing more is
+            # committed, the restart resumes from the last checkpoint
+            self._loop_failed = True
+            raise
         finally:
             clean = self.close()
         return clean
@@ -875,9 +1225,28 @@ class KafkaSidecar:
         pending alerts, leave the group. Offsets of undelivered outputs are never
         committed. True when nothing was left undelivered."""
         deadline = time.monotonic() + self.config.delivery.shutdown_grace
-        # keep part of the grace for the final commit and leaving the group
-        delivered = self._drain(deadline - min(5.0, self.config.delivery.shutdown_grace / 3),
-                                asynchronous=True)
+        if self.eos and self._loop_failed:
+            delivered = False
+            if self._txn_open:
+                try:
+                    self.producer.abort_transaction(min(5.0, self._txn_timeout()))
+                except KafkaException as exc:
+                    log.warning("abort_transaction failed (%s)", exc.args[0].str())
+                self._txn_open = False
+            self._txn_ready = False  # nothing more is committed on the way out
+        elif self.eos:
+            # the last checkpoint: state, offsets and outputs committed together (or,
+            # failing that, aborted: a restart resumes from the previous checkpoint)
+            try:
+                delivered = self._checkpoint(rewind=False)
+            except TransactionFailed as exc:
+                log.error("%s", exc)
+                delivered = False
+        else:
+            # keep part of the grace for the final commit and leaving the group
+            delivered = self._drain(
+                deadline - min(5.0, self.config.delivery.shutdown_grace / 3),
+                asynchronous=True)
         if self.push is not None and self.push.pending:
             self.push.retry_at = 0.0  # one last attempt before exiting
             if not self.push.send([]):
