@@ -508,6 +508,10 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     problems += sorted(set(_method_problems(data, source)))
     if cfg is not None:
         problems += _guarantee_problems(cfg, source)
+        if cfg.scale_out.enabled and cfg.processing.guarantee != "exactly_once":
+            problems.append(f"{source}: scale_out.enabled: partial windows travel in the "
+                            "checkpoint transactions; needs processing.guarantee: "
+                            "exactly_once")
     if problems or cfg is None:
         raise ConfigError(problems)
     return cfg

@@ -68,11 +68,12 @@ def _iot(rng: np.random.Generator, drift: bool) -> dict:
 MAKERS = {"pay": _pay, "ads": _ads, "iot": _iot}
 
 
-def make_stream(seed: int, n: int = 21_000, iot_partitions: tuple[int, ...] | None = None
-                ) -> tuple[list[bytes], np.ndarray]:
-    """(lines, partition of each line): ~7 minutes of event time, drift at T0 + 217.3 s."""
+def make_stream(seed: int, n: int = 21_000, iot_partitions: tuple[int, ...] | None = None,
+                gap: float = 0.02) -> tuple[list[bytes], np.ndarray]:
+    """(lines, partition of each line): `n * gap` seconds of event time (7 minutes by
+    default), drift at T0 + 217.3 s."""
     rng = np.random.default_rng(seed)
-    base = T0 + np.cumsum(rng.exponential(0.02, n))
+    base = T0 + np.cumsum(rng.exponential(gap, n))
     ts = base - rng.uniform(0, 2.0, n)                      # out of order by up to 2 s
     drift_at = T0 + 217.3
     which = rng.choice(["pay", "ads", "iot"], n, p=[.45, .35, .2])
@@ -414,3 +415,12 @@ def test_detector_alarms_are_judged_once_by_the_merger(config, tmp_path):
             paged[fp] = severity
         else:
             paged.pop(fp, None)
+
+
+def test_scale_out_needs_exactly_once(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"models": {"m": {"reference": "r.json"}},
+                      "processing": {"guarantee": "at_least_once"},
+                      "scale_out": {"enabled": True}}, str(tmp_path / "c.yaml"))
+    assert any("scale_out.enabled" in line and "exactly_once" in line
+               for line in err.value.lines)

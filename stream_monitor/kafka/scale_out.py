@@ -122,6 +122,14 @@ class ScaleOut:
 
     # -- the instance side ----------------------------------------------------------
 
+    def split(self, messages: list, values: list[bytes]) -> tuple[list, list[bytes], list]:
+        """A consumed batch: (input messages, their values, partials messages)."""
+        if not any(m.topic() == self.topic for m in messages):
+            return messages, values, []
+        keep = [i for i, m in enumerate(messages) if m.topic() != self.topic]
+        return ([messages[i] for i in keep], [values[i] for i in keep],
+                [m for m in messages if m.topic() == self.topic])
+
     def applied(self, result: BatchResult) -> None:
         """After a batch of input was applied: models that had events are not idle."""
         self.publisher.note(result.events, result.alarms)
