@@ -95,7 +95,8 @@ class Setup:
         self.instances: dict[str, tuple[KafkaSidecar, threading.Thread]] = {}
 
     def config(self, name: str):
-        raw = {**self.raw, "processing": {"transactional_id": f"so-{name}"}}
+        raw = {**self.raw, "processing": {**self.raw.get("processing", {}),
+                                          "transactional_id": f"so-{name}"}}
         return parse_config(raw, str(self.tmp / "config.yaml"))
 
     def start(self, name: str) -> KafkaSidecar:
@@ -225,20 +226,31 @@ def test_instances_joining_and_leaving_lose_and_duplicate_nothing(
         return sum(applied.values()) + sum(sum(s.applied.values())
                                            for s, _ in setup.instances.values())
 
+    def settled(*names: str) -> bool:
+        """The group's members hold every input partition between them."""
+        held = [tp for name in names for tp in setup.instances[name][0].assigned
+                if tp[0] == setup.names["inferences"]]
+        return all(setup.instances[name][0].assigned for name in names) and \
+            len(held) == PARTITIONS
+
     a = setup.start("a")
     setup.produce(lines, parts, 0, n // 3)
     wait_until(lambda: total() >= n // 4, 60, "a started")
-    setup.start("b")                                   # joins mid-stream
+    setup.start("b")                                   # joins mid-stream, mid-window
+    wait_until(lambda: settled("a", "b"), 60, "b joined")
     setup.produce(lines, parts, n // 3, 2 * n // 3)
     wait_until(lambda: total() >= n // 2, 60, "half applied")
     setup.start("c")                                   # another joins
+    wait_until(lambda: settled("a", "b", "c"), 60, "c joined")
     wait_until(lambda: total() >= 7 * n // 12, 60, "more applied")
-    collect(a)
     setup.stop("a")                                    # a leaves (clean hand-over)
+    collect(a)
+    wait_until(lambda: settled("b", "c"), 60, "a's partitions taken over")
     tail = len(lines) - len(MAKERS) * PARTITIONS
     setup.produce(lines, parts, 2 * n // 3, tail)
     try:
-        wait_until(lambda: total() >= N_EVENTS, 120, "the stream applied")
+        wait_until(lambda: total() >= N_EVENTS, 60, "the stream applied",
+                   lambda: f"{applied} + {[dict(s.applied) for s, _ in setup.instances.values()]}")
         setup.produce(lines, parts, tail, len(lines))
         wait_until(lambda: total() >= len(lines) - 1, 120, "every event applied",
                    lambda: f"{applied} + {[dict(s.applied) for s, _ in setup.instances.values()]}")
