@@ -352,6 +352,87 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _committed_offsets(cfg: Any, timeout: float) -> dict[tuple[str, int], int]:
+    """The group's committed offsets on the input topics (without joining the group)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from stream_monitor.kafka.changelog import reader_config
+    c = Consumer({**reader_config(cfg.kafka), "group.id": cfg.kafka.get("group.id")})
+    try:
+        topics = list(cfg.topics.inferences) + ([cfg.topics.labels] if cfg.topics.labels else [])
+        tps = []
+        for t in topics:
+            meta = c.list_topics(t, timeout=timeout).topics.get(t)
+            if meta is not None and meta.error is None:
+                tps += [TopicPartition(t, p) for p in sorted(meta.partitions)]
+        got = c.committed(tps, timeout=timeout) if tps else []
+        return {(tp.topic, tp.partition): tp.offset for tp in got if tp.offset >= 0}
+    finally:
+        c.close()
+
+
+def state_summary(rec: Any, now: float, committed: bool = True) -> str:
+    """One line about one model's checkpoint in the changelog."""
+    from stream_monitor.kafka.state import StateError, decode
+    age = f"{max(0.0, now - rec.time):.1f}s" if rec.time else "?"
+    head = (f"{rec.model}: checkpoint {rec.txn or '?'} age {age} size {len(rec.value):,} B"
+            + ("" if committed else " (not at the committed offsets)"))
+    try:
+        st = decode(rec.value)
+    except StateError as exc:
+        return f"{head}; unreadable: {exc}"
+    parts = []
+    if "windows" in st:
+        w = st["windows"]
+        events = sum(int(getattr(a, "events", 0)) for a in w["open"].values())
+        parts.append(f"windows open {len(w['open'])} with {events:,} events, "
+                     f"closed {int(w['closed_count']):,}, late {int(w['late_events']):,}")
+    if "baseline" in st:
+        parts.append(f"baseline in progress: {int(st['baseline'].get('rows', 0)):,} rows")
+    states = st["policy"]["states"]
+    firing = [s for s in states.values() if getattr(s, "severity", 0) > 0]
+    crit = sum(1 for s in firing if s.severity >= 2)
+    parts.append(f"alerts firing {len(firing)} ({crit} critical, {len(firing) - crit} warning) "
+                 f"of {len(states)} tracked")
+    if st.get("newest_event") is not None:
+        import datetime as dt
+        parts.append("newest event " + dt.datetime.fromtimestamp(
+            float(st["newest_event"]), dt.UTC).isoformat(timespec="seconds"))
+    offsets = ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(rec.offsets.items()))
+    return f"{head}; " + "; ".join(parts) + (f"; offsets {offsets}" if offsets else "")
+
+
+def _cmd_state_inspect(args: argparse.Namespace) -> int:
+    import time
+
+    from stream_monitor.config import changelog_topic
+    from stream_monitor.kafka.changelog import choose, read_changelog
+    from stream_monitor.kafka.runtime import _Discard
+    cfg = load_config(args.config)
+    topic = changelog_topic(cfg)
+    try:
+        records = read_changelog(cfg.kafka, topic, args.timeout, _Discard())
+        committed = _committed_offsets(cfg, args.timeout) if records else {}
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        text = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
+        raise UsageError(f"{args.config}: cannot read the changelog {topic} from "
+                         f"{cfg.kafka.get('bootstrap.servers')}: {text}") from None
+    if not records:
+        print(f"{topic}: no checkpoint (empty or absent; models: {', '.join(cfg.models)})")
+        return 0
+    chosen = choose(records, committed)
+    newest = {r.model: r for r in records}
+    now = time.time()
+    for model in sorted(newest):
+        rec = chosen.records.get(model)
+        ok = rec is not None and model not in chosen.mismatched
+        print(state_summary(rec or newest[model], now, committed=ok))
+    missing = [m for m in cfg.models if m not in newest]
+    if missing:
+        print(f"no checkpoint for: {', '.join(missing)}")
+    return 0
+
+
 # Commands that need neither Kafka nor Prometheus: they start without importing the
 # runtime (confluent-kafka, prometheus-client), a large share of `replay`'s start-up.
 LOCAL_COMMANDS = frozenset({"replay", "reference", "check-config", "sample", "diagnose"})
@@ -431,6 +512,19 @@ def build_parser(with_runtime: bool = True) -> argparse.ArgumentParser:
     k.add_argument("--rate", type=float, default=2000,
                    help="events/s for --feed (default: %(default)s)")
     k.set_defaults(func=_cmd_broker)
+
+    st = sub.add_parser("state", help="exactly-once state in the changelog topic")
+    stsub = st.add_subparsers(dest="action", required=True, metavar="ACTION")
+    si = stsub.add_parser("inspect", help="what the changelog holds per model",
+                          description="Read the changelog topic (read_committed) and print "
+                          "one line per model: its checkpoint at the group's committed "
+                          "offsets, age and size, windows open and their events, alerts "
+                          "firing.")
+    si.add_argument("--config", required=True, help="YAML config file")
+    si.add_argument("--timeout", type=float, default=10.0,
+                    help="seconds to reach the broker and read the topic (default: "
+                    "%(default)s)")
+    si.set_defaults(func=_cmd_state_inspect)
 
     import importlib.util
     if with_runtime and importlib.util.find_spec("stream_monitor.kafka.runtime") is not None:

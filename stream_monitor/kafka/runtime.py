@@ -466,7 +466,7 @@ class KafkaSidecar:
         self.assigned |= {(p.topic, p.partition) for p in partitions}
         self._paused = False  # a new assignment starts fetching
         log.info("assigned %s", sorted(self.assigned))
-        if self.eos:  # before the first message of the assignment is consumed
+        if self.eos and partitions:  # before the first message of the assignment
             self._restore()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
