@@ -1210,7 +1210,9 @@ class KafkaSidecar:
             return
         self._subscribed = True
         labels = [self.config.topics.labels] if self.config.topics.labels else []
-        if self.config.scale_out.enabled:
+        if self.config.scale_out.enabled:  # the internal topics exist before the join
+            from stream_monitor.kafka.scale_out import ensure_topics
+            ensure_topics(self)
             labels.append(self.config.topics.partials)
         self.consumer.subscribe(list(self.config.topics.inferences) + labels,
                                 on_assign=self._on_assign, on_revoke=self._on_revoke,
