@@ -98,6 +98,8 @@ class ScaleOut:
         self._owned: frozenset[int] | None = None
         self._idle_sent: dict[str, bool] = {}
         self.bad_records = 0
+        self._late_logged = 0
+        self._sources: list[str] = []
         sidecar.checkpoint_records.append(self.records)
         sidecar.on_rewind.append(self.rewind)
 
@@ -192,6 +194,13 @@ class ScaleOut:
             if rec.alarms:  # instances' detector alarms, judged with the merged windows
                 result.extend(self.judge.judge_alarms(
                     rec.model, [(rec.model, found, window) for found, window in rec.alarms]))
+        late = sum(self.merger.late_events.values())
+        if late > self._late_logged:  # one line per change, not per record
+            log.warning("scale-out: %d event(s) in all arrived for windows already closed "
+                        "and were dropped (%s); an idle partition woke up behind the "
+                        "others? raise scale_out.idle_timeout", late,
+                        dict(self.merger.late_events))
+            self._late_logged = late
         for model, windows in self.merger.ready().items():
             result.extend(self.judge.close_windows(model, windows))
         return result
@@ -201,6 +210,9 @@ class ScaleOut:
         A new set of partials partitions is restored from the merger's state topic."""
         self._candidate, self._candidate_next = {}, {}
         self.publisher.forget()
+        if self.sources() != self._sources:  # new input partitions: a grace period
+            self._sources = self.sources()
+            self.publisher.assigned()
         owned = self.owned()
         if owned != self._owned:
             self._owned = owned
