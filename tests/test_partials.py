@@ -424,3 +424,95 @@ def test_scale_out_needs_exactly_once(tmp_path):
                       "scale_out": {"enabled": True}}, str(tmp_path / "c.yaml"))
     assert any("scale_out.enabled" in line and "exactly_once" in line
                for line in err.value.lines)
+
+
+class _Msg:
+    """A consumed record of the partials topic (what `ScaleOut.apply` reads of one)."""
+
+    def __init__(self, topic: str, partition: int, offset: int, value: bytes):
+        self._t, self._p, self._o, self._v = topic, partition, offset, value
+
+    def topic(self) -> str:
+        return self._t
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def value(self) -> bytes:
+        return self._v
+
+
+class _Loop:
+    """The parts of `KafkaSidecar` that `ScaleOut` uses, with transactions by hand: the
+    in-memory merging side, without a broker (the broker is tests/test_scale_out.py)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.monitor = Monitor(config)
+        self.transactional_id = "t"
+        self.assigned = {(config.topics.partials, 0), ("inferences", 0)}
+        self.checkpoint_records: list = []
+        self.on_rewind: list = []
+        self.seq, self._base_txn = 0, ""
+
+    def _txn_name(self) -> str:
+        return f"run:{self.seq}"
+
+    def request_checkpoint(self) -> None:
+        pass
+
+    def commit(self, scale_out) -> None:
+        scale_out.records()
+        self._base_txn = self._txn_name()
+        self.seq += 1
+
+    def abort(self, scale_out, in_checkpoint: bool) -> None:
+        if in_checkpoint:
+            scale_out.records()
+        self.seq += 1
+        scale_out.rewind()
+
+
+def test_merger_goes_back_to_its_last_committed_checkpoint_on_abort(config):
+    """An abort rewinds the input to the last committed offsets; the merger must go back
+    to the state committed with them: not to an older one (an abort before the
+    checkpoint's records were taken, e.g. a failed delivery) nor keep a newer one."""
+    from stream_monitor.kafka.scale_out import ScaleOut
+    loop = _Loop(config)
+    so = ScaleOut(loop)
+    so._owned = frozenset({0})                  # partitions known: nothing to read
+    topic = config.topics.partials
+    ev = {"model": "iot", "features": {"temp": 20.0, "ok": True}}
+    inst = Monitor(config)
+    offset = 0
+
+    def partials(n: int) -> list:
+        nonlocal offset
+        inst.process([orjson.dumps({**ev, "ts": T0 + 1 + i * 0.01}) for i in range(n)],
+                     list(range(n)))
+        out = []
+        for rec in PartialPublisher(60, "i").records(inst, ["inferences:0"]):
+            out.append(_Msg(topic, 0, offset, rec.encode()))
+            offset += 1
+        return out
+
+    def pending() -> int:
+        return so.merger.pending_events().get("iot", 0)
+
+    so.apply(partials(5))
+    loop.commit(so)                              # checkpoint 1: 5 events pending
+    so.apply(partials(7))
+    loop.commit(so)                              # checkpoint 2: 12
+    assert pending() == 12
+    so.apply(partials(11))
+    loop.abort(so, in_checkpoint=False)          # a delivery failed before checkpoint 3
+    assert pending() == 12 and so.next_offset == {0: 6}
+    so.apply(partials(2))
+    loop.abort(so, in_checkpoint=True)           # checkpoint 3 itself aborted
+    assert pending() == 12
+    so.apply(partials(3))
+    loop.commit(so)
+    assert pending() == 15 and so.judge.models["iot"].windows.window.seconds == 60

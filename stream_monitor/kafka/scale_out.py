@@ -94,6 +94,7 @@ class ScaleOut:
         self._candidate: dict[str, tuple[int, bytes]] = {}   # in the open transaction
         self._committed: dict[str, tuple[int, bytes]] = {}   # model -> (partition, state)
         self._candidate_next: dict[int, int] = {}
+        self._candidate_txn = ""                             # the transaction they are in
         self._committed_next: dict[int, int] = {}            # partials offsets committed
         self._owned: frozenset[int] | None = None
         self._idle_sent: dict[str, bool] = {}
@@ -149,10 +150,10 @@ class ScaleOut:
         """Checkpoint hook (inside the transaction, before the state snapshots): this
         instance's partial records, then the merger's state of the models it merges."""
         from stream_monitor.kafka.changelog import encode_offsets
-        self._committed.update(self._candidate)   # the previous transaction committed
-        self._committed_next.update(self._candidate_next)
+        self._promote()
         self._candidate = {}
         self._candidate_next = dict(self.next_offset)
+        self._candidate_txn = self.sidecar._txn_name()
         out = []
         for rec in self.publisher.records(self.sidecar.monitor, self.sources()):
             self._idle_sent[rec.model] = bool(rec.marks and rec.marks[0][2])
@@ -167,6 +168,14 @@ class ScaleOut:
             out.append((self.state_topic, model.encode(), value,
                         [("sm.offsets", encode_offsets({(self.topic, part): offset}))]))
         return out
+
+    def _promote(self) -> None:
+        """The merger state written in the last checkpoint becomes the one to go back
+        to, if that checkpoint's transaction committed (the sidecar's base is it)."""
+        if self._candidate_txn and self.sidecar._base_txn == self._candidate_txn:
+            self._committed.update(self._candidate)
+            self._committed_next.update(self._candidate_next)
+        self._candidate, self._candidate_next, self._candidate_txn = {}, {}, ""
 
     def _merger_state(self, model: str) -> bytes:
         body = {"model": model, "merger": self.merger.model_state(model),
@@ -208,7 +217,7 @@ class ScaleOut:
     def rewind(self) -> None:
         """After an abort or a (re)assignment: the merger back to its committed state.
         A new set of partials partitions is restored from the merger's state topic."""
-        self._candidate, self._candidate_next = {}, {}
+        self._promote()   # committed before this abort or assignment, or discarded
         self.publisher.forget()
         if self.sources() != self._sources:  # new input partitions: a grace period
             self._sources = self.sources()
