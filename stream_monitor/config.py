@@ -274,8 +274,9 @@ class Topics(Strict):
     # exactly-once: per-model state snapshots, compacted, key = model; default
     # `<group.id>-changelog` (see `changelog_topic`)
     changelog: str | None = None
-    # scale-out: partial windows and watermarks between instances (internal, keyed by model)
-    partials: str = "stream-monitor-partials"
+    # scale-out: partial windows and watermarks between instances (internal, keyed by
+    # model); default `<group.id>-partials` (see `partials_topic`)
+    partials: str | None = None
 
     @field_validator("inferences", mode="before")
     @classmethod
@@ -396,6 +397,11 @@ class Config(Strict):
 def changelog_topic(cfg: Config) -> str:
     """The changelog topic of exactly-once state: configured, or named from the group."""
     return cfg.topics.changelog or f"{cfg.kafka.get('group.id', 'stream-monitor')}-changelog"
+
+
+def partials_topic(cfg: Config) -> str:
+    """Scale-out's internal topic of partial windows: configured, or named from the group."""
+    return cfg.topics.partials or f"{cfg.kafka.get('group.id', 'stream-monitor')}-partials"
 
 
 def transactional_id(cfg: Config, host: str | None = None) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 import pytest
 
-from stream_monitor.config import ConfigError, ProfileConfig, parse_config
+from stream_monitor.config import ConfigError, ProfileConfig, parse_config, partials_topic
 from stream_monitor.core.reference import ReferenceBuilder
 from stream_monitor.io.replay import replay
 from stream_monitor.kafka.partials import PartialMerger, PartialPublisher, PartialRecord
@@ -453,7 +453,7 @@ class _Loop:
         self.config = config
         self.monitor = Monitor(config)
         self.transactional_id = "t"
-        self.assigned = {(config.topics.partials, 0), ("inferences", 0)}
+        self.assigned = {(partials_topic(config), 0), ("inferences", 0)}
         self.checkpoint_records: list = []
         self.on_rewind: list = []
         self.seq, self._base_txn = 0, ""
@@ -484,7 +484,7 @@ def test_merger_goes_back_to_its_last_committed_checkpoint_on_abort(config):
     loop = _Loop(config)
     so = ScaleOut(loop)
     so._owned = frozenset({0})                  # partitions known: nothing to read
-    topic = config.topics.partials
+    topic = partials_topic(config)
     ev = {"model": "iot", "features": {"temp": 20.0, "ok": True}}
     inst = Monitor(config)
     offset = 0

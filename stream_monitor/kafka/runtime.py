@@ -37,6 +37,7 @@ from stream_monitor.config import (
     ConfigError,
     changelog_topic,
     load_config,
+    partials_topic,
     transactional_id,
 )
 
@@ -1213,7 +1214,7 @@ class KafkaSidecar:
         if self.config.scale_out.enabled:  # the internal topics exist before the join
             from stream_monitor.kafka.scale_out import ensure_topics
             ensure_topics(self)
-            labels.append(self.config.topics.partials)
+            labels.append(partials_topic(self.config))
         self.consumer.subscribe(list(self.config.topics.inferences) + labels,
                                 on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_lost)

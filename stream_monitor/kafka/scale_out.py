@@ -3,10 +3,11 @@
 Owns the two internal topics and what moves through them; the records and the merging
 rules are `partials.py`, the transactions `runtime.py`:
 
-- `topics.partials` (delete policy, `scale_out.partitions` partitions, key = model): at
-  every checkpoint, inside its transaction, each instance publishes per model the
-  deltas of its open event-time windows and a watermark mark per input partition it
-  owns (`PartialPublisher`). It is not compacted: every delta counts, not the last one.
+- `topics.partials` (default `<group.id>-partials`; delete policy, `scale_out.partitions`
+  partitions, key = model): at every checkpoint, inside its transaction, each instance
+  publishes per model the deltas of its open event-time windows and a watermark mark
+  per input partition it owns (`PartialPublisher`). It is not compacted: every delta
+  counts, not only the last one.
 - The instance that is assigned a model's partition of `topics.partials` (the same
   consumer group subscribes to it beside the inference topics) feeds the records to its
   `PartialMerger`, judges the windows it closes with its own `Monitor` (the alert policy
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from stream_monitor.config import partials_topic
 from stream_monitor.kafka.partials import PartialMerger, PartialPublisher, PartialRecord
 from stream_monitor.kafka.state import StateError, pack, unpack
 
@@ -47,15 +49,15 @@ def ensure_topics(sidecar: KafkaSidecar, timeout: float = 10.0) -> None:
 
     from stream_monitor.kafka.runtime import _CONSUMER_ONLY, _PRODUCER_ONLY
     cfg = sidecar.config
+    topic = partials_topic(cfg)
     kafka = {k: v for k, v in cfg.kafka.items()
              if k not in _CONSUMER_ONLY and k not in _PRODUCER_ONLY}
     admin = AdminClient({**kafka, "logger": sidecar.kafka_log})
     n = cfg.scale_out.partitions
-    wanted = {cfg.topics.partials: NewTopic(cfg.topics.partials, n, replication_factor=-1,
-                                            config={"cleanup.policy": "delete"}),
-              merger_topic(cfg.topics.partials): NewTopic(
-                  merger_topic(cfg.topics.partials), n, replication_factor=-1,
-                  config={"cleanup.policy": "compact"})}
+    wanted = {topic: NewTopic(topic, n, replication_factor=-1,
+                              config={"cleanup.policy": "delete"}),
+              merger_topic(topic): NewTopic(merger_topic(topic), n, replication_factor=-1,
+                                            config={"cleanup.policy": "compact"})}
     try:
         md = admin.list_topics(timeout=timeout)
         missing = [t for name, t in wanted.items()
@@ -80,7 +82,7 @@ class ScaleOut:
         from stream_monitor.pipeline import Monitor
         self.sidecar = sidecar
         cfg = sidecar.config
-        self.topic = cfg.topics.partials
+        self.topic = partials_topic(cfg)
         self.state_topic = merger_topic(self.topic)
         self.inputs = set(cfg.topics.inferences)
         self.publisher = PartialPublisher(cfg.scale_out.idle_timeout,
