@@ -5,7 +5,12 @@ then starts the sidecar (`run`'s loop: consume, decode, update, evaluate, delive
 commit) and times it from its first consumed batch until every event is applied. The
 engine's bare rate on the same messages (no Kafka) is measured in the same run.
 
-    python benchmarks/kafka_throughput.py [--events 300000] [--rounds 3]
+    python benchmarks/kafka_throughput.py [--events 300000] [--rounds 3] [--guarantee both]
+
+With `--guarantee both` (the default) each round measures the sidecar end to end twice,
+in exactly-once mode (transactional checkpoints: state snapshot, offsets and outputs in
+one Kafka transaction every `checkpoint.interval`) and in at-least-once mode, side by
+side, and the median ratio exactly-once / at-least-once is printed.
 
 The two are alternated for --rounds rounds (each end-to-end round reads the topic again
 with a new consumer group) and the median ratio is printed: on a shared machine a
@@ -39,7 +44,7 @@ def bare_engine_rate(msgs: list[bytes], base: Monitor) -> tuple[float, float]:
 
 
 def sidecar_rate(broker: EmbeddedBroker, base: Monitor, n: int, batch_size: int,
-                 group: str) -> tuple[float, float, int]:
+                 group: str, guarantee: str = "at_least_once") -> tuple[float, float, int]:
     """`run`'s loop from the end of its first batch until all n events are applied;
     returns the rate per wall-clock second and per CPU second of the loop's thread, and
     the committed offset after shutdown."""
@@ -52,6 +57,7 @@ def sidecar_rate(broker: EmbeddedBroker, base: Monitor, n: int, batch_size: int,
         "topics": {"inferences": "bench-in", "alerts": "bench-alerts",
                    "dead_letter": "bench-dlq"},
         "consumer": {"batch_size": batch_size},
+        "processing": {"guarantee": guarantee},
         "http": {"host": "127.0.0.1", "port": 0},
         "models": {"churn": {"reference": "unused.json"}}})
     sidecar = KafkaSidecar(cfg, monitor=Monitor(cfg, {"churn": ref}))
@@ -77,7 +83,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=3,
                     help="engine alone and end to end, alternated, this many times")
+    ap.add_argument("--guarantee", choices=["both", "exactly_once", "at_least_once"],
+                    default="both", help="processing guarantee(s) measured end to end")
     args = ap.parse_args()
+    modes = (["at_least_once", "exactly_once"] if args.guarantee == "both"
+             else [args.guarantee])
     msgs = workload(args.events)
     base = monitor()
     with EmbeddedBroker() as broker:
@@ -99,18 +109,31 @@ def main() -> None:
         print(f"events {len(msgs):,}, 1 partition, consume batch {args.batch_size:,}; "
               f"produce to the broker {produce_rate:,.0f} events/s")
         ratios, cpu_ratios = [], []
+        by_mode: dict[str, list[float]] = {m: [] for m in modes}
         for r in range(args.rounds):
             engine, engine_cpu = bare_engine_rate(msgs, base)
-            e2e, e2e_cpu, committed = sidecar_rate(broker, base, len(msgs), args.batch_size,
-                                                   f"bench-{r}")
-            ratios.append(e2e / engine)
-            cpu_ratios.append(e2e_cpu / engine_cpu)
-            print(f"round {r + 1}: engine alone {engine:>9,.0f} events/s, end to end "
-                  f"{e2e:>9,.0f} events/s, ratio {e2e / engine:.2f}; per CPU second of "
-                  f"the loop's thread {e2e_cpu / engine_cpu:.2f} "
-                  f"(committed {committed:,} of {len(msgs):,})")
-    for name, values in (("end-to-end/engine", ratios),
-                         ("loop thread CPU, end-to-end/engine", cpu_ratios)):
+            for mode in modes:
+                e2e, e2e_cpu, committed = sidecar_rate(broker, base, len(msgs),
+                                                       args.batch_size, f"bench-{r}-{mode}",
+                                                       mode)
+                by_mode[mode].append(e2e)
+                if mode == modes[0]:
+                    ratios.append(e2e / engine)
+                    cpu_ratios.append(e2e_cpu / engine_cpu)
+                print(f"round {r + 1}: engine alone {engine:>9,.0f} events/s, end to end "
+                      f"({mode}) {e2e:>9,.0f} events/s, ratio {e2e / engine:.2f}; per CPU "
+                      f"second of the loop's thread {e2e_cpu / engine_cpu:.2f} "
+                      f"(committed {committed:,} of {len(msgs):,})")
+    medians = {m: sorted(v)[len(v) // 2] for m, v in by_mode.items()}
+    for mode, rate in medians.items():
+        print(f"end to end, {mode}: median {rate:,.0f} events/s")
+    if len(modes) == 2:
+        pair = sorted(e / a for e, a in zip(by_mode["exactly_once"], by_mode["at_least_once"],
+                                             strict=True))
+        print(f"ratio exactly-once/at-least-once: median {pair[len(pair) // 2]:.2f} "
+              f"(min {pair[0]:.2f}, max {pair[-1]:.2f})")
+    for name, values in ((f"end-to-end ({modes[0]})/engine", ratios),
+                         (f"loop thread CPU, end-to-end ({modes[0]})/engine", cpu_ratios)):
         values.sort()
         print(f"ratio {name}: median {values[len(values) // 2]:.2f} "
               f"(min {values[0]:.2f}, max {values[-1]:.2f})")

@@ -421,12 +421,15 @@ def _cmd_state_inspect(args: argparse.Namespace) -> int:
         print(f"{topic}: no checkpoint (empty or absent; models: {', '.join(cfg.models)})")
         return 0
     chosen = choose(records, committed)
-    newest = {r.model: r for r in records}
+    newest = {r.model: r for r in records if r.part == 0}
     now = time.time()
     for model in sorted(newest):
         rec = chosen.records.get(model)
         ok = rec is not None and model not in chosen.mismatched
-        print(state_summary(rec or newest[model], now, committed=ok))
+        if rec is None:  # the newest checkpoint, its parts joined
+            own = [r for r in records if r.model == model]
+            rec = choose(own, newest[model].offsets).records.get(model, newest[model])
+        print(state_summary(rec, now, committed=ok))
     missing = [m for m in cfg.models if m not in newest]
     if missing:
         print(f"no checkpoint for: {', '.join(missing)}")

@@ -392,6 +392,30 @@ def test_state_inspect_user_errors_are_one_line_exit_2(tmp_path, churn_reference
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def test_large_snapshots_are_cut_into_parts_and_joined_from_one_transaction():
+    from stream_monitor.kafka.changelog import PART_BYTES, ChangelogRecord, choose, parts
+
+    def records(model, data, txn, offsets):
+        return [ChangelogRecord(model, value, offsets, txn, part=int(dict(h)["sm.part"]),
+                                parts=int(dict(h)["sm.parts"]))
+                for _, value, h in parts(model, data)]
+
+    big_old, big_new = b"a" * (2 * PART_BYTES + 7), b"b" * (3 * PART_BYTES)
+    assert len(parts("m", big_old)) == 3 and all(len(v) <= PART_BYTES
+                                                 for _, v, _ in parts("m", big_old))
+    committed = {("in", 0): 10}
+    log = (records("m", big_old, "r:1", committed)
+           + records("m", big_new, "r:2", {("in", 0): 20})     # not committed (aborted)
+           + records("small", b"s", "r:1", committed))
+    got = choose(log, committed)
+    assert got.states == {"m": big_old, "small": b"s"} and not got.mismatched
+    # a part missing: that checkpoint cannot be used, an earlier complete one is
+    later = records("m", big_new, "r:3", committed)
+    got = choose(log + later[:2], committed)
+    assert got.states["m"] == big_old
+    assert choose(log + later, committed).states["m"] == big_new
+
+
 def test_guarantee_and_checkpoint_config_errors_name_the_key():
     base = {"models": {"m": {"baseline": {"events": 100}}}}
     cases = {

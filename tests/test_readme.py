@@ -107,7 +107,9 @@ def test_try_run_locally_walkthrough(tmp_path):
         checked = subprocess.run(check, cwd=tmp_path, capture_output=True, text=True)
         assert checked.returncode == 0 and "ok" in checked.stdout, checked.stderr
         run = _Proc(run_cmd, tmp_path)
-        wait_until(lambda: "alert firing" in run.text(), 90, "an alert from the fed stream",
+        # both: a sequential detector can alert before the first window closes
+        wait_until(lambda: "alert firing" in run.text() and "window closed" in run.text(), 90,
+                   "an alert and a window from the fed stream",
                    lambda: run.text() + broker.text())
     finally:
         if run is not None:

@@ -9,7 +9,11 @@ checkpoint: key = model name, value = the `state.snapshot` bytes, headers:
 - `sm.txn`: the transaction that wrote it (`<run>:<sequence>`, `run` unique per process
   start), `sm.base`: the committed checkpoint its state descends from (`sm.txn` of the
   previous committed checkpoint, or the one restored at start);
-- `sm.time`: Unix time of the checkpoint.
+- `sm.time`: Unix time of the checkpoint;
+- `sm.parts`, `sm.part`, `sm.model`: a snapshot larger than `PART_BYTES` (a baseline in
+  progress holds its rows) is cut into parts, since brokers refuse messages over about
+  1 MB by default: part 0 has key = model, part i key = `model` + U+001F + `i`; a
+  restore joins the parts of one transaction.
 
 Restoring picks, per model, the newest record whose `sm.offsets` equal the group's
 committed offsets. On Apache Kafka a `read_committed` reader never sees records of
@@ -33,6 +37,17 @@ log = logging.getLogger("stream_monitor")
 
 Offsets = dict[tuple[str, int], int]
 
+PART_BYTES = 512 * 1024   # well under the 1 MB message limit brokers have by default
+
+
+def parts(model: str, data: bytes) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+    """A snapshot as (key, value, part headers) records."""
+    pieces = [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)] or [b""]
+    n = len(pieces)
+    return [((model if i == 0 else f"{model}\x1f{i}").encode(), piece,
+             [("sm.model", model.encode()), ("sm.part", str(i).encode()),
+              ("sm.parts", str(n).encode())]) for i, piece in enumerate(pieces)]
+
 
 @dataclass
 class ChangelogRecord:
@@ -43,6 +58,8 @@ class ChangelogRecord:
     base: str = ""
     time: float = 0.0
     position: tuple[int, int] = (0, 0)       # changelog (partition, offset)
+    part: int = 0
+    parts: int = 1
 
 
 @dataclass
@@ -82,11 +99,13 @@ def _record(msg) -> ChangelogRecord | None:
     try:
         offsets = decode_offsets(h.get("sm.offsets"))
         at = float(h.get("sm.time", b"0") or 0)
+        part, n = int(h.get("sm.part", b"0")), int(h.get("sm.parts", b"1"))
     except (ValueError, orjson.JSONDecodeError):
-        offsets, at = {}, 0.0
-    return ChangelogRecord(key.decode("utf-8", "replace"), value, offsets,
+        offsets, at, part, n = {}, 0.0, 0, 1
+    model = (h.get("sm.model") or key).decode("utf-8", "replace")
+    return ChangelogRecord(model, value, offsets,
                            (h.get("sm.txn") or b"").decode(), (h.get("sm.base") or b"").decode(),
-                           at, (msg.partition(), msg.offset()))
+                           at, (msg.partition(), msg.offset()), part, n)
 
 
 def reader_config(kafka: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +115,10 @@ def reader_config(kafka: dict[str, Any]) -> dict[str, Any]:
     cfg = {k: v for k, v in kafka.items() if k not in _CONSUMER_ONLY and k not in _PRODUCER_ONLY}
     cfg.update({"group.id": f"{kafka.get('group.id', 'stream-monitor')}-changelog-reader",
                 "enable.auto.commit": False, "enable.partition.eof": True,
-                "isolation.level": "read_committed", "auto.offset.reset": "earliest"})
+                "isolation.level": "read_committed", "auto.offset.reset": "earliest",
+                # the end of the topic is reported by the first empty fetch: do not let
+                # the broker hold it for the default 500 ms
+                "fetch.wait.max.ms": 20})
     return cfg
 
 
@@ -113,7 +135,8 @@ def read_changelog(kafka: dict[str, Any], topic: str, timeout: float = 60.0,
     try:
         deadline = time.monotonic() + timeout
         try:
-            md = c.list_topics(topic, timeout=max(1.0, min(10.0, timeout)))
+            # all topics: asking for this one by name may auto-create it
+            md = c.list_topics(timeout=max(1.0, min(10.0, timeout)))
         except KafkaException as exc:
             raise TimeoutError(f"cannot read the changelog {topic}: "
                                f"{exc.args[0].str()}") from None
@@ -127,7 +150,7 @@ def read_changelog(kafka: dict[str, Any], topic: str, timeout: float = 60.0,
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading the changelog {topic} did not reach its end "
                                    f"within {timeout:.0f} s (partitions {sorted(waiting)})")
-            for m in c.consume(1000, 0.5):
+            for m in c.consume(1000, 0.05):  # returns at the timeout unless the batch fills
                 err = m.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
@@ -148,10 +171,28 @@ def choose(records: list[ChangelogRecord], committed: Offsets) -> Restored:
     partitions both name); with no such record the newest one, flagged as mismatched,
     unless the group has committed nothing yet (a fresh start: no state at all)."""
     by_model: dict[str, list[ChangelogRecord]] = {}
+    pieces: dict[tuple[str, str, int], bytes] = {}
     for rec in records:
-        by_model.setdefault(rec.model, []).append(rec)
+        if rec.part == 0:
+            by_model.setdefault(rec.model, []).append(rec)
+        else:
+            pieces[(rec.model, rec.txn, rec.part)] = rec.value
     out = Restored(read=len(records))
+
+    def whole(rec: ChangelogRecord) -> ChangelogRecord | None:
+        """A record with the value of all its parts, None when a part is missing."""
+        if rec.parts <= 1:
+            return rec
+        rest = [pieces.get((rec.model, rec.txn, i)) for i in range(1, rec.parts)]
+        if any(p is None for p in rest):
+            return None
+        import dataclasses
+        return dataclasses.replace(rec, value=rec.value + b"".join(rest))
+
     for model, recs in by_model.items():
+        recs = [r for r in map(whole, recs) if r is not None]
+        if not recs:
+            continue
         chosen = None
         for rec in reversed(recs):
             common = rec.offsets.keys() & committed.keys()
@@ -183,7 +224,9 @@ def ensure_topic(kafka: dict[str, Any], topic: str, partitions: int = 1,
         cfg["logger"] = logger
     admin = AdminClient(cfg)
     try:
-        md = admin.list_topics(topic, timeout=timeout)
+        # all topics: asking for this one by name makes some brokers auto-create it
+        # (uncompacted)
+        md = admin.list_topics(timeout=timeout)
         meta = md.topics.get(topic)
         if meta is not None and meta.error is None and meta.partitions:
             return "exists"

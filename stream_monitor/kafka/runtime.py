@@ -7,6 +7,13 @@ commits a batch's offsets only once it is applied and everything it and every ea
 batch produced is delivered (at-least-once, on every exit path). A batch that makes the
 monitor raise is rolled back and bisected so that only the poison messages are
 dead-lettered. `/metrics`, `/healthz` and `/readyz` are served from one bounded server.
+
+That is at-least-once mode. In exactly-once mode (the default, `processing.guarantee`)
+the outputs go into an open Kafka transaction instead, and every `checkpoint.interval`
+`_checkpoint` commits each model's state snapshot (changelog topic), the consumer
+offsets it reflects and those outputs in one transaction; a failed transaction is
+aborted and state and input rewound to the last checkpoint, and every assignment
+restores the state from the changelog (`changelog.py`) before consuming.
 """
 
 from __future__ import annotations
@@ -587,7 +594,7 @@ class KafkaSidecar:
         started = time.perf_counter()
         offsets = {tp: o for tp, o in self._positions.items() if tp in self.assigned}
         name, now = self._txn_name(), time.time()
-        from stream_monitor.kafka.changelog import headers
+        from stream_monitor.kafka.changelog import headers, parts
         head = headers(offsets, name, self._base_txn, now)
         snaps: dict[str, bytes] = {}
         try:
@@ -600,7 +607,8 @@ class KafkaSidecar:
                                       [*(hdrs or []), ("sm.txn", name.encode())])
             for model in self.config.models:
                 snaps[model] = data = self.monitor.snapshot(model)
-                self._produce_raw(self.changelog, model.encode(), data, head)
+                for key, piece, part_headers in parts(model, data):
+                    self._produce_raw(self.changelog, key, piece, head + part_headers)
             if offsets:
                 self.producer.send_offsets_to_transaction(
                     [TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())],
