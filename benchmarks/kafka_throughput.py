@@ -139,5 +139,114 @@ def main() -> None:
               f"(min {values[0]:.2f}, max {values[-1]:.2f})")
 
 
+# -- scale-out: 1 and 2 `run` processes sharing the topic (added for issue 15) --------------
+
+def _committed(broker: EmbeddedBroker, group: str, topic: str, partitions: int) -> int:
+    c = Consumer({"bootstrap.servers": broker.bootstrap_servers, "group.id": group})
+    try:
+        return sum(max(0, tp.offset) for tp in c.committed(
+            [TopicPartition(topic, p) for p in range(partitions)], 10))
+    finally:
+        c.close()
+
+
+def run_processes(broker: EmbeddedBroker, ref_path: str, msgs: list[bytes], instances: int,
+                  scale_out: bool, partitions: int, tag: str) -> tuple[float, float]:
+    """`instances` `stream-monitor run` processes (exactly-once) started on an empty
+    topic; once their group has settled the events are produced. Returns the rate from
+    the first committed checkpoint to the last (events/s) and the seconds from the
+    start of production until every event was committed."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+    group, topic, n = f"so-bench-{tag}", f"{tag}-in", len(msgs)
+    broker.create_topics({topic: partitions})
+    cfg = {"kafka": {"bootstrap.servers": broker.bootstrap_servers, "group.id": group,
+                     "session.timeout.ms": 6000, "log.connection.close": False,
+                     "auto.offset.reset": "earliest"},
+           "topics": {"inferences": topic, "alerts": f"{tag}-alerts",
+                      "dead_letter": f"{tag}-dlq", "partials": f"{tag}-partials"},
+           "consumer": {"batch_size": 10_000},
+           "checkpoint": {"interval": {"seconds": 0.5}},
+           "http": {"host": "127.0.0.1", "port": 0},
+           "defaults": {"window": {"seconds": 60, "allowed_lateness": 600}},
+           "models": {"churn": {"reference": ref_path}},
+           "scale_out": {"enabled": scale_out, "partitions": 2}}
+    tmp = tempfile.mkdtemp(prefix="sm-bench-so-")
+    procs = []
+    start = time.perf_counter()
+    for k in range(instances):
+        path = os.path.join(tmp, f"i{k}.yaml")
+        with open(path, "w") as fh:
+            yaml.safe_dump({**cfg, "processing": {"transactional_id": f"{tag}-{k}"}}, fh)
+        procs.append(subprocess.Popen([sys.executable, "-m", "stream_monitor", "run",
+                                       "--config", path, "--log-level", "warning"]))
+    first = None
+    try:
+        time.sleep(12)   # join, restore, the second member's rebalance: not measured
+        start = time.perf_counter()
+        p = Producer({"bootstrap.servers": broker.bootstrap_servers, "linger.ms": 50,
+                      "batch.size": 1_000_000, "log.connection.close": False})
+        for i, m in enumerate(msgs):
+            while True:
+                try:
+                    p.produce(topic, m, partition=i % partitions)
+                    break
+                except BufferError:
+                    p.poll(0.1)
+        p.flush(120)
+        while True:
+            done = _committed(broker, group, topic, partitions)
+            now = time.perf_counter()
+            if done and first is None:
+                first = (now, done)
+            if done >= n:
+                break
+            if now - start > 600 or any(p.poll() is not None for p in procs):
+                raise SystemExit(f"{instances} instance(s): {done:,} of {n:,} committed")
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(60)
+    t0, e0 = first
+    return (n - e0) / max(1e-9, now - t0), now - start
+
+
+def scale_out_main() -> None:
+    """1 process, then 2 processes of `run` in scale-out mode, and 1 without scale-out,
+    end to end through the broker on the same 4-partition topic (one core each)."""
+    import tempfile
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=300_000)
+    args, _ = ap.parse_known_args()
+    msgs = workload(args.events)
+    ref_path = f"{tempfile.mkdtemp(prefix='sm-bench-ref-')}/churn.json"
+    next(iter(monitor().models.values())).reference.save(ref_path)
+    partitions = 4
+    with EmbeddedBroker() as broker:
+        print(f"\nscale-out: {len(msgs):,} events on {partitions} partitions, exactly-once, "
+              f"event-time windows of 60 s; `run` processes, produced once they joined")
+        rates = {}
+        for label, instances, scale in (("1 process, no scale-out", 1, False),
+                                        ("1 process, scale-out", 1, True),
+                                        ("2 processes, scale-out", 2, True)):
+            tag = f"so{instances}{int(scale)}"
+            rate, total = run_processes(broker, ref_path, msgs, instances, scale,
+                                        partitions, tag)
+            rates[label] = rate
+            print(f"{label:<26} {rate:>9,.0f} events/s between checkpoints "
+                  f"({total:.1f} s from the first produced event to the last committed)")
+        base = rates["1 process, scale-out"]
+        print(f"ratio scale-out 1 process / no scale-out: "
+              f"{base / rates['1 process, no scale-out']:.2f}; "
+              f"2 processes / 1 process: {rates['2 processes, scale-out'] / base:.2f}")
+
+
 if __name__ == "__main__":
     main()
+    scale_out_main()

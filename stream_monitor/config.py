@@ -274,6 +274,9 @@ class Topics(Strict):
     # exactly-once: per-model state snapshots, compacted, key = model; default
     # `<group.id>-changelog` (see `changelog_topic`)
     changelog: str | None = None
+    # scale-out: partial windows and watermarks between instances (internal, keyed by
+    # model); default `<group.id>-partials` (see `partials_topic`)
+    partials: str | None = None
 
     @field_validator("inferences", mode="before")
     @classmethod
@@ -329,6 +332,19 @@ class ProcessingConfig(Strict):
     transactional_id: str | None = Field(default=None, min_length=1)
 
 
+class ScaleOutConfig(Strict):
+    """Several instances share a model's partitions; partial event-time windows are merged
+    by the owner of the model's partition of `topics.partials` (kafka/partials.py)."""
+
+    enabled: bool = False
+    # a partition whose instance accepted no event of a model for this long (wall clock)
+    # no longer holds that model's windows open (like Flink's `withIdleness`)
+    idle_timeout: float = Field(default=30.0, gt=0)
+    # partitions of `topics.partials` (created when absent): how many instances can
+    # share the merging of models; a model's windows are always merged by one
+    partitions: int = Field(default=6, ge=1, le=10_000)
+
+
 class AlertmanagerConfig(Strict):
     """Direct push of alert events to Alertmanager's v2 API (off unless `url` is set)."""
 
@@ -362,6 +378,7 @@ class Config(Strict):
     delivery: DeliveryConfig = DeliveryConfig()
     processing: ProcessingConfig = ProcessingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    scale_out: ScaleOutConfig = ScaleOutConfig()
     defaults: Defaults = Defaults()
     models: dict[str, ModelConfig] = Field(min_length=1)
 
@@ -380,6 +397,11 @@ class Config(Strict):
 def changelog_topic(cfg: Config) -> str:
     """The changelog topic of exactly-once state: configured, or named from the group."""
     return cfg.topics.changelog or f"{cfg.kafka.get('group.id', 'stream-monitor')}-changelog"
+
+
+def partials_topic(cfg: Config) -> str:
+    """Scale-out's internal topic of partial windows: configured, or named from the group."""
+    return cfg.topics.partials or f"{cfg.kafka.get('group.id', 'stream-monitor')}-partials"
 
 
 def transactional_id(cfg: Config, host: str | None = None) -> str:
@@ -492,6 +514,10 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     problems += sorted(set(_method_problems(data, source)))
     if cfg is not None:
         problems += _guarantee_problems(cfg, source)
+        if cfg.scale_out.enabled and cfg.processing.guarantee != "exactly_once":
+            problems.append(f"{source}: scale_out.enabled: partial windows travel in the "
+                            "checkpoint transactions; needs processing.guarantee: "
+                            "exactly_once")
     if problems or cfg is None:
         raise ConfigError(problems)
     return cfg

@@ -61,6 +61,9 @@ class BatchResult:
     performance: list[dict[str, Any]] = field(default_factory=list)
     retrain: list[dict[str, Any]] = field(default_factory=list)
     unjoined: Counter = field(default_factory=Counter)      # reason -> labels (no model)
+    # scale-out: sequential detectors' alarms, (model, [(feature, method, value,
+    # threshold)], block window) per block, judged by the merger with the merged windows
+    alarms: list[tuple[str, list[tuple], dict[str, Any]]] = field(default_factory=list)
 
     def extend(self, other: BatchResult) -> None:
         self.messages += other.messages
@@ -74,6 +77,7 @@ class BatchResult:
         self.performance += other.performance
         self.retrain += other.retrain
         self.unjoined.update(other.unjoined)
+        self.alarms += other.alarms
 
 
 class ModelPipeline:
@@ -141,7 +145,7 @@ class Monitor:
     """All models of a config; `process` applies one batch of raw messages."""
 
     def __init__(self, config: Config, references: dict[str, Reference] | None = None,
-                 *, labels: bool = False):
+                 *, labels: bool = False, scale_out: bool | None = None):
         self.config = config
         self.models: dict[str, ModelPipeline] = {}
         self.baselines: dict[str, tuple[ReferenceBuilder, int]] = {}
@@ -180,6 +184,9 @@ class Monitor:
                 self.performance.add_model(name, pipe.reference)
                 self._skip_outcomes(name, pipe)
             self.decoder.outcomes = True
+        self.scale_out = config.scale_out.enabled if scale_out is None else scale_out
+        if self.scale_out:
+            self._hold_windows()
 
     def process(self, messages: Sequence[bytes], positions: Sequence[int]) -> BatchResult:
         decoded = self.decoder.decode(messages, positions)
@@ -287,10 +294,60 @@ class Monitor:
         """Close every open window (end of input)."""
         result = BatchResult()
         for pipe in self.models.values():
-            self._close(pipe, pipe.windows.flush(), result)
+            if not pipe.windows.hold:    # scale-out: partials are taken, not closed here
+                self._close(pipe, pipe.windows.flush(), result)
         if self.performance is not None:
             for model, mp in self.performance.models.items():
                 self._close_performance(model, mp.flush(), result)
+        return result
+
+    # -- scale-out (kafka/partials.py): partial windows here, merged and judged elsewhere --
+
+    def _hold_windows(self) -> None:
+        """Scale-out needs event-time windows and a reference file for every model: count
+        windows of a shared stream mean nothing across instances, and a reference learned
+        per instance from its own baseline would make partials unmergeable."""
+        problems = []
+        for name in self.config.models:
+            if name in self.baselines:
+                problems.append(f"models.{name}.reference: scale_out.enabled needs a "
+                                f"reference file (a baseline would differ per instance)")
+            elif self.models[name].windows.window.seconds is None:
+                problems.append(f"models.{name}.window: scale_out.enabled needs event-time "
+                                f"windows (window.seconds), count windows are per instance")
+        if problems:
+            raise ConfigError([f"{self.config.source}: {p}" for p in problems])
+        for pipe in self.models.values():
+            pipe.windows.hold = True
+
+    def take_partials(self) -> dict[str, list[ClosedWindow]]:
+        """Scale-out: per model, the partial event-time windows accumulated since the last
+        take (the delta to publish), oldest first; local windows start empty again."""
+        out = {}
+        for name, pipe in self.models.items():
+            windows = pipe.windows.take_open()
+            if windows:
+                out[name] = windows
+        return out
+
+    def watermarks(self) -> dict[str, float]:
+        """Per model, this monitor's event-time watermark (-inf before any event)."""
+        return {name: pipe.windows.watermark for name, pipe in self.models.items()}
+
+    def close_windows(self, model: str, windows: list[ClosedWindow]) -> BatchResult:
+        """Judge windows closed elsewhere (merged partials): evaluate them and run the
+        alert policy and retraining triggers, once, in the order given."""
+        result = BatchResult()
+        self._close(self.models[model], windows, result)
+        return result
+
+    def judge_alarms(self, model: str, alarms: list[tuple[str, list[tuple], dict[str, Any]]]
+                     ) -> BatchResult:
+        """Scale-out: detector alarms of the instances, judged by this model's alert
+        policy (the one that sees the merged windows), in the order given."""
+        result = BatchResult()
+        for _, found, window in alarms:
+            result.alerts += self.policy.detections(model, found, window)
         return result
 
     def _close(self, pipe: ModelPipeline, closed: list[ClosedWindow], result: BatchResult) -> None:
@@ -353,9 +410,11 @@ class Monitor:
             if all(g.feature != d.feature for g in group):
                 group.append(d)
         for group in by_block.values():     # one block's alarms are judged together
-            result.alerts += self.policy.detections(
-                pipe.name, [(d.feature, d.method, d.value, d.threshold) for d in group],
-                group[0].window)
+            alarms = [(d.feature, d.method, d.value, d.threshold) for d in group]
+            if self.scale_out:  # judged where the model's windows are (kafka/partials.py)
+                result.alarms.append((pipe.name, alarms, group[0].window))
+            else:
+                result.alerts += self.policy.detections(pipe.name, alarms, group[0].window)
         if pipe.detectors.blocks != blocks:
             result.block_stats[pipe.name] = dict(pipe.detectors.last)
 

@@ -311,6 +311,10 @@ class ClosedWindow:
 class ModelWindows:
     """Tumbling windows of one model, by event count or by event time."""
 
+    # scale-out (`pipeline.Monitor` sets it): event-time windows are never closed here;
+    # their partial accumulators are taken by `take_open` and merged elsewhere
+    hold: bool = False
+
     def __init__(self, model: str, layout: ModelLayout, window: WindowConfig,
                  clock: Callable[[], float] = time.time):
         self.model = model
@@ -378,7 +382,7 @@ class ModelWindows:
         if ts_ok.size:
             self._watermark = max(self._watermark, float(ts_ok.max()))
         closed = []
-        for b in sorted(self._open):
+        for b in sorted(self._open) if not self.hold else ():
             if (b + 1) * size + lateness <= self._watermark:
                 closed.append(ClosedWindow(self.model, b, self._open.pop(b),
                                            start=b * size, end=(b + 1) * size))
@@ -394,6 +398,20 @@ class ModelWindows:
             anchor = max(anchor, float(np.median(known)))
         with np.errstate(invalid="ignore"):
             return (ts > self.clock() + ahead) | (ts > anchor + ahead)
+
+    @property
+    def watermark(self) -> float:
+        """The newest accepted event time (-inf before the first one)."""
+        return self._watermark
+
+    def take_open(self) -> list[ClosedWindow]:
+        """Scale-out: the open event-time windows' partial accumulators (everything
+        accepted since the last take), oldest first; the windows start empty again."""
+        size = self.window.seconds
+        out = [ClosedWindow(self.model, b, acc, start=b * size, end=(b + 1) * size)
+               for b, acc in sorted(self._open.items()) if acc.events]
+        self._open = {}
+        return out
 
     def flush(self) -> list[ClosedWindow]:
         """Close what is open (end of a replay); count windows are marked incomplete."""

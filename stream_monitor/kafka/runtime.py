@@ -44,6 +44,7 @@ from stream_monitor.config import (
     ConfigError,
     changelog_topic,
     load_config,
+    partials_topic,
     transactional_id,
 )
 
@@ -435,6 +436,10 @@ class KafkaSidecar:
             self.push = AlertmanagerPush(config.alertmanager.url, config.alertmanager.timeout,
                                          on_failure=self.metrics.alert_failures.inc)
             # (the failure counter counts each failed alert once, not each retry)
+        self.scale_out = None
+        if config.scale_out.enabled:  # partial windows merged across instances
+            from stream_monitor.kafka.scale_out import ScaleOut
+            self.scale_out = ScaleOut(self)
 
     # -- state the endpoints report ----------------------------------------------------
 
@@ -597,14 +602,16 @@ class KafkaSidecar:
         snaps: dict[str, bytes] = {}
         try:
             self._begin()
-            for model in self.config.models:
-                snaps[model] = data = self.monitor.snapshot(model)
-                for key, piece, part_headers in parts(model, data):
-                    self._produce_raw(self.changelog, key, piece, head + part_headers)
+            # extra records first: scale-out takes its partial windows out of the monitor
+            # here, so the snapshots below hold none that were also published
             for extra in self.checkpoint_records:
                 for topic, key, value, hdrs in extra():
                     self._produce_raw(topic, key, value,
                                       [*(hdrs or []), ("sm.txn", name.encode())])
+            for model in self.config.models:
+                snaps[model] = data = self.monitor.snapshot(model)
+                for key, piece, part_headers in parts(model, data):
+                    self._produce_raw(self.changelog, key, piece, head + part_headers)
             if offsets:
                 self.producer.send_offsets_to_transaction(
                     [TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())],
@@ -1157,6 +1164,8 @@ class KafkaSidecar:
         if self.eos and (not self._start_eos() or time.monotonic() < self._resume_at):
             time.sleep(cfg.poll_timeout)  # transactions not ready, or backing off
             return 0
+        if self.scale_out is not None:
+            self.scale_out.tick()
         raw = self.consumer.consume(cfg.batch_size, cfg.poll_timeout)
         if not raw:
             if self.eos and self._checkpoint_due():
@@ -1164,9 +1173,13 @@ class KafkaSidecar:
             return 0
         self._last_data = time.monotonic()
         messages, values, offsets, topics = self._fresh(raw)
+        partials: list = []
+        if self.scale_out is not None:  # other instances' partial windows: to the merger
+            messages, values, partials = self.scale_out.split(messages, values)
         batch = _Batch(offsets)
         self._batches.append(batch)
-        if not messages:  # only re-reads: nothing to apply, but the offsets may be committed
+        if not messages and not partials:  # only re-reads: nothing to apply, but the
+            # offsets may be committed
             batch.sealed = True
             if self.eos:
                 self._track_positions(raw, offsets)
@@ -1178,7 +1191,15 @@ class KafkaSidecar:
         self._sequence += len(messages)
         labels_topic = self.config.topics.labels
         is_label = [m.topic() == labels_topic for m in messages] if labels_topic else None
-        result = self._apply(values, range(base, base + len(messages)), is_label)
+        if messages or not partials:
+            result = self._apply(values, range(base, base + len(messages)), is_label)
+        else:  # only partials in this batch
+            from stream_monitor.pipeline import BatchResult
+            result = BatchResult()
+        if self.scale_out is not None:
+            self.scale_out.applied(result)
+            if partials:
+                result.extend(self.scale_out.apply(partials))
         _strip_positions(result)
         for line in map(window_line, result.reports):
             log.info("%s", line)
@@ -1225,6 +1246,10 @@ class KafkaSidecar:
             return
         self._subscribed = True
         labels = [self.config.topics.labels] if self.config.topics.labels else []
+        if self.config.scale_out.enabled:  # the internal topics exist before the join
+            from stream_monitor.kafka.scale_out import ensure_topics
+            ensure_topics(self)
+            labels.append(partials_topic(self.config))
         self.consumer.subscribe(list(self.config.topics.inferences) + labels,
                                 on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_lost)
