@@ -14,6 +14,7 @@ equal those of `replay` over the same file.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -90,18 +91,25 @@ def make_stream(seed: int, n: int = 21_000, iot_partitions: tuple[int, ...] | No
     return lines, parts
 
 
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("partials")
+def build_references(tmp: Path, events: int) -> dict[str, str]:
+    """A reference file per model of MAKERS, from `events` stationary events each."""
     rng = np.random.default_rng(99)
-    models = {}
+    out = {}
     for name, maker in MAKERS.items():
         builder = ReferenceBuilder(name, ProfileConfig())
-        for _ in range(6000):
+        for _ in range(events):
             ev = maker(rng, False)
             builder.add(ev["features"], ev.get("prediction"), None)
         builder.build().save(tmp / f"{name}.json")
-        models[name] = {"reference": str(tmp / f"{name}.json")}
+        out[name] = str(tmp / f"{name}.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("partials")
+    paths = build_references(tmp, 6000)
+    models = {name: {"reference": path} for name, path in paths.items()}
     return parse_config({
         "defaults": {"window": {"seconds": 60, "allowed_lateness": 30}, "detector": "none",
                      "min_events": 100},

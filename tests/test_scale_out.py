@@ -24,10 +24,9 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 from helpers import read_topic, wait_until
-from test_partials import MAKERS, PARTITIONS, make_stream
+from test_partials import MAKERS, PARTITIONS, build_references, make_stream
 
-from stream_monitor.config import ProfileConfig, parse_config
-from stream_monitor.core.reference import ReferenceBuilder
+from stream_monitor.config import parse_config
 from stream_monitor.io.replay import replay
 from stream_monitor.kafka.runtime import KafkaSidecar
 from stream_monitor.pipeline import Monitor
@@ -40,17 +39,7 @@ TAIL_AFTER = 2_000.0
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory) -> dict[str, str]:
-    tmp = tmp_path_factory.mktemp("scale-refs")
-    rng = np.random.default_rng(99)
-    out = {}
-    for name, maker in MAKERS.items():
-        builder = ReferenceBuilder(name, ProfileConfig())
-        for _ in range(4000):
-            ev = maker(rng, False)
-            builder.add(ev["features"], ev.get("prediction"), None)
-        builder.build().save(tmp / f"{name}.json")
-        out[name] = str(tmp / f"{name}.json")
-    return out
+    return build_references(tmp_path_factory.mktemp("scale-refs"), 4000)
 
 
 def _stream(seed: int) -> tuple[list[bytes], np.ndarray, float]:

@@ -30,18 +30,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from stream_monitor.core.engine import ClosedWindow, WindowAccumulator
-from stream_monitor.kafka.state import StateError, pack, unpack
+from stream_monitor.kafka.state import StateError, frame, unframe
 
 if TYPE_CHECKING:
     from stream_monitor.pipeline import Monitor
 
 MAGIC = b"SMPW"
 VERSION = 1
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder()
 _NEG_INF = float("-inf")
 
 
@@ -62,19 +58,13 @@ class PartialRecord:
                 "windows": [[w.index, w.start, w.end, w.accumulator] for w in self.windows],
                 "marks": [[s, float(wm), bool(idle)] for s, wm, idle in self.marks],
                 "alarms": [[[list(a) for a in found], window] for found, window in self.alarms]}
-        return MAGIC + VERSION.to_bytes(2, "big") + _encoder.encode(pack(body))
+        return frame(MAGIC, VERSION, body)
 
     @classmethod
     def decode(cls, data: bytes) -> PartialRecord:
         """The record in `data`; StateError (one line) if it is not one or is corrupt."""
-        if not isinstance(data, (bytes, bytearray)) or bytes(data[:4]) != MAGIC:
-            raise StateError("not a stream-monitor partial-window record (bad magic bytes)")
-        version = int.from_bytes(bytes(data[4:6]), "big")
-        if version != VERSION:
-            raise StateError(f"partial-window record format version {version}, this "
-                             f"stream-monitor reads version {VERSION}")
+        body = unframe(data, MAGIC, VERSION, "partial-window record")
         try:
-            body = unpack(_decoder.decode(bytes(data[6:])))
             windows = [ClosedWindow(body["model"], int(i), acc, start=start, end=end)
                        for i, start, end, acc in body["windows"]]
             marks = [(str(s), float(wm), bool(idle)) for s, wm, idle in body["marks"]]
@@ -253,13 +243,11 @@ class PartialMerger:
         """Every model's state as bytes (`restore` puts it back)."""
         models = sorted(set(self.pending) | set(self.marks))
         body = {m: self.model_state(m) for m in models}
-        return MAGIC + VERSION.to_bytes(2, "big") + _encoder.encode(pack(body))
+        return frame(MAGIC, VERSION, body)
 
     def restore(self, data: bytes) -> None:
-        if bytes(data[:4]) != MAGIC or int.from_bytes(bytes(data[4:6]), "big") != VERSION:
-            raise StateError("not a partial-merger snapshot of this version")
+        body: dict[str, Any] = unframe(data, MAGIC, VERSION, "partial-merger snapshot")
         try:
-            body: dict[str, Any] = unpack(_decoder.decode(bytes(data[6:])))
             for model, state in body.items():
                 self.load_model_state(model, state)
         except Exception as exc:

@@ -247,24 +247,35 @@ def _fp(key: tuple) -> str:
 
 def snapshot(monitor: Monitor, model: str) -> bytes:
     """Model `model`'s state as bytes (format `VERSION`)."""
-    body = _encoder.encode(pack(_model_state(monitor, model)))
-    return MAGIC + VERSION.to_bytes(2, "big") + body
+    return frame(MAGIC, VERSION, _model_state(monitor, model))
+
+
+def frame(magic: bytes, version: int, body: Any) -> bytes:
+    """`body` as versioned bytes: 4 magic bytes, a 2-byte version, packed msgpack."""
+    return magic + version.to_bytes(2, "big") + _encoder.encode(pack(body))
+
+
+def unframe(data: Any, magic: bytes, version: int, what: str, hint: str = "") -> Any:
+    """The body of `frame` bytes; StateError (one line, naming `what`) if `data` is not
+    one, is of another version, or is corrupt."""
+    if not isinstance(data, (bytes, bytearray, memoryview)) or bytes(data[:4]) != magic:
+        raise StateError(f"not a stream-monitor {what} (bad magic bytes)")
+    found = int.from_bytes(bytes(data[4:6]), "big")
+    if found != version:
+        raise StateError(f"{what} format version {found}, this stream-monitor reads "
+                         f"version {version}{hint}")
+    try:
+        return unpack(_decoder.decode(bytes(data[6:])))
+    except StateError:
+        raise
+    except Exception as exc:  # truncated or corrupted bytes: msgspec, numpy, pickle errors
+        raise StateError(f"corrupt {what} ({type(exc).__name__}: {exc})") from None
 
 
 def decode(data: bytes) -> dict[str, Any]:
     """A snapshot's contents (StateError if it is not one, or of another version)."""
-    if not isinstance(data, (bytes, bytearray, memoryview)) or bytes(data[:4]) != MAGIC:
-        raise StateError("not a stream-monitor state snapshot (bad magic bytes)")
-    version = int.from_bytes(bytes(data[4:6]), "big")
-    if version != VERSION:
-        raise StateError(f"state snapshot format version {version}, this stream-monitor "
-                         f"reads version {VERSION} (discard the snapshot to start afresh)")
-    try:
-        state = unpack(_decoder.decode(bytes(data[6:])))
-    except StateError:
-        raise
-    except Exception as exc:  # truncated or corrupted bytes: msgspec, numpy, pickle errors
-        raise StateError(f"corrupt state snapshot ({type(exc).__name__}: {exc})") from None
+    state = unframe(data, MAGIC, VERSION, "state snapshot",
+                    " (discard the snapshot to start afresh)")
     if not isinstance(state, dict) or "model" not in state or "policy" not in state:
         raise StateError("corrupt state snapshot (no model state in it)")
     return state
