@@ -128,14 +128,7 @@ def _lines(result: BatchResult) -> list[bytes]:
 
 
 def _apply(monitor: Monitor, batches, start: int) -> list[bytes]:
-    out, position = [], start * 10_000
-    for kind, lines in batches:
-        positions = range(position, position + len(lines))
-        position += len(lines)
-        result = (monitor.process(lines, positions) if kind == "events"
-                  else monitor.process_labels(lines, positions))
-        out += _lines(result)
-    return out + _lines(monitor.flush())
+    return _continue(monitor, batches, start * 10_000)
 
 
 def _run_with_cut(config, batches, cut: int) -> tuple[list[bytes], list[bytes], Monitor]:
