@@ -189,13 +189,20 @@ class Monitor:
             self._hold_windows()
 
     def process(self, messages: Sequence[bytes], positions: Sequence[int]) -> BatchResult:
+        """Apply one batch. What comes out (window reports, alerts, detector alarms,
+        dead letters) does not depend on where the stream is cut into batches: each
+        model's window closes and detector blocks are judged in event order (a block
+        ending at the event that closes a window is judged first), models interleaved
+        by the position of the event that triggered each, rejects by position."""
         decoded = self.decoder.decode(messages, positions)
         result = BatchResult(messages=len(messages), rejects=decoded.rejects)
         if decoded.pending:
             self._collect_baselines(decoded, result)
-        for model, batch in decoded.models.items():
+        steps: list[tuple] = []     # (position, 0 block | 1 window, model order, action)
+        for order, (model, batch) in enumerate(decoded.models.items()):
             pipe = self.models[model]
             closed, late = pipe.windows.add(batch)
+            closed_at = pipe.windows.closed_at
             ts = np.delete(batch.ts, late) if late.size else batch.ts  # accepted events only
             if ts.size and not np.isnan(ts).all():
                 self.newest_event[model] = max(self.newest_event.get(model, -np.inf),
@@ -216,8 +223,20 @@ class Monitor:
                 result.rejects.append(Reject(int(batch.positions[i]), reason, batch.raw[i],
                                              model=model, detail=detail))
             if pipe.detectors is not None:
-                self._detect(pipe, batch, late, result)
-            self._close(pipe, closed, result)
+                for at, alarms in self._detect(pipe, batch, late, result):
+                    steps.append((int(batch.positions[at]), 0, order, at, pipe, alarms))
+            for at, window in zip(closed_at.tolist(), closed, strict=True):
+                steps.append((int(batch.positions[at]), 1, order, at, pipe, window))
+        # one model's steps are in event order already (sorting by batch index, blocks
+        # before windows at the same event); positions interleave the models
+        steps.sort(key=lambda s: (s[0], s[2], s[3], s[1]))
+        for _, kind, _, _, pipe, action in steps:
+            if kind == 0:
+                self._judge_alarms(pipe, action, result)
+            else:
+                self._close(pipe, [action], result)
+        if len(result.rejects) > 1:     # decoder rejects and late ones, in input order
+            result.rejects.sort(key=lambda r: r.position)
         return result
 
     def checkpoint(self) -> Any:
@@ -392,31 +411,48 @@ class Monitor:
         for st in states:
             result.retrain += self.retrain.on_window(st["report"], st["findings"], faults)
 
-    def _detect(self, pipe: ModelPipeline, batch, late: np.ndarray, result: BatchResult) -> None:
-        """Sequential detectors over the batch's counted events (late ones are rejects)."""
+    def _detect(self, pipe: ModelPipeline, batch, late: np.ndarray, result: BatchResult
+                ) -> list[tuple[int, list[Detection]]]:
+        """Sequential detectors over the batch's counted events (late ones are rejects);
+        returns each alarming block's alarms with the batch index of the block's last
+        event, for `process` to judge in event order with the window closes."""
         x, codes, pos, ts = batch.numeric, batch.categorical, batch.positions, batch.ts
         slots = batch.slots     # the engine's bins of these values: not binned twice
+        counted = None
         if late.size:
             keep = np.ones(len(batch), bool)
             keep[late] = False
+            counted = np.flatnonzero(keep)      # batch index of each counted event
             x, codes, pos, ts = x[keep], codes[keep], pos[keep], ts[keep]
             slots = None if slots is None else slots[keep]
-        blocks = pipe.detectors.blocks
-        found = pipe.detectors.update(x, codes, pos, ts, slots)
-        result.detections += found
+        det = pipe.detectors
+        blocks, filled = det.blocks, det.filled
+        found = det.update(x, codes, pos, ts, slots)
         by_block: dict[int, list[Detection]] = {}
-        for d in found:     # a feature's first alarm in a block (location before shape)
-            group = by_block.setdefault(d.window["block"], [])
+        for d in found:
+            by_block.setdefault(d.window["block"], []).append(d)
+        if det.blocks != blocks:
+            result.block_stats[pipe.name] = dict(det.last)
+        out = []
+        for block, group in by_block.items():   # one block's alarms are judged together
+            end = (block - blocks + 1) * det.layout.block - filled - 1  # counted index
+            out.append((end if counted is None else int(counted[end]), group))
+        return out
+
+    def _judge_alarms(self, pipe: ModelPipeline, found: list[Detection],
+                      result: BatchResult) -> None:
+        """One block's alarms, judged together: a feature's first in the block (location
+        before shape)."""
+        result.detections += found
+        group: list[Detection] = []
+        for d in found:
             if all(g.feature != d.feature for g in group):
                 group.append(d)
-        for group in by_block.values():     # one block's alarms are judged together
-            alarms = [(d.feature, d.method, d.value, d.threshold) for d in group]
-            if self.scale_out:  # judged where the model's windows are (kafka/partials.py)
-                result.alarms.append((pipe.name, alarms, group[0].window))
-            else:
-                result.alerts += self.policy.detections(pipe.name, alarms, group[0].window)
-        if pipe.detectors.blocks != blocks:
-            result.block_stats[pipe.name] = dict(pipe.detectors.last)
+        alarms = [(d.feature, d.method, d.value, d.threshold) for d in group]
+        if self.scale_out:  # judged where the model's windows are (kafka/partials.py)
+            result.alarms.append((pipe.name, alarms, group[0].window))
+        else:
+            result.alerts += self.policy.detections(pipe.name, alarms, group[0].window)
 
     def _collect_baselines(self, decoded: DecodedBatch, result: BatchResult) -> None:
         fields = self.config.decode.fields

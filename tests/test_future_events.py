@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from stream_monitor.config import parse_config
+from stream_monitor.core.engine import FUTURE_SPAN
 from stream_monitor.io import synthetic
 from stream_monitor.pipeline import Monitor
 
@@ -64,8 +65,16 @@ def test_ahead_of_the_stream_but_not_of_the_clock(churn_reference_file):
 def test_a_whole_batch_after_a_gap_moves_the_stream_on(churn_reference_file):
     mon = _monitor(churn_reference_file, max_future=600)
     t0 = 1_700_000_000.0
-    results = _run(mon, [_events(2000, 4, t0), _events(2000, 5, t0 + 2 * 86_400)])
-    assert [r for res in results for r in res.rejects] == []
+    after = _events(2000, 5, t0 + 2 * 86_400)
+    results = _run(mon, [_events(2000, 4, t0), after])
+    # the stream moves on once most of the last FUTURE_SPAN events are past the gap: the
+    # first FUTURE_SPAN // 2 after it are judged ahead of the stream, wherever batches end
+    rejects = [r for res in results for r in res.rejects]
+    assert [(r.reason, r.raw) for r in rejects] == [("future_event", m)
+                                                    for m in after[:FUTURE_SPAN // 2]]
+    cut = _run(_monitor(churn_reference_file, max_future=600),
+               [[m] for m in _events(2000, 4, t0)[-20:] + after[:20]])
+    assert [r.raw for res in cut for r in res.rejects] == after[:FUTURE_SPAN // 2]
     assert sum(len(res.reports) for res in results) >= 1  # the gap closed the old windows
 
 

@@ -27,6 +27,10 @@ from stream_monitor.core.stats import FIXED_POINT_BITS, GridBins, fixed_point_su
 from stream_monitor.io.decode import ModelBatch
 
 _MAX_NAMES = 50
+# event-time windows: an event is "ahead of the stream" when it is more than max_future
+# past the median event time of the model's last FUTURE_SPAN events (itself included).
+# A fixed span of events, not the batch, so the verdict does not depend on batch cuts.
+FUTURE_SPAN = 15
 
 
 class NumericColumns:
@@ -324,6 +328,10 @@ class ModelWindows:
         self.closed_count = 0
         self.late_events = 0
         self.future = np.empty(0, np.int64)  # indices of the last batch's future events
+        # the last batch's closed windows: after which of its events each one closed
+        # (batch index; the pipeline orders closes and detector blocks by it)
+        self.closed_at = np.empty(0, np.int64)
+        self._recent = np.empty(0, np.float64)  # last known event times (FUTURE_SPAN - 1)
         self._open: dict[int, WindowAccumulator] = {}
         self._watermark = -np.inf
         if window.events is not None:
@@ -346,7 +354,7 @@ class ModelWindows:
 
     def _add_by_count(self, batch: ModelBatch) -> list[ClosedWindow]:
         size = self.window.events
-        closed = []
+        closed, at = [], []
         start, n = 0, len(batch)
         (index, acc), = self._open.items()
         while start < n:
@@ -356,18 +364,35 @@ class ModelWindows:
             start += take
             if acc.events >= size:
                 closed.append(ClosedWindow(self.model, index, acc))
+                at.append(start - 1)
                 self.closed_count += 1
                 index += 1
                 acc = WindowAccumulator.empty(self.layout)
         self._open = {index: acc}
+        self.closed_at = np.array(at, np.int64)
         return closed
 
     def _add_by_time(self, batch: ModelBatch) -> tuple[list[ClosedWindow], np.ndarray]:
+        """Event by event in effect, vectorised: the watermark is the running maximum of
+        accepted event times; an event is late when its window's end plus the lateness
+        is at or behind the watermark *before it* (events earlier in the same batch
+        count), and a window closes right after the event that moves the watermark past
+        its end plus the lateness. So lateness and closes depend on the event sequence
+        only, not on how it is cut into batches."""
         size, lateness = self.window.seconds, self.window.allowed_lateness
-        bucket = np.floor(batch.ts / size)
-        late_mask = (bucket + 1) * size + lateness <= self._watermark
-        late_mask |= np.isnan(batch.ts)
-        future_mask = self._future(batch.ts)
+        ts = batch.ts
+        bucket = np.floor(ts / size)
+        future_mask = self._future(ts)
+        unknown = np.isnan(ts)
+        # running watermark after each event (late events never move it: their time is
+        # behind it), from the watermark before the batch
+        ok_ts = np.where(unknown | future_mask, -np.inf, ts)
+        wm = np.maximum.accumulate(ok_ts) if ts.size else ok_ts
+        np.maximum(wm, self._watermark, out=wm)
+        before = np.concatenate([[self._watermark], wm[:-1]])
+        with np.errstate(invalid="ignore"):
+            late_mask = (bucket + 1) * size + lateness <= before
+        late_mask |= unknown
         self.future = np.flatnonzero(future_mask & ~late_mask)
         late_mask |= future_mask
         for b in np.unique(bucket[~late_mask]):
@@ -378,26 +403,52 @@ class ModelWindows:
             acc.update(self.layout, batch.take(idx))
         late = np.flatnonzero(late_mask)
         self.late_events += late.size
-        ts_ok = batch.ts[~late_mask]  # never a future (or unknown) event time
-        if ts_ok.size:
-            self._watermark = max(self._watermark, float(ts_ok.max()))
-        closed = []
-        for b in sorted(self._open) if not self.hold else ():
-            if (b + 1) * size + lateness <= self._watermark:
-                closed.append(ClosedWindow(self.model, b, self._open.pop(b),
-                                           start=b * size, end=(b + 1) * size))
-                self.closed_count += 1
+        if wm.size:
+            self._watermark = float(wm[-1])
+        closed, at = [], []
+        if not self.hold:
+            # the first event whose watermark reaches a window's end plus the lateness
+            # closes it (a window opened in this batch closes after its first event)
+            ends = np.array([(b + 1) * size + lateness for b in sorted(self._open)])
+            when = np.searchsorted(wm, ends, side="left")
+            for b, i in sorted(zip(sorted(self._open), when.tolist(), strict=True),
+                               key=lambda bi: (bi[1], bi[0])):
+                if i < wm.size:
+                    closed.append(ClosedWindow(self.model, b, self._open.pop(b),
+                                               start=b * size, end=(b + 1) * size))
+                    at.append(i)
+                    self.closed_count += 1
+        self.closed_at = np.array(at, np.int64)
         return closed, late
 
     def _future(self, ts: np.ndarray) -> np.ndarray:
-        """Events too far ahead of the wall clock or of the stream to be believed."""
+        """Events too far ahead of the wall clock or of the stream to be believed: of the
+        stream means past the median event time of the model's last FUTURE_SPAN events
+        with a known time, the event itself included (one outlier does not move it; a
+        stream past a gap moves on once most of those events are past it)."""
         ahead = self.window.max_future
-        known = ts[~np.isnan(ts)]
-        anchor = self._watermark
-        if known.size:  # a whole batch past a gap moves on; one outlier in it does not
-            anchor = max(anchor, float(np.median(known)))
+        known = ~np.isnan(ts)
         with np.errstate(invalid="ignore"):
-            return (ts > self.clock() + ahead) | (ts > anchor + ahead)
+            out = ts > self.clock() + ahead
+        kts = ts[known]
+        if not kts.size:
+            return out
+        hist = np.concatenate([self._recent, kts])
+        self._recent = hist[-(FUTURE_SPAN - 1):].copy()
+        if kts.max() <= hist.min() + ahead:     # no median can be far enough behind
+            return out
+        first = hist.size - kts.size            # where this batch starts in `hist`
+        med = np.empty(kts.size)
+        head = max(0, min(FUTURE_SPAN - 1 - first, kts.size))  # the stream's first events
+        for j in range(head):                   # at most FUTURE_SPAN - 1, once per model
+            past = np.sort(hist[:first + j + 1])
+            med[j] = past[(past.size - 1) // 2]
+        if head < kts.size:
+            view = np.lib.stride_tricks.sliding_window_view(
+                hist[first + head - FUTURE_SPAN + 1:], FUTURE_SPAN)
+            med[head:] = np.partition(view, FUTURE_SPAN // 2, axis=1)[:, FUTURE_SPAN // 2]
+        out[known] |= kts > med + ahead
+        return out
 
     @property
     def watermark(self) -> float:

@@ -215,7 +215,8 @@ def _model_state(monitor: Monitor, model: str) -> dict[str, Any]:
     if pipe is not None:
         w = pipe.windows
         state["windows"] = {"open": w._open, "watermark": w._watermark,
-                            "closed_count": w.closed_count, "late_events": w.late_events}
+                            "closed_count": w.closed_count, "late_events": w.late_events,
+                            "recent": w._recent}  # event times the future check needs
         if pipe.detectors is not None:
             state["detectors"] = {"state": pipe.detectors.to_state(),
                                   "last": pipe.detectors.last}
@@ -324,6 +325,7 @@ def _restore(monitor: Monitor, model: str, state: dict[str, Any]) -> None:
         w, s = pipe.windows, state["windows"]
         w._open, w._watermark = s["open"], float(s["watermark"])
         w.closed_count, w.late_events = int(s["closed_count"]), int(s["late_events"])
+        w._recent = np.asarray(s.get("recent", ()), np.float64)
         if pipe.detectors is not None:
             pipe.detectors.from_state(state["detectors"]["state"])
             pipe.detectors.last = state["detectors"]["last"]
