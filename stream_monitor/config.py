@@ -99,7 +99,7 @@ class WindowConfig(Strict):
     seconds: float | None = Field(default=None, gt=0)
     allowed_lateness: float = Field(default=0.0, ge=0)
     # event-time windows: an event further ahead than this of the wall clock, or of the
-    # stream (its watermark and the batch's median event time), is a future_event reject,
+    # stream (the median time of the model's last 15 events), is a future_event reject,
     # so one bad clock cannot push the watermark past every later event
     max_future: float = Field(default=3600.0, gt=0)
 
