@@ -524,3 +524,42 @@ def test_merger_goes_back_to_its_last_committed_checkpoint_on_abort(config):
     so.apply(partials(3))
     loop.commit(so)
     assert pending() == 15 and so.judge.models["iot"].windows.window.seconds == 60
+
+
+def test_late_partials_are_counted_in_a_metric(config):
+    """Events of a partial that reaches the merger after its window was merged are
+    dropped and counted: `stream_monitor_late_partial_events_total{model}`."""
+    from prometheus_client import generate_latest
+
+    from stream_monitor.io.metrics import MonitorMetrics
+    from stream_monitor.kafka.scale_out import ScaleOut
+    loop = _Loop(config)
+    loop.metrics = MonitorMetrics()
+    so = ScaleOut(loop)
+    so._owned = frozenset({0})
+    so.merger.expected = frozenset({"t:0", "t:1"})    # the input topic's partitions
+    topic = partials_topic(config)
+    ev = {"model": "iot", "features": {"temp": 20.0, "ok": True}}
+    msgs: list = []
+
+    def publish(mon: Monitor, publisher: PartialPublisher, source: str) -> list:
+        out = [_Msg(topic, 0, len(msgs) + i, rec.encode())
+               for i, rec in enumerate(publisher.records(mon, [source]))]
+        msgs.extend(out)
+        return out
+
+    def scraped() -> float:
+        for line in generate_latest(loop.metrics.registry).decode().splitlines():
+            if line.startswith('stream_monitor_late_partial_events_total{model="iot"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    a, b = Monitor(config), Monitor(config)
+    a.process([orjson.dumps({**ev, "ts": T0 + t}) for t in range(0, 200, 2)], list(range(100)))
+    assert so.apply(publish(a, PartialPublisher(5, "a"), "t:0")).reports == []
+    idle_b = PartialPublisher(5, "b", clock=iter([0.0, 100.0, 100.0, 100.0]).__next__)
+    result = so.apply(publish(b, idle_b, "t:1"))      # b idle: a's watermark closes windows
+    assert len(result.reports) == 2 and scraped() == 0.0
+    b.process([orjson.dumps({**ev, "ts": T0 + t}) for t in (5, 6, 7)], [500, 501, 502])
+    so.apply(publish(b, PartialPublisher(5, "b"), "t:1"))   # b wakes up in window 0
+    assert so.merger.late_events["iot"] == 3 and scraped() == 3.0

@@ -56,6 +56,7 @@ METRIC_NAMES: frozenset[str] = frozenset({
     "stream_monitor_checkpoints_total",
     "stream_monitor_restore_duration_seconds",
     "stream_monitor_transaction_aborts_total",
+    "stream_monitor_late_partial_events_total",        # {model} scale-out merger
 })
 
 UNKNOWN_MODEL = "unknown"  # the one model label value of every unconfigured model name
@@ -196,6 +197,10 @@ class MonitorMetrics:
         self.txn_aborts = Counter(_name(p + "transaction_aborts_total"),
                                   "Kafka transactions aborted (state and input rewound to the "
                                   "last checkpoint)", registry=r)
+        self.late_partials = Counter(_name(p + "late_partial_events_total"),
+                                     "Scale-out: events in partial windows that reached the "
+                                     "merger after their window was merged (dropped)",
+                                     ["model"], registry=r)
         self._models = LabelCap(cfg.max_models, "model", self.dropped)
         self._features: dict[str, LabelCap] = {}
         self._reasons = LabelCap(cfg.max_reasons, "reason", self.dropped)

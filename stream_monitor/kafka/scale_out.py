@@ -191,6 +191,7 @@ class ScaleOut:
         windows that closed, judged once: reports, alerts, retraining records."""
         from stream_monitor.pipeline import BatchResult
         result = BatchResult()
+        late_before = dict(self.merger.late_events)
         for m in messages:
             self.next_offset[m.partition()] = m.offset() + 1
             try:
@@ -205,6 +206,11 @@ class ScaleOut:
             if rec.alarms:  # instances' detector alarms, judged with the merged windows
                 result.extend(self.judge.judge_alarms(
                     rec.model, [(rec.model, found, window) for found, window in rec.alarms]))
+        metrics = getattr(self.sidecar, "metrics", None)
+        for model, n in self.merger.late_events.items():
+            if metrics is not None and n > late_before.get(model, 0):
+                metrics.late_partials.labels(model=metrics._model(model)).inc(
+                    n - late_before.get(model, 0))
         late = sum(self.merger.late_events.values())
         if late > self._late_logged:  # one line per change, not per record
             log.warning("scale-out: %d event(s) in all arrived for windows already closed "
