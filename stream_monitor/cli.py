@@ -411,8 +411,10 @@ def _cmd_state_inspect(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     topic = changelog_topic(cfg)
     try:
+        # offsets first: a checkpoint committed meanwhile adds records, never removes
+        # the ones these offsets were committed with
+        committed = _committed_offsets(cfg, args.timeout)
         records = read_changelog(cfg.kafka, topic, args.timeout, _Discard())
-        committed = _committed_offsets(cfg, args.timeout) if records else {}
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
         text = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
         raise UsageError(f"{args.config}: cannot read the changelog {topic} from "
@@ -433,7 +435,40 @@ def _cmd_state_inspect(args: argparse.Namespace) -> int:
     missing = [m for m in cfg.models if m not in newest]
     if missing:
         print(f"no checkpoint for: {', '.join(missing)}")
+    if cfg.scale_out.enabled:
+        _inspect_merger(cfg, args, now)
     return 0
+
+
+def _inspect_merger(cfg: Any, args: argparse.Namespace, now: float) -> None:
+    """Scale-out: the merger's state per model (`<topics.partials>-merger`)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from stream_monitor.config import partials_topic
+    from stream_monitor.kafka.changelog import read_changelog, reader_config
+    from stream_monitor.kafka.runtime import _Discard
+    from stream_monitor.kafka.scale_out import merger_summaries, merger_topic
+    topic = partials_topic(cfg)
+    try:
+        c = Consumer({**reader_config(cfg.kafka), "group.id": cfg.kafka.get("group.id")})
+        try:
+            meta = c.list_topics(topic, timeout=args.timeout).topics.get(topic)
+            parts = sorted(meta.partitions) if meta is not None and meta.error is None else []
+            got = c.committed([TopicPartition(topic, p) for p in parts],
+                              timeout=args.timeout) if parts else []
+        finally:
+            c.close()
+        records = read_changelog(cfg.kafka, merger_topic(topic), args.timeout, _Discard())
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        text = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
+        raise UsageError(f"{args.config}: cannot read the merger state "
+                         f"{merger_topic(topic)}: {text}") from None
+    committed = {tp.partition: tp.offset for tp in got if tp.offset >= 0}
+    lines = merger_summaries(cfg, committed, records, now)
+    for line in lines:
+        print(line)
+    if not lines:
+        print(f"{merger_topic(topic)}: no merger state (no window merged yet)")
 
 
 # Commands that need neither Kafka nor Prometheus: they start without importing the

@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+import yaml
 from confluent_kafka import Producer
 from helpers import read_topic, wait_until
 from test_partials import MAKERS, PARTITIONS, build_references, make_stream
 
+from stream_monitor.cli import main as cli_main
 from stream_monitor.config import parse_config
 from stream_monitor.io.replay import replay
 from stream_monitor.kafka.runtime import KafkaSidecar
@@ -176,7 +178,7 @@ def _check(setup: Setup, lines, tail_ts, applied: dict) -> None:
 
 @pytest.mark.parametrize("n_instances", [1, 2, 3])
 def test_instances_give_the_windows_and_alerts_of_one_replay(
-        kafka_broker, references, tmp_path, n_instances):
+        kafka_broker, references, tmp_path, n_instances, capsys):
     setup = Setup(kafka_broker, references, tmp_path)
     lines, parts, tail_ts = _stream(41)
     tail = len(lines) - len(MAKERS) * PARTITIONS
@@ -196,6 +198,19 @@ def test_instances_give_the_windows_and_alerts_of_one_replay(
             for k, v in s.applied.items():
                 applied[k] = applied.get(k, 0) + v
         _check(setup, lines, tail_ts, applied)
+        if n_instances == 2:  # `state inspect` shows the merger's committed state too
+            path = tmp_path / "config.yaml"
+            path.write_text(yaml.safe_dump(setup.raw))
+            capsys.readouterr()
+            assert cli_main(["state", "inspect", "--config", str(path)]) == 0
+            out = capsys.readouterr().out.splitlines()
+            merger = [line for line in out if " (merger): state " in line]
+            assert sorted(line.split()[0] for line in merger) == sorted(MAKERS), out
+            for line in merger:
+                assert "not at the committed" not in line and "unreadable" not in line, line
+                assert " age ?" not in line, line
+                assert f"partitions reporting {PARTITIONS} " in line, line
+                assert "late partial events 0 in 0 record(s)" in line, line
     finally:
         setup.stop_all()
 

@@ -21,6 +21,7 @@ rules are `partials.py`, the transactions `runtime.py`:
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -168,7 +169,8 @@ class ScaleOut:
             offset = self.next_offset.get(part, 0)
             self._candidate[model] = (part, value)
             out.append((self.state_topic, model.encode(), value,
-                        [("sm.offsets", encode_offsets({(self.topic, part): offset}))]))
+                        [("sm.offsets", encode_offsets({(self.topic, part): offset})),
+                         ("sm.time", repr(time.time()).encode())]))  # `state inspect` age
         return out
 
     def _promote(self) -> None:
@@ -277,3 +279,60 @@ class ScaleOut:
             log.info("scale-out: merger state of %d model(s) restored (partials "
                      "partitions %s)", len(chosen), sorted(owned))
         return chosen, committed
+
+
+# -- `state inspect`: what the merger state topic holds ----------------------------------
+
+def _iso(ts: float | None) -> str:
+    import datetime as dt
+    if ts is None or ts != ts or ts in (float("inf"), float("-inf")):
+        return "-"
+    return dt.datetime.fromtimestamp(float(ts), dt.UTC).isoformat(timespec="seconds")
+
+
+def merger_summaries(cfg, committed: dict[int, int], records: list, now: float) -> list[str]:
+    """One line per model about the merger's state (`<topics.partials>-merger`): the
+    record at the group's committed offset of the model's partials partition (or the
+    newest, flagged), its pending windows, partitions' marks, merged-to watermark, late
+    partials and the merged windows' alerts."""
+    from stream_monitor.kafka.state import decode
+    topic = partials_topic(cfg)
+    chosen: dict[str, tuple] = {}
+    for rec in records:                 # in order: the last match per model wins
+        for (t, part), offset in rec.offsets.items():
+            if t != topic:
+                continue
+            at = committed.get(part) == offset
+            if at or not chosen.get(rec.model, (None, False))[1]:
+                chosen[rec.model] = (rec, at, part, offset)
+    lines = []
+    for model in sorted(chosen):
+        rec, at, part, offset = chosen[model]
+        age = f"{max(0.0, now - rec.time):.1f}s" if rec.time else "?"
+        head = (f"{model} (merger): state {rec.txn or '?'} age {age} size {len(rec.value):,} B"
+                f", {topic}[{part}]@{offset}"
+                + ("" if at else " (not at the committed offsets)"))
+        try:
+            if bytes(rec.value[:4]) != _MERGER_MAGIC:
+                raise StateError("not a merger state record (bad magic bytes)")
+            body = unpack(msgspec.msgpack.decode(bytes(rec.value[4:])))
+            m, judge = body["merger"], decode(body["judge"])
+        except Exception as exc:  # noqa: BLE001 - a line about it, not a traceback
+            lines.append(f"{head}; unreadable: {exc}")
+            continue
+        pending = m["pending"]
+        events = sum(int(getattr(acc, "events", 0)) for *_, acc in pending)
+        marks = m["marks"]
+        idle = sum(1 for _, is_idle in marks.values() if is_idle)
+        wms = [float(wm) for wm, _ in marks.values()]
+        states = judge["policy"]["states"]
+        firing = [s for s in states.values() if getattr(s, "severity", 0) > 0]
+        crit = sum(1 for s in firing if s.severity >= 2)
+        lines.append(
+            f"{head}; windows pending {len(pending)} with {events:,} events, merged up to "
+            f"{_iso(m['closed_to'])}; partitions reporting {len(marks)} ({idle} idle), "
+            f"watermarks {_iso(min(wms, default=None))} .. {_iso(max(wms, default=None))}; "
+            f"late partial events {int(m['late_events']):,} in {int(m['late_records']):,} "
+            f"record(s); alerts firing {len(firing)} ({crit} critical, "
+            f"{len(firing) - crit} warning) of {len(states)} tracked")
+    return lines
