@@ -7,6 +7,7 @@ own, so the same code path is measured by the benchmarks and exercised by the te
 from __future__ import annotations
 
 import copy
+import heapq
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -198,7 +199,7 @@ class Monitor:
         result = BatchResult(messages=len(messages), rejects=decoded.rejects)
         if decoded.pending:
             self._collect_baselines(decoded, result)
-        steps: list[tuple] = []     # (position, 0 block | 1 window, model order, action)
+        steps: list[list[tuple]] = []   # per model: (position, order, index, kind, ...)
         for order, (model, batch) in enumerate(decoded.models.items()):
             pipe = self.models[model]
             closed, late = pipe.windows.add(batch)
@@ -222,15 +223,18 @@ class Monitor:
                                             "allowed_lateness")
                 result.rejects.append(Reject(int(batch.positions[i]), reason, batch.raw[i],
                                              model=model, detail=detail))
-            if pipe.detectors is not None:
-                for at, alarms in self._detect(pipe, batch, late, result):
-                    steps.append((int(batch.positions[at]), 0, order, at, pipe, alarms))
-            for at, window in zip(closed_at.tolist(), closed, strict=True):
-                steps.append((int(batch.positions[at]), 1, order, at, pipe, window))
-        # one model's steps are in event order already (sorting by batch index, blocks
-        # before windows at the same event); positions interleave the models
-        steps.sort(key=lambda s: (s[0], s[2], s[3], s[1]))
-        for _, kind, _, _, pipe, action in steps:
+            own = [] if pipe.detectors is None else [
+                (int(batch.positions[at]), order, at, 0, pipe, alarms)
+                for at, alarms in self._detect(pipe, batch, late, result)]
+            own += [(int(batch.positions[at]), order, at, 1, pipe, window)
+                    for at, window in zip(closed_at.tolist(), closed, strict=True)]
+            # event order within the model: by batch index, a block before the windows
+            # closing at the same event (the sort is stable: windows stay oldest first)
+            own.sort(key=lambda s: (s[2], s[3]))
+            steps.append(own)
+        # models interleaved by the position of each step's event; a merge never
+        # reorders one model's steps, whatever the positions
+        for _, _, _, kind, pipe, action in heapq.merge(*steps, key=lambda s: (s[0], s[1])):
             if kind == 0:
                 self._judge_alarms(pipe, action, result)
             else:
