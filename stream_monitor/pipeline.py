@@ -173,6 +173,9 @@ class Monitor:
         self.decoder.pending = set(self.baselines)
         self.policy = AlertPolicy({n: model_settings(config, n).alerting for n in config.models})
         self.newest_event: dict[str, float] = {}  # newest event time per model (epoch s)
+        # per model: type violations of rejected events not yet given to a kept event
+        # (the decoder's `carry`: they go to the model's next kept event, in a later batch)
+        self.violations: dict[str, np.ndarray] = {}
         # Performance monitoring (label join) runs when labels can arrive: a labels topic,
         # `replay --labels`, or a model with a `performance` section.
         self.performance: PerformanceStage | None = None
@@ -202,6 +205,11 @@ class Monitor:
         steps: list[list[tuple]] = []   # per model: (position, order, index, kind, ...)
         for order, (model, batch) in enumerate(decoded.models.items()):
             pipe = self.models[model]
+            held = self.violations.pop(model, None)
+            if held is not None and len(batch):     # for the first kept event
+                if batch.violation_rows is None:
+                    batch.violation_rows = np.zeros((len(batch), batch.n_features), np.int64)
+                batch.violation_rows[0] += held
             closed, late = pipe.windows.add(batch)
             closed_at = pipe.windows.closed_at
             ts = np.delete(batch.ts, late) if late.size else batch.ts  # accepted events only
@@ -239,6 +247,8 @@ class Monitor:
                 self._judge_alarms(pipe, action, result)
             else:
                 self._close(pipe, [action], result)
+        for model, rows in decoded.carry.items():
+            self.violations[model] = self.violations.get(model, 0) + rows
         if len(result.rejects) > 1:     # decoder rejects and late ones, in input order
             result.rejects.sort(key=lambda r: r.position)
         return result
@@ -263,16 +273,16 @@ class Monitor:
                 memo[id(mp.buffer)] = mp.buffer
                 journals.append((mp.buffer, mp.buffer.begin()))
         # the performance stage shares the policy: one deepcopy keeps them together
-        state = copy.deepcopy((self.models, self.policy, self.newest_event, self.performance),
-                              memo)
+        state = copy.deepcopy((self.models, self.policy, self.newest_event, self.performance,
+                               self.violations), memo)
         builders = {n: (b, target, b.rows, set(b.columns))
                     for n, (b, target) in self.baselines.items()}
         return state, builders, journals
 
     def rollback(self, checkpoint: Any) -> None:
         """Back to the state of `checkpoint` (taken by `checkpoint()`; usable once)."""
-        (self.models, self.policy, self.newest_event, self.performance), builders, journals = \
-            checkpoint
+        (self.models, self.policy, self.newest_event, self.performance, self.violations), \
+            builders, journals = checkpoint
         for buffer, token in journals:
             buffer.rollback(token)
         for name, (builder, target, rows, columns) in builders.items():

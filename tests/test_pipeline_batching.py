@@ -84,6 +84,9 @@ def _stream(seed: int, per_model: int = 4_000) -> list[bytes]:
                 del doc["ts"]                         # no timestamp: bad_timestamp
             if "seconds" in window and i % 1_201 == 700:
                 doc["ts"] = float(ts[i]) + 86_400     # a day ahead: future_event
+            if i % 89 == 13:                          # wrong types: a wrong_type reject,
+                feats[i]["x"] = "n/a"                 # its violations counted in the
+                feats[i]["ties"] = True               # window of the next kept event
             docs.append(orjson.dumps(doc))
         streams[model] = docs
     order = np.concatenate([np.full(len(v), k) for k, v in enumerate(streams.values())])
@@ -135,7 +138,10 @@ def test_outputs_do_not_depend_on_batch_cuts(setup):
     assert any(a["method"] not in ("", None) and not a["method"].startswith("cusum_")
                for a in whole["alerts"]), "window findings alert too"
     reasons = {r[1] for r in whole["rejects"]}
-    assert {"late_event", "bad_timestamp", "future_event", "not_json"} <= reasons, reasons
+    assert {"late_event", "bad_timestamp", "future_event", "not_json",
+            "wrong_type"} <= reasons, reasons
+    assert all(r["features"]["x"]["data_quality"]["type_violations"]["value"] > 0
+               for r in whole["reports"] if r["window"]["events"] > 300)
     for size in (3_333, 777, 1):
         cut = _feed(cfg, refs, msgs, size)
         assert _kinds(cut) == _kinds(whole), size

@@ -362,6 +362,9 @@ class DecodedBatch:
     messages: int
     # events of models still collecting their baseline: (position, event, raw bytes)
     pending: dict[str, list[tuple[int, dict, bytes]]] = field(default_factory=dict)
+    # per model: type violations of rejected events after its last kept event (summed per
+    # feature), for the model's next kept event, in a later batch (`pipeline.Monitor`)
+    carry: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def events(self) -> int:
@@ -825,20 +828,26 @@ class Decoder:
 
 def _settle(decoded: DecodedBatch) -> DecodedBatch:
     """Give each rejected event's type violations to the next kept event of its model in
-    the batch (the last one at the end), so they count in that event's window; drop the
-    batches left without any kept event."""
+    the batch, so they count in that event's window; those after the model's last kept
+    event go to `decoded.carry` (the next kept event is in a later batch: where batches
+    end must not decide which window counts them); drop the batches left without any
+    kept event."""
     for model, b in list(decoded.models.items()):
         if b.dropped is None:
             continue
         where, rows = b.dropped
         b.dropped = None
+        to = np.searchsorted(b.positions, where)
+        after = to >= len(b)
+        if after.any():
+            decoded.carry[model] = rows[after].sum(axis=0)
         if len(b) == 0:
             del decoded.models[model]
             continue
-        if b.violation_rows is None:
-            b.violation_rows = np.zeros((len(b), b.n_features), np.int64)
-        to = np.minimum(np.searchsorted(b.positions, where), len(b) - 1)
-        np.add.at(b.violation_rows, to, rows)
+        if not after.all():
+            if b.violation_rows is None:
+                b.violation_rows = np.zeros((len(b), b.n_features), np.int64)
+            np.add.at(b.violation_rows, to[~after], rows[~after])
     return decoded
 
 

@@ -204,6 +204,7 @@ def _model_state(monitor: Monitor, model: str) -> dict[str, Any]:
         "model": model,
         "layout": _layout_fingerprint(monitor, model),
         "newest_event": monitor.newest_event.get(model),
+        "violations": monitor.violations.get(model),    # for the next kept event
         "policy": {
             "states": {k: v for k, v in policy.states.items() if k[0] == model},
             "windows_seen": policy.windows_seen.get(model),
@@ -346,6 +347,9 @@ def _restore(monitor: Monitor, model: str, state: dict[str, Any]) -> None:
     monitor.newest_event.pop(model, None)
     if state["newest_event"] is not None:
         monitor.newest_event[model] = state["newest_event"]
+    monitor.violations.pop(model, None)
+    if state.get("violations") is not None:
+        monitor.violations[model] = np.asarray(state["violations"], np.int64)
     if "performance" in state and monitor.performance is not None:
         mp = monitor.performance.models[model]
         vars(mp).update(state["performance"]["attrs"])
