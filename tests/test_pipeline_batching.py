@@ -5,9 +5,9 @@ detectors on: window reports, alerts, detector alarms and rejects must be identi
 The data is unlike the repo's generator: three models interleaved at random (count
 windows; event-time windows with disorder, allowed lateness, late events, missing and
 far-future timestamps; event-time windows without lateness), sparse JSON (absent keys,
-nulls), booleans, integer ties, Cauchy tails, a 500-category feature, and change points
-off the window and block grids so that detector blocks end on both sides of window
-closes inside one batch.
+nulls), wrong types, booleans, integer ties, Cauchy tails, a 500-category feature, and
+change points off the window and block grids so that detector blocks end on both sides
+of window closes inside one batch.
 """
 
 from __future__ import annotations

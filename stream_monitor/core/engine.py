@@ -408,7 +408,8 @@ class ModelWindows:
         closed, at = [], []
         if not self.hold:
             # the first event whose watermark reaches a window's end plus the lateness
-            # closes it (a window opened in this batch closes after its first event)
+            # closes it (never before the window's first event: an event behind such a
+            # watermark is late and opens nothing); windows closing together, oldest first
             ends = np.array([(b + 1) * size + lateness for b in sorted(self._open)])
             when = np.searchsorted(wm, ends, side="left")
             for b, i in sorted(zip(sorted(self._open), when.tolist(), strict=True),
