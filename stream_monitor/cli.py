@@ -387,6 +387,11 @@ def state_summary(rec: Any, now: float, committed: bool = True) -> str:
         events = sum(int(getattr(a, "events", 0)) for a in w["open"].values())
         parts.append(f"windows open {len(w['open'])} with {events:,} events, "
                      f"closed {int(w['closed_count']):,}, late {int(w['late_events']):,}")
+    if "detectors" in st:
+        d = st["detectors"]["state"]
+        pending = d.get("pending") or {}
+        parts.append(f"detectors {int(d['blocks']):,} blocks, {int(d['alarms']):,} alarms, "
+                     f"open block {int(pending.get('events', 0)):,} events")
     if "baseline" in st:
         parts.append(f"baseline in progress: {int(st['baseline'].get('rows', 0)):,} rows")
     states = st["policy"]["states"]

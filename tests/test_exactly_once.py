@@ -378,6 +378,9 @@ def test_restore_on_start_continues_the_open_window(kafka_broker, churn_referenc
     line = capsys.readouterr().out.strip()
     assert line.startswith("churn: checkpoint ") and "not at the committed" not in line
     assert f"windows open 1 with {open_events:,} events" in line, line
+    det = first.monitor.models["churn"].detectors
+    assert f"detectors {det.blocks:,} blocks, {det.alarms:,} alarms, open block " \
+        f"{det.filled:,} events" in line, line
 
     _produce(bootstrap, names["inferences"], msgs[4_700:])
     second = _in_process(cfg, 0)
