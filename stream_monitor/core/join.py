@@ -21,6 +21,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from itertools import islice
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -44,6 +45,8 @@ UNJOINED_REASONS = (PREDICTION_EXPIRED, PREDICTION_EVICTED, PREDICTION_NO_ID,
                     LABEL_UNKNOWN_MODEL, LABEL_MALFORMED)
 
 _LABEL_TYPES = (str, int, float, bool)
+_EVENT_ID, _TS = attrgetter("event_id"), attrgetter("ts")
+_POSITION, _LABEL = attrgetter("position"), attrgetter("label")
 
 
 class LabelEvent(msgspec.Struct, frozen=True, gc=False):
@@ -193,10 +196,12 @@ _POLY = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _LONG_ID = 64          # longer ids are hashed apart, so one long id does not widen a batch
+with np.errstate(over="ignore"):  # _POWERS[j]: the weight of character j, _POLY^(j+1)
+    _POWERS = np.cumprod(np.full(_LONG_ID, _POLY, np.uint64), dtype=np.uint64)
 _MISSING = object()
 
 
-def id_hashes(ids: Sequence[str]) -> np.ndarray:
+def id_hashes(ids: Sequence[str], lens: np.ndarray | None = None) -> np.ndarray:
     """The join keys (int64) of a batch of event ids, computed in numpy.
 
     Stable across processes (unlike `hash()`), so a checkpointed buffer keeps matching
@@ -206,14 +211,29 @@ def id_hashes(ids: Sequence[str]) -> np.ndarray:
     n = len(ids)
     if n == 0:
         return np.empty(0, np.int64)
-    lens = np.fromiter(map(len, ids), np.int64, n)  # numpy drops trailing NULs: not this
+    if lens is None:  # numpy drops trailing NULs: not the length of its strings
+        lens = np.fromiter(map(len, ids), np.int64, n)
     if lens.max() > _LONG_ID:  # checked first: never one very wide array
         out = np.empty(n, np.int64)
-        for part in (lens <= _LONG_ID, lens > _LONG_ID):
+        short = lens <= _LONG_ID
+        for part, fn in ((short, id_hashes), (~short, _poly_hash)):
             idx = np.flatnonzero(part)
             if idx.size:
-                out[idx] = _poly_hash([ids[i] for i in idx.tolist()], lens[idx])
+                out[idx] = fn([ids[i] for i in idx.tolist()], lens[idx])
         return out
+    joined = "".join(ids)
+    if joined.isascii():
+        # ASCII ids (the usual uuids, hex and counters): one string join and encode give
+        # the code points of every id, laid out in rows, and the polynomial is one
+        # matrix-vector product (8x faster than building a numpy unicode array)
+        w = int(lens.max())
+        flat = np.frombuffer(joined.encode("ascii"), np.uint8)
+        if int(lens.min()) == w:
+            codes = flat.reshape(n, w)
+        else:
+            codes = np.zeros((n, w), np.uint8)
+            codes[np.arange(w) < lens[:, None]] = flat  # row-major: each id in its row
+        return _finish(codes @ _POWERS[:w], lens)
     return _poly_hash(ids, lens)
 
 
@@ -228,6 +248,12 @@ def _poly_hash(ids: Sequence[str], lens: np.ndarray) -> np.ndarray:
         for row in codes:
             p = p * _POLY
             h += row.astype(np.uint64) * p
+    return _finish(h, lens)
+
+
+def _finish(h: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """The length, then the splitmix64 finaliser, over the polynomials `h` (uint64)."""
+    with np.errstate(over="ignore"):
         h ^= lens.astype(np.uint64)
         h ^= h >> np.uint64(30)
         h *= _MIX1
@@ -585,26 +611,28 @@ class JoinBuffer:
         if m == 0:
             self._bound()
             return []
-        h = id_hashes([ev.event_id for ev in events])
-        lts = np.fromiter((ev.ts for ev in events), np.float64, m)
+        h = id_hashes(list(map(_EVENT_ID, events)))
+        lts = np.fromiter(map(_TS, events), np.float64, m)
         if not np.isnan(lts).all():
             self.label_watermark = max(self.label_watermark, float(np.nanmax(lts)))
-        first = np.ones(m, bool)
-        _, idx = np.unique(h, return_index=True)
-        if idx.size != m:  # a key twice in the batch: the first label counts
-            first[:] = False
-            first[idx] = True
-            self.unjoined[LABEL_DUPLICATE] += int(m - idx.size)
+        # the distinct keys, sorted (lookups in sorted order touch each chunk's keys in
+        # order: 2-3x faster than in arrival order once the buffer is out of the cache),
+        # and the first label of each (a key twice in the batch: the first label counts)
+        keys, first = np.unique(h, return_index=True)
+        if first.size != m:
+            self.unjoined[LABEL_DUPLICATE] += int(m - first.size)
         # the latest waiting row of each key, over the chunks (oldest first)
-        where_c = np.full(m, -1, np.int64)
-        where_r = np.zeros(m, np.int64)
+        k = int(keys.size)
+        where_c = np.full(k, -1, np.int64)
+        where_r = np.zeros(k, np.int64)
         for ci, c in enumerate(self.chunks):
             if not c["live"]:
                 continue
             hs = c["hs"]
-            i = np.searchsorted(hs, h, side="right") - 1
+            i = np.searchsorted(hs, keys, side="right")
+            i -= 1
             np.maximum(i, 0, out=i)
-            hit = hs[i] == h
+            hit = hs[i] == keys
             if not hit.any():
                 continue
             rows = c["order"][i]
@@ -617,24 +645,29 @@ class JoinBuffer:
                     self.unjoined[PREDICTION_DUPLICATE] += int(stale.size)
                 where_c[hit] = ci
                 where_r[hit] = rows[hit]
-        found = first & (where_c >= 0)
+        found = where_c >= 0
         pairs: list[Pair] = []
         if found.any():
-            fl = np.flatnonzero(found)
-            for ci in np.unique(where_c[fl]).tolist():
-                sel = fl[where_c[fl] == ci]
-                rows = where_r[sel]
-                sl = sel.tolist()
+            # back in label order: pairs per chunk, each in the order of its labels
+            at = np.argsort(first[found], kind="stable")
+            fl = first[found][at]
+            fc, fr = where_c[found][at], where_r[found][at]
+            positions = list(map(_POSITION, events))
+            labels = list(map(_LABEL, events))
+            for ci in np.unique(fc).tolist():
+                pick = fc == ci
+                sl = fl[pick].tolist()
+                rows = fr[pick]
                 c = self.chunks[ci]
-                pairs += self._pairs(c, rows, [events[i].position for i in sl],
-                                     lts[sel].tolist(), [events[i].label for i in sl])
+                pairs += self._pairs(c, rows, [positions[i] for i in sl],
+                                     lts[fl[pick]].tolist(), [labels[i] for i in sl])
                 self._kill(c, rows)
-            keys = h[fl].tolist()
-            self.joined_ids.update(dict.fromkeys(keys))
+            joined_keys = h[fl].tolist()
+            self.joined_ids.update(dict.fromkeys(joined_keys))
             if self._journal is not None:
-                self._journal["log"].append(("add", self.joined_ids, keys))
-        rest = np.flatnonzero(first & (where_c < 0))
-        if rest.size:
+                self._journal["log"].append(("add", self.joined_ids, joined_keys))
+        if not found.all():
+            rest = np.sort(first[~found])
             joined, waiting = self.joined_ids, self.labels
             hl = h.tolist()
             for i in rest.tolist():
