@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from operator import itemgetter
 from types import SimpleNamespace
 from typing import Any
 
@@ -48,6 +49,7 @@ _NEGATIVE_OF = {"1": "0", "true": "false", "yes": "no", "positive": "negative", 
 MISSING_SEGMENT = "(missing)"
 OTHER_SEGMENT = "(other)"
 MAX_CLASSES = 100
+_FIELDS = [itemgetter(i) for i in range(8)]  # the fields of a joined pair (join.Pair)
 
 # Input-side alert kinds the diagnosis reads from the policy: pipeline faults (retraining
 # cannot fix them) and input drift.
@@ -328,16 +330,20 @@ class ModelPerformance:
             for c in sorted(known):
                 self._class(c)
 
-    def _classification_arrays(self, pairs: list) -> dict[str, np.ndarray]:
+    def _classification_arrays(self, pairs: list, cols: list | None = None
+                               ) -> dict[str, np.ndarray]:
         """Class indices of truth and prediction, and the probability matrix, per pair.
 
-        Column-wise list comprehensions and numpy, not a Python loop with per-row logic:
-        this runs for every joined label.
+        Column-wise (C-level transposition, list comprehensions only where a value needs
+        a look) and numpy, not a Python loop with per-row logic: this runs for every
+        joined label. `cols`: the pairs transposed (`_columns`), when already done.
         """
         n, pos, cls = len(pairs), self.positive, self._class
-        preds = [p[4] for p in pairs]
-        scores = [p[5] if type(p[5]) is dict else None for p in pairs]
-        y = _class_codes([p[7] for p in pairs], cls)
+        cols = cols or _columns(pairs)
+        preds = cols[4]
+        none = cols[5].count(None) == n
+        scores = [None] * n if none else [s if type(s) is dict else None for s in cols[5]]
+        y = _class_codes(cols[7], cls)
         if pos is not None and preds and set(map(type, preds)) == {float}:
             # all floats (the common case), vectorised: an integral one that names a
             # class is that class, every other one in [0, 1] a score
@@ -353,9 +359,11 @@ class ModelPerformance:
         else:
             is_prob = np.zeros(n, bool)
         # scores count only when keyed by the label classes
-        scores = [s if s is not None and not self.classes.keys().isdisjoint(s) else None
-                  for s in scores]
-        has_scores = np.fromiter((s is not None for s in scores), bool, n)
+        if not none:
+            scores = [s if s is not None and not self.classes.keys().isdisjoint(s) else None
+                      for s in scores]
+        has_scores = np.zeros(n, bool) if none else np.fromiter(
+            (s is not None for s in scores), bool, n)
         k = len(self.classes)
         proba = np.full((n, k), np.nan)
         if has_scores.any():
@@ -398,11 +406,11 @@ class ModelPerformance:
 
     # -- one window -----------------------------------------------------------------
 
-    def _compute(self, pairs: list) -> tuple:
+    def _compute(self, pairs: list, cols: list | None = None) -> tuple:
         """(metrics, per-event loss of the alert metric, per-event error, y, yhat, proba)."""
         if self.task == "classification":
             self._settle_classes(pairs)
-            arr = self._classification_arrays(pairs)
+            arr = self._classification_arrays(pairs, cols)
             y, yhat, proba = arr["y"], arr["yhat"], arr["proba"]
             if proba.shape[1] < len(self.classes):  # classes met while converting
                 proba = np.column_stack([proba, np.full((len(pairs), len(self.classes)
@@ -455,9 +463,10 @@ class ModelPerformance:
                  ) -> tuple[dict[str, Any], list[tuple[str, Finding, dict]]]:
         """The report of one closed window and its findings (scope, finding, extra)."""
         self._settle_task(pairs)
-        pts = np.array([p[1] for p in pairs], float)
-        lts = np.array([p[2] for p in pairs], float)
-        positions = [p[0] for p in pairs]
+        cols = _columns(pairs)
+        pts = np.array(cols[1], float)
+        lts = np.array(cols[2], float)
+        positions = cols[0]
         report: dict[str, Any] = {
             "model": self.model, "model_version": version, "task": self.task,
             "window": {"index": index, "start": _iso(_nanmin(pts)), "end": _iso(_nanmax(pts)),
@@ -465,7 +474,7 @@ class ModelPerformance:
                        "label_end": _iso(_nanmax(lts)), "first_line": min(positions),
                        "last_line": max(positions)},
         }
-        metrics, loss, errors, y, yhat, proba = self._compute(pairs)
+        metrics, loss, errors, y, yhat, proba = self._compute(pairs, cols)
         if proba is not None and self.s.estimate:
             est = ps.cbpe(proba, yhat, self.positive)
             if est:
@@ -1022,6 +1031,12 @@ def _task_from(reference: Reference | None) -> str | None:
     if isinstance(reference.label, NumericProfile):
         return "regression"
     return None
+
+
+def _columns(pairs: list) -> list[list]:
+    """The pairs transposed: one list per field (position, prediction ts, label ts,
+    version, prediction, scores, segment, label), each by a C-level map."""
+    return [list(map(get, pairs)) for get in _FIELDS]
 
 
 def _class_codes(values: list, cls: Any) -> np.ndarray:
