@@ -28,7 +28,7 @@ from stream_monitor.config import (
 from stream_monitor.core.detectors import Detection, ModelDetectors
 from stream_monitor.core.engine import ClosedWindow, ModelWindows
 from stream_monitor.core.evaluate import WindowEvaluator
-from stream_monitor.core.join import LABEL_UNKNOWN_MODEL, decode_labels
+from stream_monitor.core.join import LABEL_UNKNOWN_MODEL, decode_labels, scores_from_raw
 from stream_monitor.core.performance import PerformanceStage, fault_state, performance_enabled
 from stream_monitor.core.reference import Reference, ReferenceBuilder, ReferenceError
 from stream_monitor.io.decode import (
@@ -362,13 +362,14 @@ class Monitor:
 
     def _join_predictions(self, model: str, batch, late: np.ndarray, result: BatchResult) -> None:
         """Predictions of a decoded batch into the model's join buffer (late ones excluded)."""
-        outcomes, positions, ts = batch.outcomes, batch.positions, batch.ts
+        outcomes, positions, ts, raw = batch.outcomes, batch.positions, batch.ts, batch.raw
         if late.size:
             keep = np.ones(len(batch), bool)
             keep[late] = False
             idx = np.flatnonzero(keep).tolist()
             outcomes = {k: [v[i] for i in idx] for k, v in outcomes.items()}
             positions, ts = positions[keep], ts[keep]
+            raw = [raw[i] for i in idx]
         # every prediction a float: the decoder's numeric column serves (no list -> array)
         values = None
         preds = outcomes["prediction"]
@@ -378,8 +379,11 @@ class Monitor:
                 values = np.array(preds, np.float64)
             elif late.size:
                 values = values[keep]
-        result.performance += self.performance.estimates(model, ts, outcomes, values)
-        closed = self.performance.predictions(model, positions, ts, outcomes, values)
+        if "scores" in self.models[model].schema.outcome_skip:
+            outcomes = scores_from_raw(outcomes, raw, every=values is None,
+                                       field=self.config.decode.fields.scores)
+        estimates, closed = self.performance.observe(model, positions, ts, outcomes, values)
+        result.performance += estimates
         self._close_performance(model, closed, result)
 
     def _close_performance(self, model: str, closed: list, result: BatchResult) -> None:
@@ -454,6 +458,13 @@ class Monitor:
             self._skip_outcomes(model, pipe)
 
     def _skip_outcomes(self, model: str, pipe: ModelPipeline) -> None:
-        """The segment object is decoded only for a model that slices by segment."""
+        """The segment object is decoded only for a model that slices by segment; the
+        scores are not decoded for a model whose predictions are numbers (they carry the
+        score): `join.scores_from_raw` reads them for the few events that need them."""
+        skip = set()
         if not performance_settings(self.config, model).segments.fields:
-            pipe.schema.outcome_skip = frozenset({"segment"})
+            skip.add("segment")
+        if pipe.schema.prediction is not None and pipe.schema.prediction.kind == "numeric":
+            skip.add("scores")
+        if skip:
+            pipe.schema.outcome_skip = frozenset(skip)

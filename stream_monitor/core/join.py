@@ -175,6 +175,43 @@ def _decode_labels_slow(items: list[tuple[int, bytes]], fields: FieldMapping,
     return out
 
 
+_SCORES_DECODERS: dict[str, Any] = {}
+
+
+def scores_from_raw(outcomes: dict[str, list], raw: Sequence[bytes], every: bool,
+                    field: str) -> dict[str, list]:
+    """`outcomes` with the scores of the events that need them read from their message.
+
+    For a model whose predictions are numbers the decoder skips `scores` (one object less
+    per event): a float prediction carries the score, and the join buffer keeps no
+    scores beside float predictions. Events that carry their label (their pair holds the
+    scores) and, when some prediction is not a float (`every`), all events get them
+    here, as the decoder would have given them (raw JSON, parsed when the label joins).
+    """
+    labels = outcomes["label"]
+    n = len(labels)
+    if every:
+        rows: Sequence[int] = range(n)
+    elif labels.count(None) != n:
+        rows = [i for i, v in enumerate(labels) if v is not None]
+    else:
+        return outcomes
+    dec = _SCORES_DECODERS.get(field)
+    if dec is None:
+        dec = _SCORES_DECODERS[field] = msgspec.json.Decoder(msgspec.defstruct(
+            "_Scores", [("scores", msgspec.Raw, None)], rename={"scores": field},
+            gc=False)).decode
+    scores = list(outcomes["scores"])  # the per-event path's events have theirs
+    for i in rows:
+        if scores[i] is None:
+            try:
+                scores[i] = dec(raw[i]).scores
+            except _TYPED_ERRORS:
+                value = orjson.loads(raw[i])
+                scores[i] = value.get(field) if type(value) is dict else None
+    return {**outcomes, "scores": scores}
+
+
 def looks_like_label(raw: bytes, fields: FieldMapping) -> bool:
     """A label line interleaved in an inference file: no features object, an id and a label.
 
@@ -476,12 +513,14 @@ class JoinBuffer:
 
     def add_predictions(self, positions: Sequence[int], ts: Sequence[float],
                         outcomes: dict[str, list],
-                        values: np.ndarray | None = None) -> list[Pair]:
+                        values: np.ndarray | None = None,
+                        distinct: set | None = None) -> list[Pair]:
         """Buffer a batch of predictions; those carrying a label are joined at once.
 
         `outcomes` holds per-event lists (decode.OUTCOME_KEYS): event_id, prediction,
         scores, label, segment and model_version. `values`: the predictions as a float
-        array when every one is a float (the decoder's column), else None.
+        array when every one is a float (the decoder's column), else None; `distinct`:
+        the set of the model versions, when the caller has it.
         """
         n = len(ts)
         if n == 0:
@@ -510,7 +549,8 @@ class JoinBuffer:
             take &= np.fromiter((v is None for v in inline_labels), bool, n)
         rows = None if take.all() else np.flatnonzero(take)
         if rows is None or rows.size:
-            pairs += self._buffer(rows, h, t, outcomes, versions, values)
+            pairs += self._buffer(rows, h, t, outcomes, versions, values,
+                                  distinct if rows is None else None)
         self.joined += len(pairs)
         self._bound()
         return pairs
@@ -543,7 +583,7 @@ class JoinBuffer:
 
     def _buffer(self, rows: np.ndarray | None, h: np.ndarray, t: np.ndarray,
                 outcomes: dict[str, list], versions: list,
-                values: np.ndarray | None) -> list[Pair]:
+                values: np.ndarray | None, distinct: set | None = None) -> list[Pair]:
         """Predictions without a label into a new chunk (columns); those whose label is
         already waiting are joined instead."""
         def pick(col: list) -> list:
@@ -573,7 +613,7 @@ class JoinBuffer:
             if segs.count(None) != n:
                 sg = np.empty(n, object)
                 sg[:] = [s if s is None or type(s) is dict else bytes(s) for s in segs]
-        ver = self._version_codes(pick(versions))
+        ver = self._version_codes(pick(versions), distinct)
         c = _chunk(h, t, pf, po, ver, sc, sg)
         self._dedupe(c)
         pairs: list[Pair] = []
@@ -598,9 +638,9 @@ class JoinBuffer:
             self._merge_tail()
         return pairs
 
-    def _version_codes(self, versions: list) -> np.ndarray:
+    def _version_codes(self, versions: list, distinct: set | None = None) -> np.ndarray:
         n = len(versions)
-        distinct = set(versions)
+        distinct = set(versions) if distinct is None else distinct
         codes = {}
         for v in distinct:
             name = v if v is None or type(v) is str else str(v)

@@ -157,13 +157,15 @@ class ModelPerformance:
         self.estimate_windows: dict[str | None, dict] = {}  # CBPE over all predictions
 
     def add_estimates(self, ts: Any, outcomes: dict[str, list],
-                      values: np.ndarray | None = None) -> list[dict[str, Any]]:
+                      values: np.ndarray | None = None,
+                      distinct: set | None = None) -> list[dict[str, Any]]:
         """CBPE over all predictions, labelled or not: windows of `estimate_window` events.
 
         Applies to binary models whose prediction is the positive-class probability (a
         float in [0, 1]); vectorised per batch. `values`: the predictions as a float
-        array when every one is a float (the decoder's column), else None. Returns the
-        estimate reports that closed.
+        array when every one is a float (the decoder's column), else None; `distinct`: the
+        set of the model versions, when the caller has it. Returns the estimate reports
+        that closed.
         """
         if not self.s.estimate or self.task != "classification":
             return []
@@ -179,7 +181,7 @@ class ModelPerformance:
         t = np.asarray(ts, float)
         out = []
         size = self.s.estimate_window
-        distinct = set(versions)
+        distinct = set(versions) if distinct is None else distinct
         for version in distinct:
             sel = slice(None) if len(distinct) == 1 else np.array(
                 [v == version for v in versions])
@@ -850,6 +852,21 @@ class PerformanceStage:
         if mp is None:
             return []
         return mp.add_pairs(mp.buffer.add_predictions(positions, ts, outcomes, values))
+
+    def observe(self, model: str, positions: Any, ts: Any, outcomes: dict[str, list],
+                values: np.ndarray | None = None) -> tuple[list[dict], list]:
+        """A model's decoded predictions: the estimate windows (CBPE) that closed, and the
+        performance windows that filled (`estimates` then `predictions`, with the model
+        versions of the batch gathered once)."""
+        mp = self.models.get(model)
+        if mp is None:
+            return [], []
+        n = len(ts)
+        versions = outcomes.get("model_version") or [None] * n
+        distinct = set(versions)
+        estimates = mp.add_estimates(ts, outcomes, values, distinct)
+        pairs = mp.buffer.add_predictions(positions, ts, outcomes, values, distinct)
+        return estimates, mp.add_pairs(pairs)
 
     def estimates(self, model: str, ts: Any, outcomes: dict[str, list],
                   values: np.ndarray | None = None) -> list[dict]:
