@@ -370,10 +370,16 @@ class Monitor:
             outcomes = {k: [v[i] for i in idx] for k, v in outcomes.items()}
             positions, ts = positions[keep], ts[keep]
             raw = [raw[i] for i in idx]
+        # what the decoder gathered while the values were in the CPU cache (a pass over
+        # 10,000 Python objects afterwards costs as much as the join's numpy work)
+        facts = None if late.size else batch.outcome_facts
+        floats = None if facts is None else facts[1]
         # every prediction a float: the decoder's numeric column serves (no list -> array)
         values = None
         preds = outcomes["prediction"]
-        if preds and set(map(type, preds)) == {float}:
+        if floats is None:
+            floats = bool(preds) and set(map(type, preds)) == {float}
+        if floats:
             values = batch.prediction
             if values is None or values.dtype != np.float64 or values.size != batch.ts.size:
                 values = np.array(preds, np.float64)
@@ -382,7 +388,8 @@ class Monitor:
         if "scores" in self.models[model].schema.outcome_skip:
             outcomes = scores_from_raw(outcomes, raw, every=values is None,
                                        field=self.config.decode.fields.scores)
-        estimates, closed = self.performance.observe(model, positions, ts, outcomes, values)
+        estimates, closed = self.performance.observe(model, positions, ts, outcomes, values,
+                                                     None if facts is None else facts[0])
         result.performance += estimates
         self._close_performance(model, closed, result)
 

@@ -514,13 +514,15 @@ class JoinBuffer:
     def add_predictions(self, positions: Sequence[int], ts: Sequence[float],
                         outcomes: dict[str, list],
                         values: np.ndarray | None = None,
-                        distinct: set | None = None) -> list[Pair]:
+                        distinct: set | None = None, floats: bool | None = None
+                        ) -> list[Pair]:
         """Buffer a batch of predictions; those carrying a label are joined at once.
 
         `outcomes` holds per-event lists (decode.OUTCOME_KEYS): event_id, prediction,
         scores, label, segment and model_version. `values`: the predictions as a float
         array when every one is a float (the decoder's column), else None; `distinct`:
-        the set of the model versions, when the caller has it.
+        the set of the model versions, when the caller has it; `floats`: whether every
+        prediction is a float, when the caller knows.
         """
         n = len(ts)
         if n == 0:
@@ -550,7 +552,8 @@ class JoinBuffer:
         rows = None if take.all() else np.flatnonzero(take)
         if rows is None or rows.size:
             pairs += self._buffer(rows, h, t, outcomes, versions, values,
-                                  distinct if rows is None else None)
+                                  distinct if rows is None else None,
+                                  floats if rows is None else None)
         self.joined += len(pairs)
         self._bound()
         return pairs
@@ -583,7 +586,8 @@ class JoinBuffer:
 
     def _buffer(self, rows: np.ndarray | None, h: np.ndarray, t: np.ndarray,
                 outcomes: dict[str, list], versions: list,
-                values: np.ndarray | None, distinct: set | None = None) -> list[Pair]:
+                values: np.ndarray | None, distinct: set | None = None,
+                floats: bool | None = None) -> list[Pair]:
         """Predictions without a label into a new chunk (columns); those whose label is
         already waiting are joined instead."""
         def pick(col: list) -> list:
@@ -593,9 +597,10 @@ class JoinBuffer:
             h, t = h[rows], t[rows]
         n = int(h.size)
         pf = po = sc = sg = None
+        preds = None if values is not None else pick(outcomes["prediction"])
         if values is not None:
             pf = values if rows is None else values[rows]
-        elif set(map(type, preds := pick(outcomes["prediction"]))) == {float}:
+        elif floats is not False and set(map(type, preds)) == {float}:
             # the prediction carries the score (a binary probability, or a regression
             # value): the scores object is not needed, nor kept
             pf = np.array(preds, np.float64)

@@ -157,21 +157,22 @@ class ModelPerformance:
         self.estimate_windows: dict[str | None, dict] = {}  # CBPE over all predictions
 
     def add_estimates(self, ts: Any, outcomes: dict[str, list],
-                      values: np.ndarray | None = None,
-                      distinct: set | None = None) -> list[dict[str, Any]]:
+                      values: np.ndarray | None = None, distinct: set | None = None,
+                      floats: bool | None = None) -> list[dict[str, Any]]:
         """CBPE over all predictions, labelled or not: windows of `estimate_window` events.
 
         Applies to binary models whose prediction is the positive-class probability (a
         float in [0, 1]); vectorised per batch. `values`: the predictions as a float
         array when every one is a float (the decoder's column), else None; `distinct`: the
-        set of the model versions, when the caller has it. Returns the estimate reports
-        that closed.
+        set of the model versions, when the caller has it; `floats`: whether every
+        prediction is a float, when the caller knows. Returns the estimate reports that
+        closed.
         """
         if not self.s.estimate or self.task != "classification":
             return []
         preds = outcomes["prediction"]
         if values is None:
-            if not preds or set(map(type, preds)) != {float}:
+            if floats is False or not preds or set(map(type, preds)) != {float}:
                 return []
             values = np.array(preds, float)
         p = values
@@ -182,7 +183,9 @@ class ModelPerformance:
         out = []
         size = self.s.estimate_window
         distinct = set(versions) if distinct is None else distinct
-        for version in distinct:
+        # in a stable order: the reports of a batch of several versions do not depend on
+        # the process's string hashing
+        for version in sorted(distinct, key=lambda v: (v is not None, str(v), repr(v))):
             sel = slice(None) if len(distinct) == 1 else np.array(
                 [v == version for v in versions])
             key = None if version is None else str(version)
@@ -854,18 +857,21 @@ class PerformanceStage:
         return mp.add_pairs(mp.buffer.add_predictions(positions, ts, outcomes, values))
 
     def observe(self, model: str, positions: Any, ts: Any, outcomes: dict[str, list],
-                values: np.ndarray | None = None) -> tuple[list[dict], list]:
+                values: np.ndarray | None = None, distinct: set | None = None
+                ) -> tuple[list[dict], list]:
         """A model's decoded predictions: the estimate windows (CBPE) that closed, and the
         performance windows that filled (`estimates` then `predictions`, with the model
-        versions of the batch gathered once)."""
+        versions of the batch gathered once, or given as `distinct`). `values`: the
+        predictions as a float array when every one is a float, else None."""
         mp = self.models.get(model)
         if mp is None:
             return [], []
-        n = len(ts)
-        versions = outcomes.get("model_version") or [None] * n
-        distinct = set(versions)
-        estimates = mp.add_estimates(ts, outcomes, values, distinct)
-        pairs = mp.buffer.add_predictions(positions, ts, outcomes, values, distinct)
+        if distinct is None:
+            versions = outcomes.get("model_version") or [None] * len(ts)
+            distinct = set(versions)
+        floats = values is not None
+        estimates = mp.add_estimates(ts, outcomes, values, distinct, floats)
+        pairs = mp.buffer.add_predictions(positions, ts, outcomes, values, distinct, floats)
         return estimates, mp.add_pairs(pairs)
 
     def estimates(self, model: str, ts: Any, outcomes: dict[str, list],
