@@ -10,6 +10,7 @@ import copy
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -281,7 +282,7 @@ class Monitor:
         d = self.config.decode
         events, result.rejects = decode_labels(messages, positions, d.fields, d.default_model)
         closed, unknown = self.performance.labels(events)
-        counted = Counter(ev.model for ev in events)
+        counted = Counter(map(attrgetter("model"), events))
         for model, n in counted.items():
             if model in self.performance.models:
                 result.labels[model] += n

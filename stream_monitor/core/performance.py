@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from types import SimpleNamespace
 from typing import Any
 
@@ -50,6 +50,7 @@ MISSING_SEGMENT = "(missing)"
 OTHER_SEGMENT = "(other)"
 MAX_CLASSES = 100
 _FIELDS = [itemgetter(i) for i in range(8)]  # the fields of a joined pair (join.Pair)
+_MODEL = attrgetter("model")
 
 # Input-side alert kinds the diagnosis reads from the policy: pipeline faults (retraining
 # cannot fix them) and input drift.
@@ -223,12 +224,12 @@ class ModelPerformance:
         pairs = [p if (p[5] is None or type(p[5]) is dict) and (p[6] is None or type(p[6])
                                                                  is dict)
                  else (*p[:5], as_json(p[5]), as_json(p[6]), p[7]) for p in pairs]
-        pairs.sort(key=lambda p: p[0])
+        pairs.sort(key=_FIELDS[0])
         closed = []
         size = self.s.window
         self.labels_total += len(pairs)
-        lag = (np.fromiter((p[2] for p in pairs), np.float64, len(pairs))
-               - np.fromiter((p[1] for p in pairs), np.float64, len(pairs)))
+        lag = (np.fromiter(map(_FIELDS[2], pairs), np.float64, len(pairs))
+               - np.fromiter(map(_FIELDS[1], pairs), np.float64, len(pairs)))
         lag = lag[~np.isnan(lag)]
         self.lags.extend(lag.tolist())
         if self.fresh_lag_count < 100_000:  # drained per batch by the metrics
@@ -884,7 +885,7 @@ class PerformanceStage:
         """Join label events; returns closed windows per model and unknown-model counts."""
         by_model: dict[str, list[LabelEvent]] = {}
         unknown: Counter = Counter()
-        models = {ev.model for ev in events}
+        models = set(map(_MODEL, events))
         if len(models) == 1 and next(iter(models)) in self.models:  # the common case
             by_model[next(iter(models))] = list(events)
             events = []
@@ -1065,6 +1066,9 @@ def _columns(pairs: list) -> list[list]:
 def _class_codes(values: list, cls: Any) -> np.ndarray:
     """Class indices of values: `category_key` and `cls` once per distinct value (typed,
     so that True and 1 stay apart), then one C-level lookup per value."""
+    if len(set(map(type, values))) == 1:  # one type: values that are equal are one class
+        one = {v: cls(category_key(v)) for v in dict.fromkeys(values)}
+        return np.fromiter(map(one.__getitem__, values), np.int64, len(values))
     typed = list(zip(map(type, values), values, strict=True))
     codes = {tv: cls(category_key(tv[1])) for tv in dict.fromkeys(typed)}
     return np.fromiter(map(codes.__getitem__, typed), np.int64, len(values))

@@ -554,8 +554,10 @@ class Decoder:
         facts = None
         if outcomes is not None:  # typed numeric predictions are floats or None (NaN)
             numeric_pred = schema.prediction is not None and schema.prediction.kind == "numeric"
-            facts = (set(outcomes["model_version"]),
-                     bool(not np.isnan(prediction).any()) if numeric_pred else
+            versions = set(outcomes["model_version"])
+            if len(versions) == 1:  # one object for every row: the others are freed now
+                outcomes["model_version"] = [next(iter(versions))] * positions.size
+            facts = (versions, bool(not np.isnan(prediction).any()) if numeric_pred else
                      False if schema.prediction is not None else None)
         return ModelBatch(model=schema.model, positions=positions, ts=ts, numeric=numeric,
                           categorical=categorical, prediction=prediction, label=label,
