@@ -117,7 +117,7 @@ def decode_labels(messages: Sequence[bytes], positions: Sequence[int], fields: F
         ts = m.ts
         if type(ts) is not float:
             ts = parse_timestamp(ts)
-        if (not model or not eid or m.label is None or ts != ts or ts in (math.inf, -math.inf)):
+        if not model or not eid or m.label is None or ts - ts != 0.0:  # NaN or infinite
             at.append(len(out) + len(slow))
             slow.append((pos, raw))  # the per-event path names what is wrong
             continue
