@@ -222,10 +222,13 @@ class ModelPerformance:
         if not pairs:
             return []
         # raw JSON of scores and segment (see join.py), parsed for joined pairs only
-        pairs = [p if (p[5] is None or type(p[5]) is dict) and (p[6] is None or type(p[6])
-                                                                 is dict)
-                 else (*p[:5], as_json(p[5]), as_json(p[6]), p[7]) for p in pairs]
-        pairs.sort(key=_FIELDS[0])
+        n = len(pairs)
+        if (list(map(_FIELDS[5], pairs)).count(None) != n
+                or list(map(_FIELDS[6], pairs)).count(None) != n):
+            pairs = [p if (p[5] is None or type(p[5]) is dict) and (p[6] is None or type(p[6])
+                                                                     is dict)
+                     else (*p[:5], as_json(p[5]), as_json(p[6]), p[7]) for p in pairs]
+        pairs = sorted(pairs, key=_FIELDS[0])
         closed = []
         size = self.s.window
         self.labels_total += len(pairs)
@@ -236,7 +239,7 @@ class ModelPerformance:
         if self.fresh_lag_count < 100_000:  # drained per batch by the metrics
             self.fresh_lags.append(lag)
             self.fresh_lag_count += int(lag.size)
-        versions = {p[3] for p in pairs}
+        versions = set(map(_FIELDS[3], pairs))
         if len(versions) == 1:  # one model version (the common case): whole slices
             (version,) = versions
             w = self.windows.get(version)
