@@ -343,18 +343,24 @@ class _KeyFilter:
 
     Flags are only ever set, so the filter stays a superset while keys leave the dict;
     it is rebuilt from the dict after `2 * capacity` additions (false positives stay
-    below ~15%) and whenever it may have missed an addition (rollback, restore). A
-    candidate is then looked up in the dict itself, so the answer is exact.
+    below ~30%, a table of 8 flags per key of capacity) and whenever it may have missed
+    an addition (rollback, restore). A candidate is then looked up in the dict itself,
+    so the answer is exact.
     """
 
     def __init__(self, source: dict, capacity: int):
-        self.source = source
-        size = 1 << max(12, (16 * max(capacity, 1) - 1).bit_length())
+        size = 1 << max(12, (8 * max(capacity, 1) - 1).bit_length())
         self.mask = size - 1
         self.flags = np.zeros(size, bool)
+        self.limit = 2 * max(capacity, 1)
+        self.rebuild(source)
+
+    def rebuild(self, source: dict) -> None:
+        """Flags of the keys of `source` only (in place: no new table, no heap growth)."""
+        self.source = source
+        self.flags.fill(False)
         self.flags[np.fromiter(source, np.int64, len(source)) & self.mask] = True
         self.added = 0
-        self.limit = 2 * max(capacity, 1)
 
     def add(self, keys: np.ndarray) -> None:
         self.flags[keys & self.mask] = True
@@ -451,7 +457,10 @@ class JoinBuffer:
         if token is not j or j is None:
             raise RuntimeError("join buffer: rollback to a checkpoint that is not the latest")
         reorder = []
-        front: list[int] = []  # joined keys evicted (from the front), newest first
+        joined_ids = j["saved"]["joined_ids"]
+        # joined keys evicted (from the front), newest first; a key that the batch itself
+        # added (and evicted) is not one of them: it leaves when its addition is undone
+        front: dict[int, None] = {}
         for entry in reversed(j["log"]):
             kind = entry[0]
             if kind == "alive":
@@ -460,12 +469,16 @@ class JoinBuffer:
                 d = entry[1]
                 for k in entry[2]:
                     d.pop(k, None)
+                    if d is joined_ids:
+                        front.pop(k, None)
             else:  # "set": d[key] was `old` (or absent)
                 _, d, key, old = entry
                 if old is _MISSING:
                     d.pop(key, None)
-                elif d is j["saved"]["joined_ids"]:
-                    front.append(key)
+                    if d is joined_ids:
+                        front.pop(key, None)
+                elif d is joined_ids:
+                    front[key] = None
                 else:
                     d[key] = old
                     reorder.append(d)
@@ -474,16 +487,16 @@ class JoinBuffer:
             d.clear()
             d.update(items)
         if front:  # evicted joined keys go back in front, in their order
-            joined = j["saved"]["joined_ids"]
-            rest = list(joined)
-            joined.clear()
-            joined.update(dict.fromkeys(reversed(front)))
-            joined.update(dict.fromkeys(rest))
+            rest = list(joined_ids)
+            joined_ids.clear()
+            joined_ids.update(dict.fromkeys(reversed(front)))
+            joined_ids.update(dict.fromkeys(rest))
         for c, start, live in j["marks"]:
             c["start"], c["live"] = start, live
         vars(self).update(j["saved"])
         self._journal = None
-        self._filters = {}  # a key put back may have been missed by a rebuilt filter
+        for f in self._filters.values():  # a key put back may be missing from a rebuilt
+            f.source = None               # filter: each rebuilds before its next use
 
     def _set(self, d: dict, key: int, value: Any) -> None:
         if self._journal is not None:
@@ -497,8 +510,10 @@ class JoinBuffer:
     def _filter(self, name: str) -> _KeyFilter:
         d = self.joined_ids if name == "joined" else self.labels
         f = self._filters.get(name)
-        if f is None or f.source is not d or f.added >= f.limit:
+        if f is None:
             f = self._filters[name] = _KeyFilter(d, self.bounds.max_labels)
+        elif f.source is not d or f.added >= f.limit:
+            f.rebuild(d)
         return f
 
     def _known(self, name: str, h: np.ndarray) -> np.ndarray | None:
