@@ -785,9 +785,9 @@ class JoinBuffer:
             if not c["live"]:
                 continue
             hs = c["hs"]
-            i = np.searchsorted(hs, keys, side="right")
-            i -= 1
-            np.maximum(i, 0, out=i)
+            # the last equal key (the latest row); a key below them all gets -1, the
+            # largest key, which is not equal to it: no hit
+            i = np.searchsorted(hs, keys, side="right") - 1
             hit = hs[i] == keys
             if not hit.any():
                 continue

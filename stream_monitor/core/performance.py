@@ -354,7 +354,8 @@ class ModelPerformance:
         none = cols[5].count(None) == n
         scores = [None] * n if none else [s if type(s) is dict else None for s in cols[5]]
         y = _class_codes(cols[7], cls)
-        if pos is not None and preds and set(map(type, preds)) == {float}:
+        all_floats = pos is not None and bool(preds) and set(map(type, preds)) == {float}
+        if all_floats:
             # all floats (the common case), vectorised: an integral one that names a
             # class is that class, every other one in [0, 1] a score
             q = np.array(preds, np.float64)
@@ -391,7 +392,8 @@ class ModelPerformance:
             proba[rows] = np.where(np.isnan(proba[rows]) & ~np.isnan(proba[rows]).all(
                 axis=1, keepdims=True), 0.0, proba[rows])
         if is_prob.any():
-            q = np.array([preds[i] for i in np.flatnonzero(is_prob)], float)
+            q = q[is_prob] if all_floats else np.array(
+                [preds[i] for i in np.flatnonzero(is_prob)], float)
             proba[is_prob, pos] = q
             proba[is_prob, 1 - pos] = 1.0 - q
         yhat = np.empty(n, np.int64)
