@@ -11,6 +11,7 @@ import heapq
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from stream_monitor.config import (
 from stream_monitor.core.detectors import Detection, ModelDetectors
 from stream_monitor.core.engine import ClosedWindow, ModelWindows
 from stream_monitor.core.evaluate import WindowEvaluator
-from stream_monitor.core.join import LABEL_UNKNOWN_MODEL, decode_labels
+from stream_monitor.core.join import LABEL_UNKNOWN_MODEL, decode_labels, scores_from_raw
 from stream_monitor.core.performance import PerformanceStage, fault_state, performance_enabled
 from stream_monitor.core.reference import Reference, ReferenceBuilder, ReferenceError
 from stream_monitor.io.decode import (
@@ -314,7 +315,7 @@ class Monitor:
         d = self.config.decode
         events, result.rejects = decode_labels(messages, positions, d.fields, d.default_model)
         closed, unknown = self.performance.labels(events)
-        counted = Counter(ev.model for ev in events)
+        counted = Counter(map(attrgetter("model"), events))
         for model, n in counted.items():
             if model in self.performance.models:
                 result.labels[model] += n
@@ -395,24 +396,36 @@ class Monitor:
 
     def _join_predictions(self, model: str, batch, late: np.ndarray, result: BatchResult) -> None:
         """Predictions of a decoded batch into the model's join buffer (late ones excluded)."""
-        outcomes, positions, ts = batch.outcomes, batch.positions, batch.ts
+        outcomes, positions, ts, raw = batch.outcomes, batch.positions, batch.ts, batch.raw
         if late.size:
             keep = np.ones(len(batch), bool)
             keep[late] = False
             idx = np.flatnonzero(keep).tolist()
             outcomes = {k: [v[i] for i in idx] for k, v in outcomes.items()}
             positions, ts = positions[keep], ts[keep]
+            raw = [raw[i] for i in idx]
+        # what the decoder gathered while the values were in the CPU cache (a pass over
+        # 10,000 Python objects afterwards costs as much as the join's numpy work)
+        facts = None if late.size else batch.outcome_facts
+        floats = None if facts is None else facts[1]
         # every prediction a float: the decoder's numeric column serves (no list -> array)
         values = None
         preds = outcomes["prediction"]
-        if preds and set(map(type, preds)) == {float}:
+        if floats is None:
+            floats = bool(preds) and set(map(type, preds)) == {float}
+        if floats:
             values = batch.prediction
             if values is None or values.dtype != np.float64 or values.size != batch.ts.size:
                 values = np.array(preds, np.float64)
             elif late.size:
                 values = values[keep]
-        result.performance += self.performance.estimates(model, ts, outcomes, values)
-        closed = self.performance.predictions(model, positions, ts, outcomes, values)
+        if "scores" in self.models[model].schema.outcome_skip:
+            outcomes = scores_from_raw(outcomes, raw, every=values is None,
+                                       field=self.config.decode.fields.scores)
+        estimates, closed = self.performance.observe(model, positions, ts, outcomes, values,
+                                                     None if facts is None else facts[0])
+        result.performance += estimates
+        batch.outcomes = None  # its 10,000s of values are freed now, while in the CPU cache
         self._close_performance(model, closed, result)
 
     def _close_performance(self, model: str, closed: list, result: BatchResult) -> None:
@@ -504,6 +517,13 @@ class Monitor:
             self._skip_outcomes(model, pipe)
 
     def _skip_outcomes(self, model: str, pipe: ModelPipeline) -> None:
-        """The segment object is decoded only for a model that slices by segment."""
+        """The segment object is decoded only for a model that slices by segment; the
+        scores are not decoded for a model whose predictions are numbers (they carry the
+        score): `join.scores_from_raw` reads them for the few events that need them."""
+        skip = set()
         if not performance_settings(self.config, model).segments.fields:
-            pipe.schema.outcome_skip = frozenset({"segment"})
+            skip.add("segment")
+        if pipe.schema.prediction is not None and pipe.schema.prediction.kind == "numeric":
+            skip.add("scores")
+        if skip:
+            pipe.schema.outcome_skip = frozenset(skip)

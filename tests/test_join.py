@@ -271,3 +271,44 @@ def test_decode_labels_keeps_input_order_across_the_typed_and_per_event_paths():
     assert [r.position for r in rejects] == [p for p in pos if (p - 100) % 6 in (2, 3, 4)]
     slow = join._decode_labels_slow(list(zip(pos, lines, strict=True)), FIELDS, "dflt")
     assert [r for r in slow if isinstance(r, LabelEvent)] == events
+
+
+def test_key_filters_never_miss_a_joined_or_waiting_key():
+    """The flag tables in front of the joined and waiting keys are supersets, rebuilt in
+    place: a prediction re-sent after its label joined is a duplicate, and one whose label
+    waits joins it, through many rebuilds (small max_labels), a rollback that puts keys
+    back, and a restore from the JSON state; the counts equal a plain dict's."""
+    rng = np.random.default_rng(3)
+    bounds = JoinConfig(max_predictions=5000, max_labels=64, max_age=1e9)
+    buf = JoinBuffer(bounds)
+    expect_dup = expect_joined = 0
+    joined_recent: list[str] = []  # the last max_labels joined ids (what the dict holds)
+    for step in range(40):
+        ids = [f"s{step}-{i}" for i in range(50)]
+        buf.add_predictions(list(range(50)), [float(step)] * 50, outcomes(ids))
+        lab = [i for i in ids if rng.random() < 0.6]
+        expect_joined += len(buf.add_labels(labels(lab, [float(step)] * len(lab))))
+        joined_recent = (joined_recent + lab)[-64:]
+        resend = list(rng.choice(joined_recent, 5, replace=False))
+        if step % 7 == 3:  # a batch that is rolled back: it evicts the joined keys and
+            token = buf.begin()  # rebuilds the filters; the rollback puts the keys back
+            tmp = [f"tmp{step}-{i}" for i in range(150)]
+            buf.add_predictions(list(range(150)), [float(step)] * 150, outcomes(tmp))
+            buf.add_labels(labels(tmp, [float(step)] * 150))
+            buf.add_labels(labels([f"late{step}-{i}" for i in range(30)], [float(step)] * 30))
+            buf.add_predictions([0], [float(step)], outcomes([f"new{step}"]))
+            buf.rollback(token)
+        if step == 20:
+            buf = JoinBuffer.from_state(bounds, orjson.loads(orjson.dumps(buf.state())))
+        before = buf.unjoined[join.PREDICTION_DUPLICATE]
+        buf.add_predictions(list(range(5)), [float(step)] * 5, outcomes(resend))
+        assert buf.unjoined[join.PREDICTION_DUPLICATE] - before == 5
+        expect_dup += 5
+        # a label first, then its prediction: joined at once through the waiting filter
+        first = f"first{step}"
+        buf.add_labels(labels([first], [float(step)]))
+        assert len(buf.add_predictions([0], [float(step)], outcomes([first]))) == 1
+        expect_joined += 1
+        joined_recent = (joined_recent + [first])[-64:]
+    assert buf.unjoined[join.PREDICTION_DUPLICATE] == expect_dup
+    assert buf.joined == expect_joined

@@ -405,3 +405,35 @@ def test_monitor_rollback_restores_the_join_exactly_without_copying_it(tmp_path,
         assert orjson.dumps(x.performance) == orjson.dumps(y.performance)
         assert x.alerts == y.alerts
     assert buf.state() == twin.performance.models["churn"].buffer.state()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_adwin_feed_is_the_per_value_update(seed):
+    """`feed_detector` drives river's ADWIN through its Rust window; detections, widths and
+    estimates after every window equal those of `update` called per value (0/1 errors
+    with change points, bounded regression errors, a stream that ends on a detection)."""
+    from river import drift
+
+    from stream_monitor.core.performance import feed_detector
+
+    rng = np.random.default_rng(seed)
+    rates = rng.choice([0.05, 0.1, 0.4, 0.8], 12)
+    streams = [(rng.random(int(n)) < r).astype(float).tolist()
+               for r, n in zip(rates, rng.integers(1, 3000, 12), strict=True)]
+    streams += [np.minimum(rng.exponential(0.1 + i % 3, 700), 1.0).tolist() for i in range(4)]
+    for delta in (0.002, 1e-5):
+        fast, slow = drift.ADWIN(delta=delta), drift.ADWIN(delta=delta)
+        seen = 0
+        for values in streams + [[0.0] * 500 + [1.0] * 400]:
+            expect = False
+            for v in values:
+                slow.update(v)
+                expect = expect or slow.drift_detected
+            seen += expect
+            assert feed_detector(fast, values) == expect
+            assert (fast.drift_detected, fast.width, fast.n_detections, fast.estimation,
+                    fast.variance) == (slow.drift_detected, slow.width, slow.n_detections,
+                                       slow.estimation, slow.variance)
+        assert seen  # the streams do drift
+    other = drift.PageHinkley()
+    assert feed_detector(other, [0.0] * 100 + [5.0] * 100) in (True, False)

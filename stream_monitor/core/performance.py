@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import compress, count, islice
+from operator import attrgetter, itemgetter
 from types import SimpleNamespace
 from typing import Any
 
@@ -48,6 +50,8 @@ _NEGATIVE_OF = {"1": "0", "true": "false", "yes": "no", "positive": "negative", 
 MISSING_SEGMENT = "(missing)"
 OTHER_SEGMENT = "(other)"
 MAX_CLASSES = 100
+_FIELDS = [itemgetter(i) for i in range(8)]  # the fields of a joined pair (join.Pair)
+_MODEL = attrgetter("model")
 
 # Input-side alert kinds the diagnosis reads from the policy: pipeline faults (retraining
 # cannot fix them) and input drift.
@@ -155,19 +159,22 @@ class ModelPerformance:
         self.estimate_windows: dict[str | None, dict] = {}  # CBPE over all predictions
 
     def add_estimates(self, ts: Any, outcomes: dict[str, list],
-                      values: np.ndarray | None = None) -> list[dict[str, Any]]:
+                      values: np.ndarray | None = None, distinct: set | None = None,
+                      floats: bool | None = None) -> list[dict[str, Any]]:
         """CBPE over all predictions, labelled or not: windows of `estimate_window` events.
 
         Applies to binary models whose prediction is the positive-class probability (a
         float in [0, 1]); vectorised per batch. `values`: the predictions as a float
-        array when every one is a float (the decoder's column), else None. Returns the
-        estimate reports that closed.
+        array when every one is a float (the decoder's column), else None; `distinct`: the
+        set of the model versions, when the caller has it; `floats`: whether every
+        prediction is a float, when the caller knows. Returns the estimate reports that
+        closed.
         """
         if not self.s.estimate or self.task != "classification":
             return []
         preds = outcomes["prediction"]
         if values is None:
-            if not preds or set(map(type, preds)) != {float}:
+            if floats is False or not preds or set(map(type, preds)) != {float}:
                 return []
             values = np.array(preds, float)
         p = values
@@ -177,8 +184,10 @@ class ModelPerformance:
         t = np.asarray(ts, float)
         out = []
         size = self.s.estimate_window
-        distinct = set(versions)
-        for version in distinct:
+        distinct = set(versions) if distinct is None else distinct
+        # in a stable order: the reports of a batch of several versions do not depend on
+        # the process's string hashing
+        for version in sorted(distinct, key=lambda v: (v is not None, str(v), repr(v))):
             sel = slice(None) if len(distinct) == 1 else np.array(
                 [v == version for v in versions])
             key = None if version is None else str(version)
@@ -213,21 +222,24 @@ class ModelPerformance:
         if not pairs:
             return []
         # raw JSON of scores and segment (see join.py), parsed for joined pairs only
-        pairs = [p if (p[5] is None or type(p[5]) is dict) and (p[6] is None or type(p[6])
-                                                                 is dict)
-                 else (*p[:5], as_json(p[5]), as_json(p[6]), p[7]) for p in pairs]
-        pairs.sort(key=lambda p: p[0])
+        n = len(pairs)
+        if (list(map(_FIELDS[5], pairs)).count(None) != n
+                or list(map(_FIELDS[6], pairs)).count(None) != n):
+            pairs = [p if (p[5] is None or type(p[5]) is dict) and (p[6] is None or type(p[6])
+                                                                     is dict)
+                     else (*p[:5], as_json(p[5]), as_json(p[6]), p[7]) for p in pairs]
+        pairs = sorted(pairs, key=_FIELDS[0])
         closed = []
         size = self.s.window
         self.labels_total += len(pairs)
-        lag = (np.fromiter((p[2] for p in pairs), np.float64, len(pairs))
-               - np.fromiter((p[1] for p in pairs), np.float64, len(pairs)))
+        lag = (np.fromiter(map(_FIELDS[2], pairs), np.float64, len(pairs))
+               - np.fromiter(map(_FIELDS[1], pairs), np.float64, len(pairs)))
         lag = lag[~np.isnan(lag)]
         self.lags.extend(lag.tolist())
         if self.fresh_lag_count < 100_000:  # drained per batch by the metrics
             self.fresh_lags.append(lag)
             self.fresh_lag_count += int(lag.size)
-        versions = {p[3] for p in pairs}
+        versions = set(map(_FIELDS[3], pairs))
         if len(versions) == 1:  # one model version (the common case): whole slices
             (version,) = versions
             w = self.windows.get(version)
@@ -328,17 +340,22 @@ class ModelPerformance:
             for c in sorted(known):
                 self._class(c)
 
-    def _classification_arrays(self, pairs: list) -> dict[str, np.ndarray]:
+    def _classification_arrays(self, pairs: list, cols: list | None = None
+                               ) -> dict[str, np.ndarray]:
         """Class indices of truth and prediction, and the probability matrix, per pair.
 
-        Column-wise list comprehensions and numpy, not a Python loop with per-row logic:
-        this runs for every joined label.
+        Column-wise (C-level transposition, list comprehensions only where a value needs
+        a look) and numpy, not a Python loop with per-row logic: this runs for every
+        joined label. `cols`: the pairs transposed (`_columns`), when already done.
         """
         n, pos, cls = len(pairs), self.positive, self._class
-        preds = [p[4] for p in pairs]
-        scores = [p[5] if type(p[5]) is dict else None for p in pairs]
-        y = _class_codes([p[7] for p in pairs], cls)
-        if pos is not None and preds and set(map(type, preds)) == {float}:
+        cols = cols or _columns(pairs)
+        preds = cols[4]
+        none = cols[5].count(None) == n
+        scores = [None] * n if none else [s if type(s) is dict else None for s in cols[5]]
+        y = _class_codes(cols[7], cls)
+        all_floats = pos is not None and bool(preds) and set(map(type, preds)) == {float}
+        if all_floats:
             # all floats (the common case), vectorised: an integral one that names a
             # class is that class, every other one in [0, 1] a score
             q = np.array(preds, np.float64)
@@ -353,9 +370,11 @@ class ModelPerformance:
         else:
             is_prob = np.zeros(n, bool)
         # scores count only when keyed by the label classes
-        scores = [s if s is not None and not self.classes.keys().isdisjoint(s) else None
-                  for s in scores]
-        has_scores = np.fromiter((s is not None for s in scores), bool, n)
+        if not none:
+            scores = [s if s is not None and not self.classes.keys().isdisjoint(s) else None
+                      for s in scores]
+        has_scores = np.zeros(n, bool) if none else np.fromiter(
+            (s is not None for s in scores), bool, n)
         k = len(self.classes)
         proba = np.full((n, k), np.nan)
         if has_scores.any():
@@ -373,7 +392,8 @@ class ModelPerformance:
             proba[rows] = np.where(np.isnan(proba[rows]) & ~np.isnan(proba[rows]).all(
                 axis=1, keepdims=True), 0.0, proba[rows])
         if is_prob.any():
-            q = np.array([preds[i] for i in np.flatnonzero(is_prob)], float)
+            q = q[is_prob] if all_floats else np.array(
+                [preds[i] for i in np.flatnonzero(is_prob)], float)
             proba[is_prob, pos] = q
             proba[is_prob, 1 - pos] = 1.0 - q
         yhat = np.empty(n, np.int64)
@@ -398,11 +418,11 @@ class ModelPerformance:
 
     # -- one window -----------------------------------------------------------------
 
-    def _compute(self, pairs: list) -> tuple:
+    def _compute(self, pairs: list, cols: list | None = None) -> tuple:
         """(metrics, per-event loss of the alert metric, per-event error, y, yhat, proba)."""
         if self.task == "classification":
             self._settle_classes(pairs)
-            arr = self._classification_arrays(pairs)
+            arr = self._classification_arrays(pairs, cols)
             y, yhat, proba = arr["y"], arr["yhat"], arr["proba"]
             if proba.shape[1] < len(self.classes):  # classes met while converting
                 proba = np.column_stack([proba, np.full((len(pairs), len(self.classes)
@@ -455,9 +475,10 @@ class ModelPerformance:
                  ) -> tuple[dict[str, Any], list[tuple[str, Finding, dict]]]:
         """The report of one closed window and its findings (scope, finding, extra)."""
         self._settle_task(pairs)
-        pts = np.array([p[1] for p in pairs], float)
-        lts = np.array([p[2] for p in pairs], float)
-        positions = [p[0] for p in pairs]
+        cols = _columns(pairs)
+        pts = np.array(cols[1], float)
+        lts = np.array(cols[2], float)
+        positions = cols[0]
         report: dict[str, Any] = {
             "model": self.model, "model_version": version, "task": self.task,
             "window": {"index": index, "start": _iso(_nanmin(pts)), "end": _iso(_nanmax(pts)),
@@ -465,7 +486,7 @@ class ModelPerformance:
                        "label_end": _iso(_nanmax(lts)), "first_line": min(positions),
                        "last_line": max(positions)},
         }
-        metrics, loss, errors, y, yhat, proba = self._compute(pairs)
+        metrics, loss, errors, y, yhat, proba = self._compute(pairs, cols)
         if proba is not None and self.s.estimate:
             est = ps.cbpe(proba, yhat, self.positive)
             if est:
@@ -606,11 +627,7 @@ class ModelPerformance:
             values = np.minimum(errors / self.ref_error_scale, 1.0).tolist()
         else:
             values = errors.tolist()
-        update = self.detector.update
-        for v in values:
-            update(v)
-            if self.detector.drift_detected:
-                detected = True
+        detected = feed_detector(self.detector, values)
         mean_err = float(errors.mean()) if errors.size else math.nan
         ref_err = self._reference_error()
         worse = mean_err > ref_err
@@ -842,6 +859,24 @@ class PerformanceStage:
             return []
         return mp.add_pairs(mp.buffer.add_predictions(positions, ts, outcomes, values))
 
+    def observe(self, model: str, positions: Any, ts: Any, outcomes: dict[str, list],
+                values: np.ndarray | None = None, distinct: set | None = None
+                ) -> tuple[list[dict], list]:
+        """A model's decoded predictions: the estimate windows (CBPE) that closed, and the
+        performance windows that filled (`estimates` then `predictions`, with the model
+        versions of the batch gathered once, or given as `distinct`). `values`: the
+        predictions as a float array when every one is a float, else None."""
+        mp = self.models.get(model)
+        if mp is None:
+            return [], []
+        if distinct is None:
+            versions = outcomes.get("model_version") or [None] * len(ts)
+            distinct = set(versions)
+        floats = values is not None
+        estimates = mp.add_estimates(ts, outcomes, values, distinct, floats)
+        pairs = mp.buffer.add_predictions(positions, ts, outcomes, values, distinct, floats)
+        return estimates, mp.add_pairs(pairs)
+
     def estimates(self, model: str, ts: Any, outcomes: dict[str, list],
                   values: np.ndarray | None = None) -> list[dict]:
         """Estimate windows (CBPE over every prediction, before any label) that closed."""
@@ -852,7 +887,7 @@ class PerformanceStage:
         """Join label events; returns closed windows per model and unknown-model counts."""
         by_model: dict[str, list[LabelEvent]] = {}
         unknown: Counter = Counter()
-        models = {ev.model for ev in events}
+        models = set(map(_MODEL, events))
         if len(models) == 1 and next(iter(models)) in self.models:  # the common case
             by_model[next(iter(models))] = list(events)
             events = []
@@ -1013,6 +1048,39 @@ def fault_state(policy: AlertPolicy, model: str) -> tuple[list, list[str]]:
     return [faults[k] for k in PIPELINE_FAULTS if k in faults], drifted
 
 
+def feed_detector(detector: Any, values: list[float]) -> bool:
+    """Update a river drift detector with each value; whether it detected a drift on any.
+
+    River's ADWIN is a Python shell over a Rust window (`_helper.update(x)` returns the
+    detection; the shell resets after a detection, at the next value): for it the values
+    go to the Rust update through one C-level map that stops at each detection, instead
+    of two Python calls per value (4x faster). The result and the detector's state are
+    those of calling `update` per value (`tests/test_performance.py::
+    test_fast_adwin_feed_is_the_per_value_update`). Other detectors: per value.
+    """
+    helper = getattr(detector, "_helper", None)
+    if type(detector).__name__ != "ADWIN" or type(helper).__name__ != "AdaptiveWindowing":
+        detected = False
+        update = detector.update
+        for v in values:
+            update(v)
+            if detector.drift_detected:
+                detected = True
+        return detected
+    detected, i, n = False, 0, len(values)
+    while i < n:
+        if detector._drift_detected:  # as ADWIN.update does before the next value
+            detector._reset()
+        at = next(compress(count(i), map(detector._helper.update, islice(values, i, None))),
+                  None)
+        if at is None:
+            detector._drift_detected = False
+            break
+        detector._drift_detected = detected = True
+        i = at + 1
+    return detected
+
+
 def _task_from(reference: Reference | None) -> str | None:
     if reference is None:
         return None
@@ -1024,9 +1092,18 @@ def _task_from(reference: Reference | None) -> str | None:
     return None
 
 
+def _columns(pairs: list) -> list[list]:
+    """The pairs transposed: one list per field (position, prediction ts, label ts,
+    version, prediction, scores, segment, label), each by a C-level map."""
+    return [list(map(get, pairs)) for get in _FIELDS]
+
+
 def _class_codes(values: list, cls: Any) -> np.ndarray:
     """Class indices of values: `category_key` and `cls` once per distinct value (typed,
     so that True and 1 stay apart), then one C-level lookup per value."""
+    if len(set(map(type, values))) == 1:  # one type: values that are equal are one class
+        one = {v: cls(category_key(v)) for v in dict.fromkeys(values)}
+        return np.fromiter(map(one.__getitem__, values), np.int64, len(values))
     typed = list(zip(map(type, values), values, strict=True))
     codes = {tv: cls(category_key(tv[1])) for tv in dict.fromkeys(typed)}
     return np.fromiter(map(codes.__getitem__, typed), np.int64, len(values))

@@ -157,9 +157,21 @@ def expected_roc_auc(p: np.ndarray) -> float:
     pos, neg = p.sum(), (1 - p).sum()
     if pos <= 0 or neg <= 0:
         return math.nan
-    values, inverse = np.unique(-p, return_inverse=True)   # thresholds, highest first
-    tp = np.bincount(inverse, p)
-    fp = np.bincount(inverse, 1 - p)
+    if np.isnan(p).any():
+        values, inverse = np.unique(-p, return_inverse=True)   # thresholds, highest first
+        tp = np.bincount(inverse, p)
+        fp = np.bincount(inverse, 1 - p)
+    else:
+        # the same sums without np.unique's argsort and inverse: the values sorted
+        # (highest first), one group per distinct value; a group's values are all equal,
+        # so summing them in sorted rather than input order gives the same bits
+        s = np.sort(p)[::-1]
+        new = np.empty(s.size, bool)
+        new[:1] = True
+        np.not_equal(s[1:], s[:-1], out=new[1:])
+        group = np.cumsum(new) - 1
+        tp = np.bincount(group, s)
+        fp = np.bincount(group, 1 - s)
     tpr = np.concatenate([[0.0], np.cumsum(tp) / pos])
     fpr = np.concatenate([[0.0], np.cumsum(fp) / neg])
     return float(np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr))

@@ -297,6 +297,10 @@ class ModelBatch:
     # per-event raw values for the label join (performance monitoring on): lists keyed by
     # OUTCOME_KEYS, parallel to the rows; None when the decoder does not extract them
     outcomes: dict[str, list] | None = None
+    # what the typed decoder knows of the outcomes, gathered while they are in the CPU
+    # cache: (the distinct model versions, every prediction a float: True / False / None
+    # unknown); None when not known (rows of the per-event path)
+    outcome_facts: tuple[set, bool | None] | None = None
     # (n, n_numeric) int64: each numeric value's slot in the engine's counts (its bin, or
     # its column's missing slot), set by the engine once per batch and shared with the
     # sequential detectors; None until then
@@ -550,11 +554,19 @@ class Decoder:
             raws = [r for r, k in zip(raws, keep, strict=True) if k]
         if positions.size == 0:
             return None
+        facts = None
+        if outcomes is not None:  # typed numeric predictions are floats or None (NaN)
+            numeric_pred = schema.prediction is not None and schema.prediction.kind == "numeric"
+            versions = set(outcomes["model_version"])
+            if len(versions) == 1:  # one object for every row: the others are freed now
+                outcomes["model_version"] = [next(iter(versions))] * positions.size
+            facts = (versions, bool(not np.isnan(prediction).any()) if numeric_pred else
+                     False if schema.prediction is not None else None)
         return ModelBatch(model=schema.model, positions=positions, ts=ts, numeric=numeric,
                           categorical=categorical, prediction=prediction, label=label,
                           absent_rows=absent_rows,
                           model_version=None if version is None else str(version), raw=raws,
-                          outcomes=outcomes)
+                          outcomes=outcomes, outcome_facts=facts)
 
     @staticmethod
     def _lookup(lookup: dict, codes: CategoryCodes, col: list, absent: np.ndarray) -> np.ndarray:
@@ -872,7 +884,11 @@ def _join(parts: list[ModelBatch]) -> ModelBatch:
         unexpected_rows=cat("unexpected_rows"), dropped=None,
         model_version=last.model_version, raw=list(chain.from_iterable(p.raw for p in parts)),
         outcomes=None if last.outcomes is None else {
-            k: list(chain.from_iterable(p.outcomes[k] for p in parts)) for k in last.outcomes})
+            k: list(chain.from_iterable(p.outcomes[k] for p in parts)) for k in last.outcomes},
+        outcome_facts=None if any(p.outcome_facts is None for p in parts) else (
+            set().union(*(p.outcome_facts[0] for p in parts)),
+            None if any(p.outcome_facts[1] is None for p in parts) else
+            all(p.outcome_facts[1] for p in parts)))
 
 
 def _concat(a: ModelBatch, b: ModelBatch) -> ModelBatch:
