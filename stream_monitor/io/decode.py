@@ -185,6 +185,7 @@ class ModelSchema:
         # numeric columns that have carried a null: built by np.array at once, rather
         # than a fromiter that stops at the null and starts over
         self._nullable: set[int] = set()
+        self._packers: dict[int, struct.Struct] = {}   # `_packer`, per number of rows
         # outcome fields the label join does not need for this model (set by the
         # pipeline): the typed decoder skips them like unknown keys, they stay None
         self.outcome_skip: frozenset[str] = frozenset()
@@ -237,7 +238,10 @@ class ModelSchema:
                 ("segment", msgspec.Raw, None)] if outcomes else []),
             rename={"features": fields.features, "ts": fields.ts,
                     "prediction": fields.prediction, "label": fields.label,
-                    "model_version": fields.model_version,
+                    # without the label join only the last event's version is used,
+                    # read from its message (`Decoder._version_of`): no string per event
+                    "model_version": fields.model_version if outcomes
+                    else "__unused_model_version__",
                     **({k: getattr(fields, k) if k not in self.outcome_skip else f"__unused_{k}__"
                         for k in OUTCOME_EXTRAS} if outcomes else {})},
             tag_field=fields.model, tag=self.model, gc=False)
@@ -247,6 +251,26 @@ class ModelSchema:
     @property
     def feature_names(self) -> list[str]:
         return self.numeric + self.categorical
+
+    def _packer(self, rows: int) -> struct.Struct:
+        """Packs `rows` flattened feature structs (`event_type`'s field order) in one C
+        call: numeric fields as float64 ('d': a float keeps its bits, NaN payloads
+        included), any other field as a one-byte truth value ('?' takes any object),
+        padded to eight bytes for numeric fields that carry nulls (filled afterwards), so
+        the numeric values of a row sit at a stride of eight bytes and the chunk's
+        numeric matrix is one strided view of the packed bytes. A null where a 'd' is
+        raises struct.error. Measured: 0.30 vs 0.40 us an event for 20 columns by
+        slices and `np.fromiter`."""
+        packer = self._packers.get(rows)
+        if packer is None:
+            if len(self._packers) >= 16:    # chunk sizes seen: a few; keep it bounded
+                self._packers.clear()
+            n_num = len(self.numeric)
+            row = "".join("?7x" if j in self._nullable else "d" for j in range(n_num))
+            row += "?" * (self._n_fields - n_num)
+            row += "x" * (-struct.calcsize("<" + row) % 8)    # rows 8-byte aligned
+            packer = self._packers[rows] = struct.Struct("<" + row * rows)
+        return packer
 
 
 def _column(name: str, profile: Any) -> Column | None:
@@ -461,6 +485,9 @@ class Decoder:
         f = config.fields
         self._model_key, self._features_key, self._ts_key = f.model, f.features, f.ts
         self._version_key, self._pred_key, self._label_key = f.model_version, f.prediction, f.label
+        self._version_of = msgspec.json.Decoder(msgspec.defstruct(
+            "_version", [("model_version", Any, None)], rename={"model_version": f.model_version}
+        )).decode
 
     def _fast_decoder(self):
         key = (*sorted(self.schemas), self.outcomes,
@@ -571,6 +598,7 @@ class Decoder:
         list turned into numpy at once."""
         schema = into.schema
         n = len(evs)
+        raws_all = raws
         lo, hi = into.fill, into.fill + n
         n_num = len(schema.numeric)
         astuple = msgspec.structs.astuple
@@ -580,16 +608,28 @@ class Decoder:
         reasons: dict[int, tuple[str, str]] = {}
         numeric = into.numeric[:, lo:hi]
         nullable = schema._nullable
-        for j in range(n_num):
-            values = flat[j::width]
-            if j in nullable:   # had a null before: straight to np.array (None -> NaN)
-                numeric[j] = np.array(values, np.float64)
-                continue
-            try:
-                numeric[j] = np.fromiter(values, np.float64, n)
-            except TypeError:  # null somewhere in the column: np.array makes it NaN
-                numeric[j] = np.array(values, np.float64)
-                nullable.add(j)
+        packer = schema._packer(n) if n_num else None
+        try:
+            # every numeric value of the chunk to float64 in one C call (`_packer`)
+            packed = None if packer is None else packer.pack(*flat)
+        except struct.error:    # a null in a column not known to carry nulls (yet)
+            packed = None
+        if packed is not None:
+            numeric[:] = np.ndarray((n_num, n), np.float64, packed, 0, (8, packer.size // n))
+            for j in nullable:  # columns that carry nulls: np.array makes None NaN
+                numeric[j] = np.array(flat[j::width], np.float64)
+        else:
+            for j in range(n_num):
+                values = flat[j::width]
+                if j in nullable:   # had a null before: straight to np.array (None -> NaN)
+                    numeric[j] = np.array(values, np.float64)
+                    continue
+                try:
+                    numeric[j] = np.fromiter(values, np.float64, n)
+                except TypeError:  # null somewhere in the column: np.array makes it NaN
+                    numeric[j] = np.array(values, np.float64)
+                    nullable.add(j)
+                    schema._packers.clear()
         if n_num and np.isinf(numeric).any():
             for j, i in zip(*np.nonzero(np.isinf(numeric)), strict=True):
                 self._invalid(int(i), NON_FINITE, f"{schema.numeric[j]}: {numeric[j, i]}", bad,
@@ -627,8 +667,9 @@ class Decoder:
                                       feature=detail.split(":", 1)[0], detail=detail))
             raws = [r for r, k in zip(raws, keep, strict=True) if k]
             hi = into.drop(lo, hi, keep)
-        if hi > lo:
-            into.version = evs[-1].model_version  # the last event's model_version
+        if hi > lo:     # the last event's model_version
+            into.version = (top[4 - nf] if self.outcomes
+                            else self._version_of(raws_all[-1]).model_version)
         into.raw += raws
         if outcomes is not None:
             for k, vs in outcomes.items():
