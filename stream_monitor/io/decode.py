@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import chain, islice, repeat
 from operator import attrgetter, itemgetter
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import msgspec
 import numpy as np
@@ -67,6 +67,9 @@ ABSENT_NAN = struct.unpack("<d", struct.pack("<Q", _ABSENT_BITS))[0]
 _CHUNK = 1024   # messages decoded and turned into columns at a time (cache-sized)
 # Codes the typed path's category lookup gives before they are resolved per column.
 _NOT_FOUND, _ABSENT_CODE = -1, -2
+# Share of a batch's messages a model's events may fail their Literal type (and be decoded
+# twice) before that model is decoded by its plain type only.
+_LITERAL_MISSES = 0.02
 
 
 @dataclass
@@ -186,11 +189,18 @@ class ModelSchema:
         # than a fromiter that stops at the null and starts over
         self._nullable: set[int] = set()
         self._packers: dict[int, struct.Struct] = {}   # `_packer`, per number of rows
+        # categorical features whose every training category is in the reference's list
+        # (no 'other'): `event_type(literal=True)` decodes them as a Literal of those
+        self._closed = {j: tuple(reference.features[n].categories)
+                        for j, (n, c) in enumerate(zip(self.categorical, self.cat_codes,
+                                                       strict=True))
+                        if reference.features[n].other == 0 and not c.int_keyed}
         # outcome fields the label join does not need for this model (set by the
         # pipeline): the typed decoder skips them like unknown keys, they stay None
         self.outcome_skip: frozenset[str] = frozenset()
 
-    def event_type(self, fields: FieldMapping, outcomes: bool = False) -> type:
+    def event_type(self, fields: FieldMapping, outcomes: bool = False,
+                   literal: bool = False) -> type:
         """A msgspec Struct that decodes this model's well-formed events in one C call.
 
         Every valid value decodes here: numbers (integers too) or null for numeric
@@ -199,15 +209,24 @@ class ModelSchema:
         `ABSENT_NAN` marker, an absent categorical key as UNSET. Unknown feature names are
         refused (so such events take the slow path, which records them as a schema
         change), as are wrong types, which the slow path rejects with their reason.
+
+        With `literal`, the categorical features of `_closed` take only the reference's
+        categories (a `Literal`): msgspec then returns its own string objects, so no
+        string is made or freed per value and the code lookup finds them by identity
+        with their hash cached. An event with another category fails that type and is
+        decoded again by the type without `literal` (`Decoder._typed_chunk`).
         """
         unset = msgspec.UnsetType
+        closed = self._closed if literal else {}
 
-        def category_type(codes: CategoryCodes):
+        def category_type(codes: CategoryCodes, j: int = -1):
+            if j in closed:
+                return Union[Literal[closed[j]], bool, None, unset]  # noqa: UP007
             return (str | int | None | unset) if codes.int_keyed else (
                 str | bool | None | unset)
 
         spec = [(f"n{i}", float | None, ABSENT_NAN) for i in range(len(self.numeric))]
-        spec += [(f"c{i}", category_type(c), msgspec.UNSET)
+        spec += [(f"c{i}", category_type(c, i), msgspec.UNSET)
                  for i, c in enumerate(self.cat_codes)]
         spec += [(f"i{i}", Any, msgspec.UNSET) for i in range(len(self.expected) - len(spec))]
         names = self.numeric + self.categorical + sorted(
@@ -482,6 +501,10 @@ class Decoder:
         self.pending: set[str] = set()  # models whose reference is still being collected
         self.typed = True  # False: every event through the per-event path (tests compare)
         self.outcomes = False  # also extract OUTCOME_KEYS per event (the label join)
+        # models whose events failed their Literal type too often (`_LITERAL_MISSES`):
+        # decoded by the plain type only from then on
+        self._plain: set[str] = set()
+        self._misses: Counter = Counter()  # per model, in the current batch
         f = config.fields
         self._model_key, self._features_key, self._ts_key = f.model, f.features, f.ts
         self._version_key, self._pred_key, self._label_key = f.model_version, f.prediction, f.label
@@ -490,18 +513,34 @@ class Decoder:
         )).decode
 
     def _fast_decoder(self):
-        key = (*sorted(self.schemas), self.outcomes,
-               tuple(sorted(self.schemas[m].outcome_skip) for m in sorted(self.schemas)))
+        """The typed decoder and its struct types (type -> model). Models with closed
+        categorical features (`ModelSchema._closed`) are decoded with their `literal`
+        type first; `self._general` (None when no model has one) is the decoder of the
+        plain types, for the events with a category outside the reference."""
+        models = sorted(self.schemas)
+        key = (*models, self.outcomes,
+               tuple(sorted(self.schemas[m].outcome_skip) for m in models),
+               tuple(sorted(self._plain)))
         if getattr(self, "_fast_key", None) != key:
-            types = {self.schemas[m].event_type(self.config.fields, self.outcomes): m
-                     for m in key[:-2]}
+            fields = self.config.fields
+            plain = {self.schemas[m].event_type(fields, self.outcomes): m for m in models}
+            literal = {self.schemas[m].event_type(fields, self.outcomes, literal=True): m
+                       for m in models
+                       if self.schemas[m]._closed and m not in self._plain}
             # msgspec treats the tag of a lone tagged struct as optional; in a union it is
             # required, so a never-matching member keeps events without a model out
-            never = msgspec.defstruct("_no_model", [], tag_field=self.config.fields.model,
+            never = msgspec.defstruct("_no_model", [], tag_field=fields.model,
                                       tag="\x00never")
-            union = Union[(*types, never)]  # noqa: UP007
-            self._fast = msgspec.json.Decoder(union).decode
-            self._fast_types, self._fast_key = types, key
+
+            def decoder(types):
+                return msgspec.json.Decoder(Union[(*types, never)]).decode  # noqa: UP007
+
+            general = decoder(plain)
+            fast = {t: m for t, m in plain.items() if m not in literal.values()}
+            fast.update(literal)
+            self._fast = decoder(fast) if literal else general
+            self._general = general if literal else None
+            self._fast_types, self._fast_key = {**plain, **literal}, key
         return self._fast, self._fast_types
 
     def decode(self, messages: Sequence[bytes], positions: Sequence[int]) -> DecodedBatch:
@@ -549,6 +588,10 @@ class Decoder:
             out = DecodedBatch({}, [], 0)
         out.rejects += rejects
         out.rejects += [Reject(int(pos[i]), NOT_JSON, msgs[i], detail=TOO_DEEP) for i in deep]
+        for model, misses in self._misses.items():
+            if misses > n * _LITERAL_MISSES:    # a second decoding for too many events
+                self._plain.add(model)
+        self._misses.clear()
         for model, into in builders.items():
             batch = into.batch()
             if batch is None:
@@ -572,24 +615,36 @@ class Decoder:
         errors = (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError)
         # One C-level map; a message that fails stops it, is set aside for the slow path,
         # and the map resumes after it, so a bad event costs time for itself only.
+        general = self._general
         while len(evs) < m:
             try:
                 evs.extend(map(fast, islice(todo, lo + len(evs), hi)))
             except errors:
-                evs.append(None)
+                ev = None
+                if general is not None:     # a category outside the reference's list?
+                    try:
+                        ev = general(todo[lo + len(evs)])
+                        self._misses[types[type(ev)]] += 1
+                    except errors:
+                        pass
+                    except RecursionError:
+                        deep.append(lo + len(evs))
+                evs.append(ev)
             except RecursionError:
                 deep.append(lo + len(evs))
                 evs.append(None)
         kinds = list(map(type, evs))
-        if len(types) == 1 and kinds.count(next(iter(types))) == m:
-            return evs, [(next(iter(types.values())), None)]  # the common case: all typed
-        ids = {t: k for k, t in enumerate(types)}
+        model = types.get(kinds[0])
+        if model is not None and kinds.count(kinds[0]) == m:
+            return evs, [(model, None)]  # the common case: all typed, one model
+        models = list(dict.fromkeys(types.values()))
+        ids = {t: models.index(model) for t, model in types.items()}
         which = np.fromiter(map(ids.get, kinds, repeat(-1)), np.int64, m)
         if deep:
             which[[i - lo for i in deep if lo <= i < hi]] = -2
         slow += (np.flatnonzero(which == -1) + lo).tolist()
-        return evs, [(model, np.flatnonzero(which == ids[t])) for t, model in types.items()
-                     if (which == ids[t]).any()]
+        return evs, [(model, np.flatnonzero(which == k)) for k, model in enumerate(models)
+                     if (which == k).any()]
 
     def _struct_columns(self, into: _TypedColumns, positions: np.ndarray, evs: list,
                         raws: list[bytes], rejects: list[Reject]) -> None:
