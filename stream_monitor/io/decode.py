@@ -185,8 +185,8 @@ class ModelSchema:
         self._num_get = _getter(self.numeric)
         self._cat_get = _getter(self.categorical)
         self._fast_codes = [codes.fast_lookup() for codes in self.cat_codes]
-        # numeric columns that have carried a null: built by np.array at once, rather
-        # than a fromiter that stops at the null and starts over
+        # numeric columns that have carried a null: not packed by `_packer` (a null
+        # raises there) but built by np.array (None -> NaN)
         self._nullable: set[int] = set()
         self._packers: dict[int, struct.Struct] = {}   # `_packer`, per number of rows
         # categorical features whose every training category is in the reference's list
@@ -673,18 +673,13 @@ class Decoder:
             numeric[:] = np.ndarray((n_num, n), np.float64, packed, 0, (8, packer.size // n))
             for j in nullable:  # columns that carry nulls: np.array makes None NaN
                 numeric[j] = np.array(flat[j::width], np.float64)
-        else:
+        elif n_num:     # the columns with a null become `nullable`: the next chunk packs
             for j in range(n_num):
                 values = flat[j::width]
-                if j in nullable:   # had a null before: straight to np.array (None -> NaN)
-                    numeric[j] = np.array(values, np.float64)
-                    continue
-                try:
-                    numeric[j] = np.fromiter(values, np.float64, n)
-                except TypeError:  # null somewhere in the column: np.array makes it NaN
-                    numeric[j] = np.array(values, np.float64)
+                if j not in nullable and None in values:
                     nullable.add(j)
                     schema._packers.clear()
+                numeric[j] = np.array(values, np.float64)   # None -> NaN
         if n_num and np.isinf(numeric).any():
             for j, i in zip(*np.nonzero(np.isinf(numeric)), strict=True):
                 self._invalid(int(i), NON_FINITE, f"{schema.numeric[j]}: {numeric[j, i]}", bad,
