@@ -117,7 +117,21 @@ class CategoryCodes(dict):
         """Codes of values outside the reference's top categories (typed path, in bulk):
         'other' or 'unseen' by the membership filter. Strings looked up are also added to
         the typed path's `lookup` (within the memo's bound), so repeats stay in C."""
-        codes = np.fromiter(map(self.__getitem__, values), np.int32, len(values))
+        codes = np.fromiter(map(self.get, values, repeat(_NOT_FOUND)), np.int32, len(values))
+        new = np.flatnonzero(codes == _NOT_FOUND)
+        if new.size:    # not met before: the filter tested for all of them at once
+            fresh = [values[i] for i in new.tolist()]
+            keys = list(dict.fromkeys(v for v in fresh if type(v) is str))
+            found = dict.fromkeys(keys, self.unseen)
+            if keys and self.seen is not None:
+                seen = self.seen.contains_many(keys)
+                found = dict(zip(keys, np.where(seen, self.other, self.unseen).tolist(),
+                                 strict=True))
+            codes[new] = [found.get(v, self.unseen) if type(v) is str else self.unseen
+                          for v in fresh]
+            for key in keys[:max(self._MEMO - self._memo, 0)]:  # as `__missing__` does
+                self[key] = found[key]
+                self._memo += 1
         if lookup is not None and self._memo < self._MEMO:
             lookup.update((v, c) for v, c in zip(values, codes.tolist(), strict=True)
                           if type(v) is str)
