@@ -3,9 +3,12 @@
 `Decoder.decode` is the single entry point, so its strategy can change without touching
 the engine. Every valid event is decoded by msgspec into a typed struct generated from
 its model's reference (booleans, integers, nulls, absent keys and unseen categories
-included), the structs are flattened in one C-level pass and each column becomes numpy
-at once; only malformed events or events of an unknown shape take the per-event orjson
-path, which finds out exactly what is wrong with them. Missing values stay missing (NaN
+included; closed categorical features as a `Literal` of the reference's categories, an
+event with another category decoded again by the plain type), the structs are flattened
+in one C-level pass, the numeric values packed to float64 in one call, and the columns
+written into column-major arrays allocated once per batch; only malformed events or
+events of an unknown shape take the per-event orjson path, which finds out exactly what
+is wrong with them. Missing values stay missing (NaN
 / a missing code), never zero. Data-quality facts (absent keys, type violations,
 unexpected fields) are kept per event, so a window gets those of its own events. Every
 message that cannot be used becomes a `Reject` with a reason: nothing is dropped silently.
