@@ -488,7 +488,13 @@ class _TypedColumns:
 def _feature_codes(lookup: dict, codes: CategoryCodes, col: list) -> np.ndarray:
     """Category codes of a typed feature column: one C-level dict lookup per value; the
     unknown ones resolved by `codes`, absent ones left as `_ABSENT_CODE`."""
-    out = np.fromiter(map(lookup.get, col, repeat(_NOT_FOUND)), np.int32, len(col))
+    n = len(col)
+    try:    # every value known (the common case): one C call for all the lookups
+        out = np.fromiter(itemgetter(*col)(lookup), np.int32, n) if n > 1 else None
+    except KeyError:
+        out = None
+    if out is None:     # 24 vs 45 ns a value, but `get` gives the unknown ones a code
+        out = np.fromiter(map(lookup.get, col, repeat(_NOT_FOUND)), np.int32, n)
     if out.min(initial=0) < 0:
         unknown = np.flatnonzero(out == _NOT_FOUND)
         if unknown.size:
