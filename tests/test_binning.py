@@ -43,3 +43,29 @@ def test_grid_bins_use_the_table_on_continuous_data():
     x = rng.standard_cauchy(10_000)
     np.testing.assert_array_equal(bins(x), bin_index(edges, x))
     assert bins.rest <= 0           # few values needed the search: the table is kept
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grid_bins_look_integers_up_in_the_integer_table(seed):
+    """Integer data on atom edges ([a, nextafter(a)) bins, as `profile_edges` makes):
+    the grid table steps aside and integer values take the integer table, exactly;
+    values one ulp off an integer, fractions, NaN and far values are searched."""
+    from stream_monitor.core.stats import profile_edges
+    rng = np.random.default_rng(seed)
+    lo = int(rng.integers(-60, 20))
+    ref = rng.integers(lo, lo + 70, 5_000).astype(float)
+    edges = profile_edges(ref, 50)     # every value an atom (a share >= 1%)
+    bins = GridBins(edges)
+    assert bins.ints is not None
+    atoms = np.unique(ref)
+    odd = np.concatenate([np.nextafter(atoms, np.inf), np.nextafter(atoms, -np.inf),
+                          atoms + 0.5, [np.nan, np.inf, -np.inf, -0.0, 1e300, -1e300,
+                                        lo - 1e6, lo + 1e6]])
+    for _ in range(3):      # the grid table is set aside after the first call
+        x = np.concatenate([rng.integers(lo - 3, lo + 73, 10_000).astype(float),
+                            rng.choice(odd, 200)])
+        np.testing.assert_array_equal(bins(x), bin_index(edges, x))
+    assert bins.rest > 0 and bins.ints_rest <= 0    # integers: the integer table is kept
+    x = rng.uniform(lo, lo + 70, 2_000)             # fractions: plain search for a while
+    np.testing.assert_array_equal(bins(x), bin_index(edges, x))
+    assert bins.ints_rest > 0

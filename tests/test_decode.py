@@ -555,6 +555,8 @@ def test_typed_path_decodes_exactly_as_the_per_event_path(seed, chunk, monkeypat
     msgs = _varied_events(seed, 500)
     msgs[17] = b'{"model": "m", "features": {"x": "1"}}'          # a reject among them
     msgs[300] = enc(event(feats(extra_field=1)))                   # an unknown field
+    fast._fast_decoder()
+    assert fast._general is not None    # Literal types first, the plain ones for the rest
     a, b = decode(fast, msgs), decode(slow, msgs)
     assert [(r.position, r.reason, r.feature) for r in a.rejects] == [
         (r.position, r.reason, r.feature) for r in b.rejects]
@@ -565,6 +567,81 @@ def test_typed_path_decodes_exactly_as_the_per_event_path(seed, chunk, monkeypat
             np.testing.assert_array_equal(getattr(x, name), getattr(y, name), err_msg=name)
         assert x.unexpected_names == y.unexpected_names and x.raw == y.raw
         assert x.model_version == y.model_version
+
+
+def _same_columns(a: DecodedBatch, b: DecodedBatch, models=("m", "n")) -> None:
+    assert [(r.position, r.reason, r.feature) for r in a.rejects] == [
+        (r.position, r.reason, r.feature) for r in b.rejects]
+    for model in models:
+        x, y = a.models[model], b.models[model]
+        for name in ("positions", "ts", "numeric", "categorical", "prediction", "absent",
+                     "type_violations"):
+            np.testing.assert_array_equal(getattr(x, name), getattr(y, name), err_msg=name)
+        assert x.unexpected_names == y.unexpected_names and x.raw == y.raw
+        assert x.model_version == y.model_version
+
+
+def _with_unseen(seed: int, n: int, share: float) -> list[bytes]:
+    """`_varied_events` whose categories are the reference's, but for `share` of the
+    events, which get a category never seen in training (plan, vip or color)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for m in _varied_events(seed, n):
+        ev = orjson.loads(m)
+        f = ev["features"]
+        for key, known in (("plan", ("basic", "premium", "student")), ("color", ("red", "blue"))):
+            if isinstance(f.get(key), str):
+                f[key] = str(rng.choice(known))
+        if rng.random() < share:
+            key = "color" if ev["model"] == "n" else str(rng.choice(["plan", "vip"]))
+            f[key] = f"new-{rng.integers(0, 5)}"
+        out.append(enc(ev))
+    return out
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_literal_categories_decode_exactly_and_an_unseen_one_costs_its_event_only(seed):
+    """Closed categorical features (every training category in the reference) decode as
+    a Literal of the reference's categories; an event with another category (valid) is
+    decoded again by the plain typed struct, alone, and never leaves the typed path."""
+    fast = make_decoder()
+    assert fast.schemas["m"]._closed.keys() == {col(fast, "m", "plan"), col(fast, "m", "vip")}
+    assert fast.schemas["n"]._closed.keys() == {0}      # color; tier is int-keyed: plain
+    slow_seen: list[bytes] = []
+    original = fast._decode_slow
+    fast._decode_slow = lambda m, p: slow_seen.extend(m) or original(m, p)
+    literal_types = 0
+    for batch in range(3):
+        msgs = _with_unseen(seed * 10 + batch, 600, 0.01)
+        decoder, types = fast._fast_decoder()
+        literal_types = sum(t.__name__ == "m_event" for t in types)
+        misses = []
+        general = fast._general
+        fast._general = lambda m, misses=misses, general=general: (
+            misses.append(m) or general(m))
+        out = decode(fast, msgs)
+        fast._general = general
+        assert out.rejects == [] and slow_seen == []
+        unseen = [m for m in msgs if b'"new-' in m]
+        assert misses == unseen and unseen         # exactly those, once each
+        _same_columns(out, decode(on_path(fast, "slow"), msgs))
+        assert fast._plain == set()                 # 1%: the Literal types stay
+    assert literal_types == 2                       # a Literal and a plain type for m
+
+
+def test_many_unseen_categories_switch_the_model_to_its_plain_type():
+    """A model whose events fail their Literal type for more than 2% of a batch's messages
+    is decoded by its plain type from the next batch on (one decoding per event), as
+    exactly."""
+    fast = make_decoder()
+    msgs = _with_unseen(21, 800, 0.3)
+    _same_columns(decode(fast, msgs), decode(on_path(fast, "slow"), msgs))
+    # the cost is counted against the batch: n's few events (5%) keep their Literal type
+    assert fast._plain == {"m"}
+    _, types = fast._fast_decoder()
+    assert sorted(t.__name__ for t in types) == ["m_event", "n_event", "n_event"]
+    msgs = _with_unseen(22, 800, 0.3)
+    _same_columns(decode(fast, msgs), decode(on_path(fast, "slow"), msgs))
 
 
 def _window_stats(report: dict) -> dict:

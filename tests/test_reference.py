@@ -458,6 +458,23 @@ def test_bloom_filter_has_no_false_negatives_and_the_documented_fpr(n):
     assert np.array_equal(again.bits, bf.bits) and (again.m, again.k) == (bf.m, bf.k)
 
 
+@pytest.mark.parametrize(("m", "k"), [(None, None), (1 << 12, 3), (1000, 7)])
+def test_bloom_filter_tests_many_keys_at_once_exactly_as_one_by_one(m, k):
+    """`contains_many` (the typed decoder's bulk lookup of new categories) answers what
+    `in` answers, key for key: false positives included, odd keys, any filter size."""
+    from stream_monitor.core.sketch import BloomFilter
+    keys = [f"k{i}" for i in range(4000)]
+    bf = BloomFilter.of(keys[:1500]) if m is None else BloomFilter(m, k)
+    if m is not None:
+        bf.update(keys[:1500])
+    probes = [*keys, "", "é", "x\ud800y", "z" * 500, *(f"other-{i}" for i in range(20_000))]
+    expected = np.array([p in bf for p in probes])
+    assert expected[:1500].all()
+    assert m is None or expected.sum() > 2000       # small filters: many false positives
+    np.testing.assert_array_equal(bf.contains_many(probes), expected)
+    assert bf.contains_many([]).shape == (0,)
+
+
 def test_bloom_filters_merge_exactly():
     from stream_monitor.core.sketch import BloomFilter
     a, b, both = (BloomFilter.for_capacity(2000) for _ in range(3))

@@ -128,29 +128,26 @@ class NumericState:
         # q = z * 2**32 for z = (x - shift) / scale, bit for bit; q * 2**-32 * q is then
         # z * z * 2**32, the grid value of z squared, also bit for bit
         with np.errstate(over="ignore", invalid="ignore"):
-            q = np.subtract(x, layout.shift)
-            q /= layout.grid_scale
             # the batch's min and max bound |q| per column, with the same arithmetic
             peak = np.fmax(np.abs((lo - layout.shift) / layout.grid_scale),
                            np.abs((hi - layout.shift) / layout.grid_scale))
-        for j in np.flatnonzero(missing).tolist():
-            col = q[:, j]
-            col[np.isnan(col)] = 0.0
         peak[np.isnan(peak)] = 0.0              # a column of missing values only: all zero
         if not np.isfinite(peak).all() or peak.max() >= 2.0**500:
             # overflow territory: the general function, on z itself
+            with np.errstate(over="ignore", invalid="ignore"):
+                q = np.subtract(x, layout.shift)
+                q /= layout.grid_scale
+            for j in np.flatnonzero(missing).tolist():
+                col = q[:, j]
+                col[np.isnan(col)] = 0.0
             z = q / 2.0**FIXED_POINT_BITS
             with np.errstate(over="ignore", invalid="ignore"):  # inf saturates, documented
                 self.s1 += np.array(fixed_point_sums(z), dtype=object)
                 self.s2 += np.array(fixed_point_sums(z * z), dtype=object)
         else:
-            q2 = q * 2.0**-FIXED_POINT_BITS
-            q2 *= q
-            np.rint(q, out=q)
-            np.rint(q2, out=q2)
-            self.s1 += np.array(grid_sums(q, peak), dtype=object)
-            self.s2 += np.array(grid_sums(q2, peak * peak * 2.0**-FIXED_POINT_BITS + 1.0),
-                                dtype=object)
+            s1, s2 = _grid_sums_blocked(layout, x, missing, peak)
+            self.s1 += np.array(s1, dtype=object)
+            self.s2 += np.array(s2, dtype=object)
         # out of the reference's range: only columns whose batch min or max is outside
         for j in np.flatnonzero((lo < layout.lo) | (hi > layout.hi)).tolist():
             col = x[:, j]
@@ -160,6 +157,39 @@ class NumericState:
         return NumericState(self.counts + other.counts, self.n + other.n, self.s1 + other.s1,
                             self.s2 + other.s2, np.fmin(self.min, other.min),
                             np.fmax(self.max, other.max), self.out_of_range + other.out_of_range)
+
+
+_BLOCK = 4     # columns at a time in `_grid_sums_blocked`
+
+
+def _grid_sums_blocked(layout: NumericColumns, x: np.ndarray, missing: np.ndarray,
+                       peak: np.ndarray) -> tuple[list[int], list[int]]:
+    """Exact grid sums of q = (x - shift) / scale * 2**32 and of q * 2**-32 * q, missing
+    values as 0, a few columns at a time: the scratch arrays stay in the CPU cache
+    (measured 0.10 vs 0.23 us an event for 20 columns over the whole batch at once).
+    Sums of integers are exact, so they do not depend on how the columns are grouped."""
+    rows, k = x.shape
+    q = np.empty((rows, min(_BLOCK, k)), order="F")
+    q2 = np.empty_like(q)
+    s1: list[int] = []
+    s2: list[int] = []
+    for a in range(0, k, _BLOCK):
+        z = min(a + _BLOCK, k)
+        qa, qa2 = q[:, :z - a], q2[:, :z - a]
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.subtract(x[:, a:z], layout.shift[a:z], out=qa)
+            qa /= layout.grid_scale[a:z]
+        for j in np.flatnonzero(missing[a:z]).tolist():
+            col = qa[:, j]
+            col[np.isnan(col)] = 0.0
+        np.multiply(qa, 2.0**-FIXED_POINT_BITS, out=qa2)
+        qa2 *= qa
+        np.rint(qa, out=qa)
+        np.rint(qa2, out=qa2)
+        bound = peak[a:z]
+        s1 += grid_sums(qa, bound)
+        s2 += grid_sums(qa2, bound * bound * 2.0**-FIXED_POINT_BITS + 1.0)
+    return s1, s2
 
 
 @dataclass
@@ -173,7 +203,8 @@ class CategoricalState:
     def update(self, layout: CategoricalColumns, codes: np.ndarray) -> None:
         if codes.shape[0] == 0 or len(layout) == 0:
             return
-        self.counts += np.bincount((codes + layout.offsets[:-1]).ravel(), minlength=layout.size)
+        self.counts += np.bincount((codes + layout.offsets[:-1]).ravel(order="K"),
+                                   minlength=layout.size)
 
     def merge(self, other: CategoricalState) -> CategoricalState:
         return CategoricalState(self.counts + other.counts)

@@ -90,6 +90,21 @@ class BloomFilter:
                 return False
         return True
 
+    def contains_many(self, keys: list[str]) -> np.ndarray:
+        """`key in self` for every key, the bit tests of all keys in a few numpy passes
+        (one BLAKE2b per key stays; for a power-of-two `m`, as `for_capacity` makes, the
+        positions modulo 2**64 give the same bits as Python's exact arithmetic)."""
+        m = self.m
+        if not keys or m & (m - 1):
+            return np.fromiter((key in self for key in keys), bool, len(keys))
+        blake = hashlib.blake2b
+        d = np.frombuffer(b"".join(
+            [blake(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+             for key in keys]), dtype="<u8").reshape(-1, 2)
+        step = np.arange(self.k, dtype=np.uint64)
+        pos = (d[:, :1] + step * (d[:, 1:] | np.uint64(1))) & np.uint64(m - 1)  # wraps
+        return self.bits[pos.astype(np.intp)].all(axis=1)
+
     def merge(self, other: BloomFilter) -> BloomFilter:
         """The filter of both key sets (``items`` becomes an upper bound)."""
         if (self.m, self.k) != (other.m, other.k):

@@ -443,17 +443,29 @@ class GridBins:
     with three vectorised operations, and a table gives its bin whenever that cell,
     widened by one cell on each side against rounding, holds no edge; only the values
     in the few cells around an edge (and NaN) are searched. On data whose values sit
-    on the edges (integers, atoms) most values need the search, and `searchsorted` is
-    fast there (its branches are predictable): the table is then set aside for a while.
+    on the edges (integers, atoms) most values need the search: the table is then set
+    aside for a while, and integer values are looked up in a second table, indexed by
+    the integer itself, built from `searchsorted` of the integers around the edges
+    (`_integers`); other values, and integer data spanning too wide a range, are searched.
     """
 
     CELLS = 4096
     REST = 16           # calls without the table after one where it did not pay
+    INTEGERS = 4096     # widest range of integers (around the edges) the integer table spans
 
     def __init__(self, inner_edges: np.ndarray):
         self.edges = e = np.ascontiguousarray(inner_edges, dtype=np.float64)
         self.table = None
         self.rest = 0
+        self.ints = None
+        self.ints_rest = 0
+        if e.size and np.isfinite(e).all() and abs(e[0]) < 2.0**52 and abs(e[-1]) < 2.0**52:
+            base = math.floor(e[0]) - 1.0
+            top = math.ceil(e[-1]) + 1.0 - base     # every integer from base + top up: bin K
+            if top < self.INTEGERS:
+                self.ints = np.searchsorted(e, base + np.arange(int(top) + 1, dtype=np.float64),
+                                            side="right")
+                self.ints_base, self.ints_top = base, top
         if e.size < 2 or not np.isfinite(e).all() or not e[-1] > e[0]:
             return
         g = self.CELLS
@@ -474,7 +486,7 @@ class GridBins:
     def __call__(self, values: np.ndarray) -> np.ndarray:
         if self.table is None or self.rest > 0:
             self.rest -= 1
-            return bin_index(self.edges, values)
+            return self._integers(values)
         with np.errstate(over="ignore"):            # huge values: inf, clipped below
             c = np.subtract(values, self.first)
             c *= self.scale
@@ -489,4 +501,26 @@ class GridBins:
             out[unsure] = np.searchsorted(self.edges, values[unsure], side="right")
             if unsure.size * 4 > out.size:
                 self.rest = self.REST
+        return out
+
+    def _integers(self, values: np.ndarray) -> np.ndarray:
+        """`bin_index` for data that sits on the edges (integers, atoms): a value equal
+        to the integer `base + k` (exactly: `k + base` is computed as the table's own
+        values were) takes the table's `searchsorted` of that integer; any other value
+        (fractions, NaN, beyond the table's range) is searched. Measured on integer
+        features of 4-71 edges: 4-9 vs 4-27 ns a value for `searchsorted` alone."""
+        if self.ints is None or self.ints_rest > 0:
+            self.ints_rest -= 1
+            return bin_index(self.edges, values)
+        c = np.subtract(values, self.ints_base)
+        np.fmin(c, self.ints_top, out=c)      # NaN and large values -> the top entry
+        np.maximum(c, 0.0, out=c)              # -inf and small values -> entry 0
+        k = c.astype(np.intp)
+        out = self.ints[k]
+        np.add(k, self.ints_base, out=c)
+        other = np.flatnonzero(c != values)    # not that integer (NaN never equals)
+        if other.size:
+            out[other] = np.searchsorted(self.edges, values[other], side="right")
+            if other.size * 4 > out.size:      # not integer data: plain search for a while
+                self.ints_rest = self.REST
         return out
