@@ -20,6 +20,7 @@ single pair of figures moves by tens of percent.
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 import time
 
@@ -85,6 +86,8 @@ def main() -> None:
                     help="engine alone and end to end, alternated, this many times")
     ap.add_argument("--guarantee", choices=["both", "exactly_once", "at_least_once"],
                     default="both", help="processing guarantee(s) measured end to end")
+    ap.add_argument("--skip-scale-out", action="store_true",
+                    help="leave out the last part (1 and 2 `run` processes, scale-out)")
     args = ap.parse_args()
     modes = (["at_least_once", "exactly_once"] if args.guarantee == "both"
              else [args.guarantee])
@@ -249,4 +252,5 @@ def scale_out_main() -> None:
 
 if __name__ == "__main__":
     main()
-    scale_out_main()
+    if "--skip-scale-out" not in sys.argv:
+        scale_out_main()
