@@ -109,3 +109,13 @@ def test_vectorised_fresh_leaves_re_reads_and_errors_to_the_per_message_pass():
     assert s.metrics.reread_skipped._value.get() == 50
     eof = Message(topic="in", partition=0, offset=-1, error=KafkaError(KafkaError._PARTITION_EOF))
     assert s._fresh_runs([*log.run(("in", 0), 150, 10), eof]) is None
+
+
+def test_consumer_refetches_soon_after_its_queue_was_full():
+    """librdkafka waits fetch.queue.backoff.ms (1 s by default) before fetching again once
+    its queue is full, longer than `run` takes to drain it while catching up: the default
+    is short, the user's setting wins, and the producer is not given it."""
+    from stream_monitor.kafka.runtime import consumer_config, producer_config
+    assert consumer_config({})["fetch.queue.backoff.ms"] <= 100
+    assert consumer_config({"fetch.queue.backoff.ms": 500})["fetch.queue.backoff.ms"] == 500
+    assert "fetch.queue.backoff.ms" not in producer_config({"fetch.queue.backoff.ms": 500})

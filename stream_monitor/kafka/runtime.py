@@ -70,7 +70,8 @@ _CONSUMER_ONLY = {
     "heartbeat.interval.ms", "max.poll.interval.ms", "isolation.level",
     "partition.assignment.strategy", "group.protocol", "fetch.min.bytes",
     "fetch.max.bytes", "fetch.wait.max.ms", "max.partition.fetch.bytes",
-    "enable.partition.eof", "check.crcs", "queued.min.messages",
+    "enable.partition.eof", "check.crcs", "queued.min.messages", "fetch.queue.backoff.ms",
+    "queued.max.messages.kbytes",
 }
 _PRODUCER_ONLY = {
     "acks", "enable.idempotence", "linger.ms", "batch.size", "batch.num.messages",
@@ -88,7 +89,12 @@ _MIN_TRUNCATED = 65_536        # truncated dead letter size when the broker refu
 def consumer_config(kafka: dict[str, Any]) -> dict[str, Any]:
     # auto.offset.reset, session.timeout.ms and heartbeat.interval.ms come from the
     # config's `kafka:` defaults (config.KAFKA_DEFAULTS), so they are documented there.
-    cfg = {"topic.metadata.refresh.interval.ms": 10_000}
+    # fetch.queue.backoff.ms: once librdkafka's prefetch queue is full (64 MB, about
+    # 100,000 events of 650 bytes) it waits this long before fetching again; its default
+    # (1 s) is longer than `run` takes to drain the queue while catching up on a backlog,
+    # so the loop stalled in consume() waiting for the next fetch (measured: 2-3 us an
+    # event of the ~6; README "Benchmarks").
+    cfg = {"topic.metadata.refresh.interval.ms": 10_000, "fetch.queue.backoff.ms": 20}
     cfg.update({k: v for k, v in kafka.items() if k not in _PRODUCER_ONLY})
     cfg["enable.auto.commit"] = False  # offsets are committed only after a batch is applied
     return cfg
