@@ -59,7 +59,7 @@ def _loop_cpu(sidecar: KafkaSidecar) -> float:
 
 
 def sidecar_rate(broker: EmbeddedBroker, base: Monitor, n: int, batch_size: int,
-                 group: str, guarantee: str = "at_least_once"
+                 group: str, guarantee: str = "at_least_once", prefetch: bool = True
                  ) -> tuple[float, float, float, int]:
     """`run`'s loop from the end of its first batch until all n events are applied;
     returns the rate per wall-clock second, per CPU second of the loop's thread(s) and
@@ -78,6 +78,7 @@ def sidecar_rate(broker: EmbeddedBroker, base: Monitor, n: int, batch_size: int,
         "http": {"host": "127.0.0.1", "port": 0},
         "models": {"churn": {"reference": "unused.json"}}})
     sidecar = KafkaSidecar(cfg, monitor=Monitor(cfg, {"churn": ref}))
+    sidecar.prefetch = prefetch
     # (wall, loop thread(s) CPU, process CPU, events applied)
     marks: list[tuple[float, float, float, int]] = []
     sidecar.on_batch = lambda r: marks.append(
@@ -109,11 +110,17 @@ def main() -> None:
                     help="engine alone and end to end, alternated, this many times")
     ap.add_argument("--guarantee", choices=["both", "exactly_once", "at_least_once"],
                     default="both", help="processing guarantee(s) measured end to end")
+    ap.add_argument("--prefetch", choices=["on", "off", "both"], default="on",
+                    help="the fetch thread consuming ahead of the loop (both: each mode "
+                         "with and without it, alternated)")
     ap.add_argument("--skip-scale-out", action="store_true",
                     help="leave out the last part (1 and 2 `run` processes, scale-out)")
     args = ap.parse_args()
-    modes = (["at_least_once", "exactly_once"] if args.guarantee == "both"
-             else [args.guarantee])
+    guarantees = (["at_least_once", "exactly_once"] if args.guarantee == "both"
+                  else [args.guarantee])
+    prefetch = {"on": [True], "off": [False], "both": [True, False]}[args.prefetch]
+    variants = {(g if p else f"{g}, no prefetch"): (g, p) for g in guarantees for p in prefetch}
+    modes = list(variants)
     msgs = workload(args.events)
     base = monitor()
     with EmbeddedBroker() as broker:
@@ -143,8 +150,10 @@ def main() -> None:
         engine = bare_engine_rate(msgs, base)
         for r in range(args.rounds):
             for mode in modes:
+                guarantee, ahead = variants[mode]
                 e2e, e2e_cpu, e2e_proc, committed = sidecar_rate(
-                    broker, base, len(msgs), args.batch_size, f"bench-{r}-{mode}", mode)
+                    broker, base, len(msgs), args.batch_size, f"bench-{r}-{len(by_mode[mode])}"
+                    f"-{guarantee}-{ahead}", guarantee, ahead)
                 after = bare_engine_rate(msgs, base)
                 wall, cpu, proc = ((x + y) / 2 for x, y in zip(engine, after, strict=True))
                 engine = after
@@ -160,7 +169,7 @@ def main() -> None:
     for mode in modes:
         rates = sorted(by_mode[mode])
         print(f"end to end, {mode}: median {rates[len(rates) // 2]:,.0f} events/s")
-    if len(modes) == 2:
+    if "exactly_once" in modes and "at_least_once" in modes:
         print("ratio exactly-once/at-least-once: " + _median(
             [e / a for e, a in zip(by_mode["exactly_once"], by_mode["at_least_once"],
                                    strict=True)]))
