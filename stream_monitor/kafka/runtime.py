@@ -493,6 +493,11 @@ class _Fetcher:
             if self._done:
                 self.inflight = False
 
+    def returned(self) -> bool:
+        """(loop) Whether no consume() is in flight any more (its callbacks, if any, were
+        run: consume() cannot return before), so joining will not wait."""
+        return not self.inflight or self._done
+
     def take(self) -> tuple[list, _Digest | None]:
         """(loop) The batch consumed last (joined first); [] if none."""
         self.join()
@@ -1123,11 +1128,13 @@ class KafkaSidecar:
         except KafkaException as exc:
             log.warning("commit failed: %s", exc.args[0].str())
 
-    def _pump(self) -> None:
-        """Serve delivery callbacks, resend what is due, commit what is delivered."""
+    def _pump(self, commit: bool = True) -> None:
+        """Serve delivery callbacks, resend what is due, commit what is delivered
+        (`commit=False`: at the next turn)."""
         self.producer.poll(0)
         self._resend_due()
-        self._commit_delivered()
+        if commit:
+            self._commit_delivered()
         self.metrics.pending.set(self.pending_outputs())
         self.metrics.oldest_pending.set(self.oldest_pending_age())
         self.metrics.uncommitted.set(len(self._batches))
@@ -1556,9 +1563,12 @@ class KafkaSidecar:
                 self.push.send(result.alerts)
             else:  # backing off: queue them for the next attempt
                 self.push.queue(result.alerts)
-        if not self.eos:  # the commit below uses the consumer: the fetch is done first
+        # The commit uses the consumer: only once the fetch in flight has returned (it
+        # has, unless the topic is drained and it waits for more); else next turn.
+        fetched = self._fetcher is None or self._fetcher.returned()
+        if fetched and not self.eos:
             self._join_fetch()
-        self._pump()
+        self._pump(commit=fetched)
         if self.on_batch is not None:
             self.on_batch(result)
         if self.eos and self._checkpoint_due():
