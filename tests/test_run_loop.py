@@ -5,8 +5,11 @@ batch gives exactly what the per-message pass gives, on batches unlike the bench
 from __future__ import annotations
 
 import random
+import threading
 
+import pytest
 from confluent_kafka import KafkaError, Message
+from helpers import wait_until
 
 from stream_monitor.config import parse_config
 from stream_monitor.io.metrics import MonitorMetrics
@@ -119,3 +122,66 @@ def test_consumer_refetches_soon_after_its_queue_was_full():
     assert consumer_config({})["fetch.queue.backoff.ms"] <= 100
     assert consumer_config({"fetch.queue.backoff.ms": 500})["fetch.queue.backoff.ms"] == 500
     assert "fetch.queue.backoff.ms" not in producer_config({"fetch.queue.backoff.ms": 500})
+
+
+# -- the fetch thread, end to end through the embedded broker -------------------------------
+
+@pytest.mark.integration
+def test_fetch_thread_gives_the_windows_of_replay_and_commits_everything(
+        kafka_broker, churn_reference_file, tmp_path):
+    """With the next batch consumed ahead on the fetch thread, `run` closes exactly the
+    windows `replay` closes on the same events (batches of 700 against windows of 1,000,
+    a few malformed messages), in both guarantees, as without the thread; every offset
+    is committed once the outputs are delivered; the thread really ran ahead."""
+    from test_exactly_once import _comparable, _replay
+    from test_runtime import _config, _names, _produce
+
+    from stream_monitor.io import synthetic
+    msgs = [m for chunk in synthetic.generate(7_000, seed=41) for m in chunk]
+    for i in (5, 2_345, 6_001):
+        msgs[i] = b'{"model": "churn", "features": '  # cut short: a dead letter
+    expected = _replay(_config("unused:9092", _names("x"), churn_reference_file, window=1000),
+                       msgs, tmp_path)["windows"]
+    assert len(expected) == 6
+    names = _names("fetch")
+    kafka_broker.create_topics({names[k]: 1 for k in ("inferences", "alerts", "dead_letter")})
+    _produce(kafka_broker.bootstrap_servers, names["inferences"], msgs)
+    for guarantee, prefetch in (("exactly_once", True), ("at_least_once", True),
+                                ("exactly_once", False)):
+        cfg = _config(kafka_broker.bootstrap_servers, names, churn_reference_file, window=1000)
+        cfg["kafka"]["group.id"] = f"{names['group']}-{guarantee}-{prefetch}"
+        cfg["consumer"] = {"batch_size": 700}
+        cfg["processing"] = {"guarantee": guarantee}
+        sidecar = KafkaSidecar(parse_config(cfg))
+        sidecar.prefetch = prefetch
+        windows, ahead = [], []
+
+        def on_batch(result, sidecar=sidecar, windows=windows, ahead=ahead):
+            windows.extend(_comparable(dict(r)) for r in result.reports)
+            f = sidecar._fetcher
+            ahead.append(f is not None and (f.inflight or f.slot is not None))
+
+        sidecar.on_batch = on_batch
+        thread = threading.Thread(target=sidecar.run, daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda s=sidecar: sum(s.applied.values()) == 7_000 - 3, 90, "applied")
+            wait_until(lambda g=cfg["kafka"]["group.id"]: _committed_offset(
+                kafka_broker.bootstrap_servers, g, names["inferences"]) == 7_000, 60,
+                "every offset committed")
+        finally:
+            sidecar.stop()
+            thread.join(60)
+        assert not thread.is_alive() and sidecar.undelivered_at_exit == 0
+        assert windows == expected, (guarantee, prefetch)
+        assert sidecar.metrics.dead_letters._value.get() == 3
+        assert any(ahead) == prefetch, (guarantee, prefetch)
+
+
+def _committed_offset(bootstrap: str, group: str, topic: str) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        return c.committed([TopicPartition(topic, 0)], 10)[0].offset
+    finally:
+        c.close()
