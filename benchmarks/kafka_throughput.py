@@ -12,9 +12,13 @@ in exactly-once mode (transactional checkpoints: state snapshot, offsets and out
 one Kafka transaction every `checkpoint.interval`) and in at-least-once mode, side by
 side, and the median ratio exactly-once / at-least-once is printed.
 
-The two are alternated for --rounds rounds (each end-to-end round reads the topic again
-with a new consumer group) and the median ratio is printed: on a shared machine a
-single pair of figures moves by tens of percent.
+The engine alone and the end-to-end runs are alternated for --rounds rounds (each
+end-to-end run reads the topic again with a new consumer group), each end-to-end run is
+compared with the mean of the engine runs just before and after it, and the median
+ratios are printed: on a shared machine a single pair of figures moves by tens of
+percent. `--prefetch both` measures each guarantee with and without the fetch thread
+that consumes ahead of the loop; `--skip-scale-out` leaves out the last part (`run`
+processes sharing a 4-partition topic).
 """
 
 from __future__ import annotations
