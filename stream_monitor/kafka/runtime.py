@@ -1482,12 +1482,12 @@ class KafkaSidecar:
         fetcher = self._fetcher
         if fetcher is None:
             return
-        try:
-            fetcher.stop()
-        except Exception:
-            log.exception("a rebalance callback failed while stopping")
-            fetcher.inflight = False
-            fetcher.stop()
+        while True:  # until its consume() has returned: it holds the consumer till then
+            try:
+                fetcher.stop()
+                break
+            except Exception:
+                log.exception("a rebalance callback failed while stopping")
         self.consumer.fetcher = None
         self._fetcher = None
 
