@@ -12,14 +12,19 @@ in exactly-once mode (transactional checkpoints: state snapshot, offsets and out
 one Kafka transaction every `checkpoint.interval`) and in at-least-once mode, side by
 side, and the median ratio exactly-once / at-least-once is printed.
 
-The two are alternated for --rounds rounds (each end-to-end round reads the topic again
-with a new consumer group) and the median ratio is printed: on a shared machine a
-single pair of figures moves by tens of percent.
+The engine alone and the end-to-end runs are alternated for --rounds rounds (each
+end-to-end run reads the topic again with a new consumer group), each end-to-end run is
+compared with the mean of the engine runs just before and after it, and the median
+ratios are printed: on a shared machine a single pair of figures moves by tens of
+percent. `--prefetch both` measures each guarantee with and without the fetch thread
+that consumes ahead of the loop; `--skip-scale-out` leaves out the last part (`run`
+processes sharing a 4-partition topic).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 import time
 
@@ -34,20 +39,36 @@ from stream_monitor.pipeline import Monitor
 BATCH = 10_000
 
 
-def bare_engine_rate(msgs: list[bytes], base: Monitor) -> tuple[float, float]:
-    """Events per second of wall-clock time and of this thread's CPU time."""
+def bare_engine_rate(msgs: list[bytes], base: Monitor) -> tuple[float, float, float]:
+    """Events per second of wall-clock time, of this thread's and of the process's CPU."""
     mon = Monitor(base.config, {n: p.reference for n, p in base.models.items()})
-    t, cpu = time.perf_counter(), time.thread_time()
+    t, cpu, proc = time.perf_counter(), time.thread_time(), time.process_time()
     for i in range(0, len(msgs), BATCH):
         mon.process(msgs[i:i + BATCH], range(i, i + BATCH))
-    return len(msgs) / (time.perf_counter() - t), len(msgs) / (time.thread_time() - cpu)
+    n = len(msgs)
+    return (n / (time.perf_counter() - t), n / (time.thread_time() - cpu),
+            n / (time.process_time() - proc))
+
+
+def _loop_cpu(sidecar: KafkaSidecar) -> float:
+    """CPU seconds of the loop's thread (the caller) and of its fetch thread if any."""
+    total = time.thread_time()
+    fetcher = getattr(sidecar, "fetch_thread", None)
+    if fetcher is not None and fetcher.ident is not None and fetcher.is_alive():
+        try:
+            total += time.clock_gettime(time.pthread_getcpuclockid(fetcher.ident))
+        except OSError:  # ended meanwhile
+            pass
+    return total
 
 
 def sidecar_rate(broker: EmbeddedBroker, base: Monitor, n: int, batch_size: int,
-                 group: str, guarantee: str = "at_least_once") -> tuple[float, float, int]:
+                 group: str, guarantee: str = "at_least_once", prefetch: bool = True
+                 ) -> tuple[float, float, float, int]:
     """`run`'s loop from the end of its first batch until all n events are applied;
-    returns the rate per wall-clock second and per CPU second of the loop's thread, and
-    the committed offset after shutdown."""
+    returns the rate per wall-clock second, per CPU second of the loop's thread(s) and
+    per CPU second of the whole process (librdkafka's threads too; the broker is another
+    process), and the committed offset after shutdown."""
     ref = next(iter(base.models.values())).reference
     cfg = parse_config({
         "kafka": {"bootstrap.servers": broker.bootstrap_servers, "group.id": group,
@@ -61,9 +82,12 @@ def sidecar_rate(broker: EmbeddedBroker, base: Monitor, n: int, batch_size: int,
         "http": {"host": "127.0.0.1", "port": 0},
         "models": {"churn": {"reference": "unused.json"}}})
     sidecar = KafkaSidecar(cfg, monitor=Monitor(cfg, {"churn": ref}))
-    marks: list[tuple[float, float, int]] = []  # (wall, loop thread CPU, events applied)
+    sidecar.prefetch = prefetch
+    # (wall, loop thread(s) CPU, process CPU, events applied)
+    marks: list[tuple[float, float, float, int]] = []
     sidecar.on_batch = lambda r: marks.append(
-        (time.perf_counter(), time.thread_time(), sum(sidecar.applied.values())))
+        (time.perf_counter(), _loop_cpu(sidecar), time.process_time(),
+         sum(sidecar.applied.values())))
     thread = threading.Thread(target=sidecar.run, daemon=True)
     thread.start()
     while sum(sidecar.applied.values()) < n:
@@ -73,8 +97,13 @@ def sidecar_rate(broker: EmbeddedBroker, base: Monitor, n: int, batch_size: int,
     c = Consumer({"bootstrap.servers": broker.bootstrap_servers, "group.id": group})
     committed = sum(tp.offset for tp in c.committed([TopicPartition("bench-in", 0)], 10))
     c.close()
-    (w0, c0, e0), (w1, c1, e1) = marks[0], marks[-1]
-    return (e1 - e0) / (w1 - w0), (e1 - e0) / (c1 - c0), committed
+    (w0, c0, p0, e0), (w1, c1, p1, e1) = marks[0], marks[-1]
+    return (e1 - e0) / (w1 - w0), (e1 - e0) / (c1 - c0), (e1 - e0) / (p1 - p0), committed
+
+
+def _median(values: list[float]) -> str:
+    v = sorted(values)
+    return f"median {v[len(v) // 2]:.2f} (min {v[0]:.2f}, max {v[-1]:.2f})"
 
 
 def main() -> None:
@@ -85,9 +114,17 @@ def main() -> None:
                     help="engine alone and end to end, alternated, this many times")
     ap.add_argument("--guarantee", choices=["both", "exactly_once", "at_least_once"],
                     default="both", help="processing guarantee(s) measured end to end")
+    ap.add_argument("--prefetch", choices=["on", "off", "both"], default="on",
+                    help="the fetch thread consuming ahead of the loop (both: each mode "
+                         "with and without it, alternated)")
+    ap.add_argument("--skip-scale-out", action="store_true",
+                    help="leave out the last part (1 and 2 `run` processes, scale-out)")
     args = ap.parse_args()
-    modes = (["at_least_once", "exactly_once"] if args.guarantee == "both"
-             else [args.guarantee])
+    guarantees = (["at_least_once", "exactly_once"] if args.guarantee == "both"
+                  else [args.guarantee])
+    prefetch = {"on": [True], "off": [False], "both": [True, False]}[args.prefetch]
+    variants = {(g if p else f"{g}, no prefetch"): (g, p) for g in guarantees for p in prefetch}
+    modes = list(variants)
     msgs = workload(args.events)
     base = monitor()
     with EmbeddedBroker() as broker:
@@ -108,35 +145,42 @@ def main() -> None:
         produce_rate = len(msgs) / (time.perf_counter() - t)
         print(f"events {len(msgs):,}, 1 partition, consume batch {args.batch_size:,}; "
               f"produce to the broker {produce_rate:,.0f} events/s")
-        ratios, cpu_ratios = [], []
+        print("each end-to-end run is compared with the engine alone measured just before "
+              "and just after it (their mean): the load of a shared machine drifts")
         by_mode: dict[str, list[float]] = {m: [] for m in modes}
+        ratios: dict[str, list[float]] = {m: [] for m in modes}
+        cpu_ratios: dict[str, list[float]] = {m: [] for m in modes}
+        proc_ratios: dict[str, list[float]] = {m: [] for m in modes}
+        engine = bare_engine_rate(msgs, base)
         for r in range(args.rounds):
-            engine, engine_cpu = bare_engine_rate(msgs, base)
             for mode in modes:
-                e2e, e2e_cpu, committed = sidecar_rate(broker, base, len(msgs),
-                                                       args.batch_size, f"bench-{r}-{mode}",
-                                                       mode)
+                guarantee, ahead = variants[mode]
+                e2e, e2e_cpu, e2e_proc, committed = sidecar_rate(
+                    broker, base, len(msgs), args.batch_size, f"bench-{r}-{len(by_mode[mode])}"
+                    f"-{guarantee}-{ahead}", guarantee, ahead)
+                after = bare_engine_rate(msgs, base)
+                wall, cpu, proc = ((x + y) / 2 for x, y in zip(engine, after, strict=True))
+                engine = after
                 by_mode[mode].append(e2e)
-                if mode == modes[0]:
-                    ratios.append(e2e / engine)
-                    cpu_ratios.append(e2e_cpu / engine_cpu)
-                print(f"round {r + 1}: engine alone {engine:>9,.0f} events/s, end to end "
-                      f"({mode}) {e2e:>9,.0f} events/s, ratio {e2e / engine:.2f}; per CPU "
-                      f"second of the loop's thread {e2e_cpu / engine_cpu:.2f} "
-                      f"(committed {committed:,} of {len(msgs):,})")
-    medians = {m: sorted(v)[len(v) // 2] for m, v in by_mode.items()}
-    for mode, rate in medians.items():
-        print(f"end to end, {mode}: median {rate:,.0f} events/s")
-    if len(modes) == 2:
-        pair = sorted(e / a for e, a in zip(by_mode["exactly_once"], by_mode["at_least_once"],
-                                             strict=True))
-        print(f"ratio exactly-once/at-least-once: median {pair[len(pair) // 2]:.2f} "
-              f"(min {pair[0]:.2f}, max {pair[-1]:.2f})")
-    for name, values in ((f"end-to-end ({modes[0]})/engine", ratios),
-                         (f"loop thread CPU, end-to-end ({modes[0]})/engine", cpu_ratios)):
-        values.sort()
-        print(f"ratio {name}: median {values[len(values) // 2]:.2f} "
-              f"(min {values[0]:.2f}, max {values[-1]:.2f})")
+                ratios[mode].append(e2e / wall)
+                cpu_ratios[mode].append(e2e_cpu / cpu)
+                proc_ratios[mode].append(e2e_proc / proc)
+                print(f"round {r + 1}: engine alone {wall:>9,.0f} events/s, end to end "
+                      f"({mode}) {e2e:>9,.0f} events/s, ratio {e2e / wall:.2f}; per CPU "
+                      f"second of the loop's thread(s) {e2e_cpu / cpu:.2f}, of the process "
+                      f"{e2e_proc / proc:.2f} (committed {committed:,} of {len(msgs):,})",
+                      flush=True)
+    for mode in modes:
+        rates = sorted(by_mode[mode])
+        print(f"end to end, {mode}: median {rates[len(rates) // 2]:,.0f} events/s")
+    if "exactly_once" in modes and "at_least_once" in modes:
+        print("ratio exactly-once/at-least-once: " + _median(
+            [e / a for e, a in zip(by_mode["exactly_once"], by_mode["at_least_once"],
+                                   strict=True)]))
+    for mode in modes:
+        print(f"ratio end-to-end ({mode})/engine: {_median(ratios[mode])}; per CPU second "
+              f"of the loop's thread(s) {_median(cpu_ratios[mode])}, of the process "
+              f"{_median(proc_ratios[mode])}")
 
 
 # -- scale-out: 1 and 2 `run` processes sharing the topic (added for issue 15) --------------
@@ -249,4 +293,5 @@ def scale_out_main() -> None:
 
 if __name__ == "__main__":
     main()
-    scale_out_main()
+    if "--skip-scale-out" not in sys.argv:
+        scale_out_main()

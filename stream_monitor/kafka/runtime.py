@@ -1,6 +1,7 @@
 """Runtime: the Kafka sidecar loop (`run`) and its HTTP endpoints, kept thin and at the edge.
 
-One consumer in a consumer group reads the inference topics in batches, hands each
+One consumer in a consumer group reads the inference topics in batches (a fetch thread
+consumes the next batch while the loop applies the current one, `_Fetcher`), hands each
 batch to the same `Monitor` as `replay`, sends rejects to the dead-letter topic and
 alert events to the alert topic (idempotent producer) without waiting for them, and
 commits a batch's offsets only once it is applied and everything it and every earlier
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import hashlib
 import logging
+import queue
 import re
 import signal
 import socket
@@ -36,7 +39,14 @@ from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from prometheus_client import make_wsgi_app
 
 from stream_monitor.config import (
@@ -63,7 +73,8 @@ _CONSUMER_ONLY = {
     "heartbeat.interval.ms", "max.poll.interval.ms", "isolation.level",
     "partition.assignment.strategy", "group.protocol", "fetch.min.bytes",
     "fetch.max.bytes", "fetch.wait.max.ms", "max.partition.fetch.bytes",
-    "enable.partition.eof", "check.crcs", "queued.min.messages",
+    "enable.partition.eof", "check.crcs", "queued.min.messages", "fetch.queue.backoff.ms",
+    "queued.max.messages.kbytes",
 }
 _PRODUCER_ONLY = {
     "acks", "enable.idempotence", "linger.ms", "batch.size", "batch.num.messages",
@@ -81,7 +92,12 @@ _MIN_TRUNCATED = 65_536        # truncated dead letter size when the broker refu
 def consumer_config(kafka: dict[str, Any]) -> dict[str, Any]:
     # auto.offset.reset, session.timeout.ms and heartbeat.interval.ms come from the
     # config's `kafka:` defaults (config.KAFKA_DEFAULTS), so they are documented there.
-    cfg = {"topic.metadata.refresh.interval.ms": 10_000}
+    # fetch.queue.backoff.ms: once librdkafka's prefetch queue is full (64 MB, about
+    # 100,000 events of 650 bytes) it waits this long before fetching again; its default
+    # (1 s) is longer than `run` takes to drain the queue while catching up on a backlog,
+    # so the loop stalled in consume() waiting for the next fetch (measured: 2-3 us an
+    # event of the ~6; README "Benchmarks").
+    cfg = {"topic.metadata.refresh.interval.ms": 10_000, "fetch.queue.backoff.ms": 20}
     cfg.update({k: v for k, v in kafka.items() if k not in _PRODUCER_ONLY})
     cfg["enable.auto.commit"] = False  # offsets are committed only after a batch is applied
     return cfg
@@ -222,7 +238,7 @@ class KafkaLogBridge:
         self._seen[kind] = [now, 0]
         if len(self._seen) > 1000:  # bounded: forget the oldest kinds
             for old in list(self._seen)[:500]:
-                del self._seen[old]
+                self._seen.pop(old, None)  # (the fetch thread logs too)
         self.logger.log(level, "%s%s", line, repeats)
 
 
@@ -353,6 +369,203 @@ class _Output:
     retry_at: float = 0.0
 
 
+@dataclass
+class _Digest:
+    """What `_fresh` needs of a consumed batch, taken without a Python step per message."""
+
+    runs: list[tuple[tuple[str, int], int, int, int, int]]  # (tp, start, end, first, last)
+    values: list[bytes]
+
+
+def digest_batch(raw: list, one_topic: bool) -> _Digest | None:
+    """The runs of one partition with rising offsets in a consumed batch, and the
+    values; None when the batch holds an error or EOF event (the per-message pass
+    handles those). A pure function of the batch: the fetch thread calls it."""
+    n = len(raw)
+    if not n or any(map(Message.error, raw)):
+        return None
+    import numpy as np
+    offs = np.fromiter(map(Message.offset, raw), np.int64, n)
+    parts = list(map(Message.partition, raw))
+    if one_topic:  # subscribed to one topic by name: every message is of it
+        tops, single = None, raw[0].topic()
+    else:
+        tops = list(map(Message.topic, raw))
+        single = tops[0] if tops.count(tops[0]) == n else None
+    cut = offs[1:] <= offs[:-1]  # a run ends where the offset stops rising ...
+    if single is None or parts.count(parts[0]) != n:  # ... or the partition changes
+        key = np.array(parts, dtype=np.int64)
+        if single is None:
+            codes = {t: i for i, t in enumerate(dict.fromkeys(tops))}
+            key = key * len(codes) + np.array(list(map(codes.__getitem__, tops)))
+        cut |= key[1:] != key[:-1]
+    cuts = (np.flatnonzero(cut) + 1).tolist()
+    starts, ends = [0, *cuts], [*cuts, n]
+    firsts, lasts = offs[starts].tolist(), offs[[e - 1 for e in ends]].tolist()
+    runs = [((single if single is not None else tops[a], parts[a]), a, b, first, last)
+            for a, b, first, last in zip(starts, ends, firsts, lasts, strict=True)]
+    values = list(map(Message.value, raw))
+    if not all(values):  # a null value (tombstone) is an empty message to the decoder
+        values = [v or b"" for v in values]
+    return _Digest(runs, values)
+
+
+class _Job:
+    """A consumer call the loop's thread asks the fetch thread to make."""
+
+    __slots__ = ("fn", "args", "kwargs", "done", "result", "error")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict):
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn(*self.args, **self.kwargs)
+        except BaseException as exc:
+            self.error = exc
+        self.done.set()
+
+
+class _Fetcher:
+    """A thread that consumes the next batch while the loop applies the current one.
+
+    confluent-kafka builds a batch's message objects holding the GIL, but waiting for a
+    fetch, and the engine's numpy work, release it: consuming overlaps with applying.
+    It works in lockstep with the loop: the loop starts one consume() (`start`) as it
+    takes a batch and waits for it (`join`) at a quiet point of its turn, before it
+    uses the consumer itself; so at most one batch is fetched ahead, and nothing here
+    touches the monitor's state. confluent-kafka lets one thread at a time into a
+    consumer (another thread's call waits for the consume() in progress), and
+    librdkafka runs the rebalance callbacks inside consume(), so on this thread: they
+    are handed to the loop (`call`), which runs them while joining, in the order the
+    single-threaded loop would, and the consumer calls they make are made back here
+    (`run`), inside the callback, as they would be without this thread.
+    """
+
+    def __init__(self, consumer: Consumer, batch_size: int, timeout: float, one_topic: bool,
+                 serve: Callable[[tuple], None]):
+        self.consumer, self.batch_size, self.timeout = consumer, batch_size, timeout
+        self.one_topic, self.serve = one_topic, serve
+        self.inflight = False            # (loop) a consume() started and not joined yet
+        self.slot: Any = None            # its result: (raw, digest), or an exception
+        self.serving = False             # (loop) running a callback handed over
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()  # callbacks for the loop
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()   # consumer calls for this thread
+        self._go = threading.Event()
+        self._wake = threading.Event()   # a result or a callback is waiting for the loop
+        self._done = False
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="kafka-fetch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._go.wait()
+            self._go.clear()
+            if self.stopping:
+                return
+            try:
+                raw = self.consumer.consume(self.batch_size, self.timeout)
+                result: Any = (raw, digest_batch(raw, self.one_topic) if raw else None)
+            except BaseException as exc:  # the loop raises it where it takes the batch
+                result = exc
+            self.slot, self._done = result, True
+            self._wake.set()
+
+    def start(self) -> None:
+        """(loop) Consume the next batch now."""
+        self.inflight, self._done = True, False
+        self._go.set()
+
+    def join(self) -> None:
+        """(loop) Wait for the consume() in flight, running the callbacks it hands over."""
+        while self.inflight:
+            self._wake.wait()
+            self._wake.clear()
+            while True:
+                try:
+                    item = self.calls.get_nowait()
+                except queue.Empty:
+                    break
+                self.serve(item)
+            if self._done:
+                self.inflight = False
+
+    def returned(self) -> bool:
+        """(loop) Whether no consume() is in flight any more (its callbacks, if any, were
+        run: consume() cannot return before), so joining will not wait."""
+        return not self.inflight or self._done
+
+    def take(self) -> tuple[list, _Digest | None]:
+        """(loop) The batch consumed last (joined first); [] if none."""
+        self.join()
+        result, self.slot = self.slot, None
+        if isinstance(result, BaseException):
+            raise result
+        return result if result is not None else ([], None)
+
+    def call(self, fn: Callable[..., None], *args: Any) -> None:
+        """(this thread, inside a rebalance callback) Run fn on the loop's thread and
+        wait, making the consumer calls fn makes meanwhile (re-entrant: this thread is
+        inside consume(), as the callback would be without this thread)."""
+        done = threading.Event()
+        self.calls.put((done, fn, args))
+        self._wake.set()
+        while not done.is_set():
+            try:
+                self.jobs.get(timeout=0.002).run()
+            except queue.Empty:
+                continue
+        while True:
+            try:
+                self.jobs.get_nowait().run()
+            except queue.Empty:
+                return
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """(loop, running a callback handed over) fn(*args, **kwargs) on this thread."""
+        job = _Job(fn, args, kwargs)
+        self.jobs.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def stop(self) -> None:
+        """(loop) Join what is in flight (its batch is dropped), end the thread."""
+        self.join()
+        self.slot, self.stopping = None, True
+        self._go.set()
+        self.thread.join(5.0)
+
+
+class _RoutedConsumer:
+    """The sidecar's consumer. While a callback handed over by the fetch thread runs on
+    the loop's thread, its consumer calls are made on the fetch thread (which is inside
+    consume()); a call from the loop while a consume() is in flight first joins it (the
+    loop joins at quiet points of its turn before using the consumer, so this is only a
+    safety net); otherwise calls are made directly."""
+
+    def __init__(self, consumer: Consumer):
+        self.consumer = consumer
+        self.fetcher: _Fetcher | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.consumer, name)
+        f = self.fetcher
+        if f is None or not callable(attr) or threading.current_thread() is f.thread:
+            return attr
+        if f.serving:
+            return functools.partial(f.run, attr)
+        if f.inflight:
+            log.debug("consumer.%s while a fetch is in flight: joining it first", name)
+            f.join()
+        return attr
+
+
 class PoisonBatch(Exception):
     """Processing failed for too many messages of a batch one by one: not a poison
     message but a fault of the monitor itself; the batch is not committed."""
@@ -387,9 +600,9 @@ class KafkaSidecar:
             # only committed input (e.g. labels written transactionally upstream)
             ccfg["isolation.level"] = "read_committed"
             pcfg["transactional.id"] = self.transactional_id
-        self.consumer = Consumer({**ccfg, "logger": self.kafka_log,
-                                  "error_cb": self._on_kafka_error,
-                                  "on_commit": self._on_commit})
+        self.consumer = _RoutedConsumer(Consumer({**ccfg, "logger": self.kafka_log,
+                                                  "error_cb": self._on_kafka_error,
+                                                  "on_commit": self._on_commit}))
         self.producer = Producer({**pcfg, "logger": self.kafka_log,
                                   "error_cb": self._on_kafka_error})
         # what the producer accepts, less room for the key, headers and framing
@@ -406,6 +619,11 @@ class KafkaSidecar:
         self._rereading: set[tuple[str, int]] = set()
         self._paused = False
         self._subscribed = False
+        self._one_topic = False    # subscribed to exactly one topic by name (_fresh_runs)
+        # The next batch is consumed on a fetch thread while this one is applied
+        # (`_Fetcher`); False: consumed on the loop's thread, as the demo may want.
+        self.prefetch = True
+        self._fetcher: _Fetcher | None = None
         if join_early:
             # The group join takes seconds (on the embedded broker half the session
             # timeout): start it now, so it overlaps with loading the engine and the
@@ -702,16 +920,25 @@ class KafkaSidecar:
         backoff = min(self.config.delivery.retry_backoff_max, 2.0 ** (self._abort_streak - 1))
         self._resume_at = time.monotonic() + (backoff if self._abort_streak > 1 else 0.0)
         if seek:
-            for (t, p), off in sorted(self._committed_positions.items()):
-                if (t, p) not in self.assigned:
-                    continue
-                try:
-                    self.consumer.seek(TopicPartition(t, p, off))
-                except KafkaException as exc:
-                    raise TransactionFailed(f"cannot rewind {t}[{p}] to offset {off}: "
-                                      f"{exc.args[0].str()}") from exc
+            tps = [TopicPartition(t, p, off)
+                   for (t, p), off in sorted(self._committed_positions.items())
+                   if (t, p) in self.assigned]
+            fetcher = self._fetcher
+            if fetcher is not None:  # what it consumed ahead is from before the rewind
+                fetcher.join()       # (a no-op: the loop joined before its checkpoint)
+                fetcher.slot = None
+            self._seek(tps)
         for hook in self.on_rewind:
             hook()
+
+    def _seek(self, tps: list[TopicPartition]) -> None:
+        consumer = self.consumer  # routed: from a handed-over callback, on the fetch thread
+        for tp in tps:
+            try:
+                consumer.seek(tp)
+            except KafkaException as exc:
+                raise TransactionFailed(f"cannot rewind {tp.topic}[{tp.partition}] to offset "
+                                        f"{tp.offset}: {exc.args[0].str()}") from exc
 
     def _rebuild(self, states: dict[str, bytes]) -> None:
         """A fresh Monitor (same config and references) holding `states`: models
@@ -902,11 +1129,13 @@ class KafkaSidecar:
         except KafkaException as exc:
             log.warning("commit failed: %s", exc.args[0].str())
 
-    def _pump(self) -> None:
-        """Serve delivery callbacks, resend what is due, commit what is delivered."""
+    def _pump(self, commit: bool = True) -> None:
+        """Serve delivery callbacks, resend what is due, commit what is delivered
+        (`commit=False`: at the next turn)."""
         self.producer.poll(0)
         self._resend_due()
-        self._commit_delivered()
+        if commit:
+            self._commit_delivered()
         self.metrics.pending.set(self.pending_outputs())
         self.metrics.oldest_pending.set(self.oldest_pending_age())
         self.metrics.uncommitted.set(len(self._batches))
@@ -1067,6 +1296,8 @@ class KafkaSidecar:
             if high is None or high < 0:
                 continue
             pos = tp.offset if tp.offset >= 0 else low
+            # what is applied, not what the fetch thread has consumed ahead of it
+            pos = min(pos, self._applied_upto.get((tp.topic, tp.partition), pos))
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - pos))
 
     def _backpressure(self) -> None:
@@ -1087,9 +1318,53 @@ class KafkaSidecar:
         except KafkaException as exc:
             log.warning("pause/resume failed: %s", exc.args[0].str())
 
-    def _fresh(self, raw: list) -> tuple[list, list[bytes], dict, Counter]:
+    def _fresh(self, raw: list, digest: _Digest | None = None
+               ) -> tuple[list, list[bytes], dict, Counter]:
         """The messages of a consumed batch not applied yet by this instance, their
-        values, the next offset per partition and the count per topic (one pass).
+        values, the next offset per partition and the count per topic.
+
+        The usual batch (no error, nothing below what was applied) takes C-level `map`s
+        over the batch (`digest_batch`, done by the fetch thread) and a few steps per run
+        of one partition (`_fresh_runs`); any other batch the per-message pass
+        (`_fresh_each`). Both give the same result.
+        """
+        fast = self._fresh_runs(raw, digest)
+        return fast if fast is not None else self._fresh_each(raw)
+
+    def _fresh_runs(self, raw: list, digest: _Digest | None = None
+                    ) -> tuple[list, list[bytes], dict, Counter] | None:
+        """`_fresh` without a Python step per message, or None when the batch needs
+        the per-message pass: an error or EOF event in it, or a run of one partition
+        (offsets rising) that starts below what this instance applied (a re-read).
+        """
+        if digest is None:
+            digest = digest_batch(raw, self._one_topic)
+        if digest is None:
+            return None
+        upto = self._applied_upto
+        for tp, _, _, first, _ in digest.runs:
+            if first < upto.get(tp, -1):
+                return None
+        offsets: dict[tuple[str, int], int] = {}
+        topics: Counter = Counter()
+        firsts = self._batch_firsts
+        for tp, a, b, first, last in digest.runs:
+            if tp not in offsets:  # first of the batch: remembered to spot a re-read
+                marks = firsts.setdefault(tp, {})
+                marks[first] = _fingerprint(raw[a])
+                if len(marks) > 1000:  # only recent batches can come back
+                    for old in sorted(marks)[:500]:
+                        del marks[old]
+            offsets[tp] = last + 1
+            topics[tp[0]] += b - a
+            self._rereading.discard(tp)
+        for key, next_offset in offsets.items():
+            if next_offset > upto.get(key, -1):
+                upto[key] = next_offset
+        return raw, digest.values, offsets, topics
+
+    def _fresh_each(self, raw: list) -> tuple[list, list[bytes], dict, Counter]:
+        """`_fresh`, one message at a time (one pass).
 
         After a failed commit (assignment lost in an outage) the same messages come back
         from the last committed offset: this instance already applied them, so they are
@@ -1151,11 +1426,77 @@ class KafkaSidecar:
         self._batch_firsts[tp] = {offset: _fingerprint(msg)}
         return False
 
+    # -- consuming: on a fetch thread, one batch ahead of the loop ----------------------
+
+    @property
+    def fetch_thread(self) -> threading.Thread | None:
+        return self._fetcher.thread if self._fetcher is not None else None
+
+    def _in_loop(self, handler: Callable[..., None], *args: Any) -> None:
+        """A rebalance callback: run on the loop's thread (the fetch thread, inside
+        consume(), waits for it), so it never overlaps with applying a batch."""
+        fetcher = self._fetcher
+        if fetcher is not None and threading.current_thread() is fetcher.thread:
+            fetcher.call(handler, *args)
+        else:
+            handler(*args)
+
+    def _serve_call(self, item: tuple) -> None:
+        done, handler, args = item
+        fetcher = self._fetcher
+        fetcher.serving = True
+        try:
+            handler(*args)  # an exception ends the loop; the fetch thread goes on
+        finally:
+            fetcher.serving = False
+            done.set()
+
+    def _join_fetch(self) -> None:
+        """At a quiet point of the turn, before the loop uses the consumer: wait for the
+        consume() in flight, running the rebalance callbacks it hands over."""
+        if self._fetcher is not None:
+            self._fetcher.join()
+
+    def _next_batch(self) -> tuple[list, _Digest | None]:
+        """The next consumed batch (and its digest), or ([], None) after poll_timeout;
+        the fetch thread then consumes the one after while this one is applied."""
+        cfg = self.config.consumer
+        if not self.prefetch:
+            return self.consumer.consume(cfg.batch_size, cfg.poll_timeout), None
+        fetcher = self._fetcher
+        if fetcher is None:
+            fetcher = self._fetcher = _Fetcher(self.consumer.consumer, cfg.batch_size,
+                                               cfg.poll_timeout, self._one_topic,
+                                               self._serve_call)
+            self.consumer.fetcher = fetcher
+        if not fetcher.inflight and fetcher.slot is None:
+            fetcher.start()
+        raw, digest = fetcher.take()
+        if raw:
+            fetcher.start()
+        return raw, digest
+
+    def _stop_fetcher(self) -> None:
+        """End the fetch thread (at close): the batch it consumed ahead is not applied
+        (its offsets were never committed); callbacks it hands over meanwhile are run."""
+        fetcher = self._fetcher
+        if fetcher is None:
+            return
+        while True:  # until its consume() has returned: it holds the consumer till then
+            try:
+                fetcher.stop()
+                break
+            except Exception:
+                log.exception("a rebalance callback failed while stopping")
+        self.consumer.fetcher = None
+        self._fetcher = None
+
     def poll_once(self) -> int:
         """Consume, apply and hand over the outputs of one batch; returns its size."""
         cfg = self.config.consumer
         self._heartbeat = time.monotonic()
         self.metrics.heartbeat.set(time.time())
+        self._join_fetch()  # the batch consumed ahead (and its callbacks) before all else
         self._service_checks()
         if self.push is not None and self.push.due():
             self.push.send([])
@@ -1166,13 +1507,13 @@ class KafkaSidecar:
             return 0
         if self.scale_out is not None:
             self.scale_out.tick()
-        raw = self.consumer.consume(cfg.batch_size, cfg.poll_timeout)
+        raw, digest = self._next_batch()
         if not raw:
             if self.eos and self._checkpoint_due():
                 self._checkpoint()
             return 0
         self._last_data = time.monotonic()
-        messages, values, offsets, topics = self._fresh(raw)
+        messages, values, offsets, topics = self._fresh(raw, digest)
         partials: list = []
         if self.scale_out is not None:  # other instances' partial windows: to the merger
             messages, values, partials = self.scale_out.split(messages, values)
@@ -1223,10 +1564,16 @@ class KafkaSidecar:
                 self.push.send(result.alerts)
             else:  # backing off: queue them for the next attempt
                 self.push.queue(result.alerts)
-        self._pump()
+        # The commit uses the consumer: only once the fetch in flight has returned (it
+        # has, unless the topic is drained and it waits for more); else next turn.
+        fetched = self._fetcher is None or self._fetcher.returned()
+        if fetched and not self.eos:
+            self._join_fetch()
+        self._pump(commit=fetched)
         if self.on_batch is not None:
             self.on_batch(result)
         if self.eos and self._checkpoint_due():
+            self._join_fetch()
             self._checkpoint()
         return len(messages)
 
@@ -1250,9 +1597,12 @@ class KafkaSidecar:
             from stream_monitor.kafka.scale_out import ensure_topics
             ensure_topics(self)
             labels.append(partials_topic(self.config))
-        self.consumer.subscribe(list(self.config.topics.inferences) + labels,
-                                on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_lost)
+        topics = list(self.config.topics.inferences) + labels
+        self._one_topic = len(topics) == 1 and not topics[0].startswith("^")
+        self.consumer.subscribe(
+            topics, on_assign=lambda c, p: self._in_loop(self._on_assign, c, p),
+            on_revoke=lambda c, p: self._in_loop(self._on_revoke, c, p),
+            on_lost=lambda c, p: self._in_loop(self._on_lost, c, p))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # the group session expired (e.g. a broker outage): nothing can be committed for
@@ -1285,6 +1635,7 @@ class KafkaSidecar:
         pending alerts, leave the group. Offsets of undelivered outputs are never
         committed. True when nothing was left undelivered."""
         deadline = time.monotonic() + self.config.delivery.shutdown_grace
+        self._stop_fetcher()  # the consumer is this thread's again
         if self.eos and self._loop_failed:
             delivered = False
             if self._txn_open:
