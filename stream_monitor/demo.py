@@ -284,10 +284,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     for a in list(view.alerts)[shown:]:
                         about = a["labels"].get("feature") or ",".join(
                             f["feature"] for f in a.get("features", []))
+                        cause = (a.get("diagnosis") or {}).get("root_cause")
                         print(f"ALERT {a['status']} {a['labels']['severity']} "
                               f"{a['labels']['alertname']} model={a['labels']['model']} "
-                              f"features={about} cause="
-                              f"{(a.get('diagnosis') or {}).get('root_cause', '')}", flush=True)
+                              f"features={about}" + (f" cause={cause}" if cause else ""),
+                              flush=True)
                     shown = len(view.alerts)
                     if time.monotonic() - last_line > 5:
                         print(view.line(), flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -273,3 +274,5 @@ def test_demo_runs_and_finds_drift(tmp_path):
     assert "serving metrics at http://127.0.0.1:" in out
     assert "ALERT firing" in out and "FeatureDrift model=churn" in out, out
     assert "DataQuality model=fraud features=f07" in out, out
+    # an alert without a diagnosis (a detector's, between windows) prints no empty cause
+    assert not re.search(r"cause=\s*$", out, re.M), out
