@@ -31,9 +31,30 @@ def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
     n0 = y.size - n1
     if n1 == 0 or n0 == 0:
         return math.nan
-    from scipy.stats import rankdata  # scipy.stats costs ~1.5 s to import: when used
-    ranks = rankdata(score)
+    ranks = average_ranks(score)
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of x, ties given their average rank (scipy's `rankdata`, 'average').
+
+    The same values as scipy's (integers and halves, exact in float64), so sums of them
+    keep every bit, at a third of the cost for a window of 2,000: scipy's wrapper
+    overhead dominates at that size. NaN-free input.
+    """
+    n = x.size
+    order = np.argsort(x)
+    s = x[order]
+    new = np.empty(n, bool)
+    new[:1] = True
+    np.not_equal(s[1:], s[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    ends = np.empty_like(starts)
+    ends[:-1] = starts[1:]
+    ends[-1:] = n
+    ranks = np.empty(n, np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
 
 
 def log_loss(p_true: np.ndarray) -> float:
