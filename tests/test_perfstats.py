@@ -134,3 +134,18 @@ def test_average_ranks_equal_scipy_rankdata_bit_for_bit(seed):
             if 0 < y.sum() < n:
                 assert ps.roc_auc(y, x) == float(
                     (want[y].sum() - y.sum() * (y.sum() + 1) / 2) / (y.sum() * (n - y.sum())))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_expected_roc_auc_distinct_scores_take_the_same_sums(seed):
+    """Distinct scores skip the grouping: the figure keeps every bit of the grouped sums
+    (np.unique + bincount, written out here), signed zeros and exact 0 and 1 included."""
+    rng = np.random.default_rng(seed)
+    for p in (rng.random(10_000), rng.beta(0.3, 0.3, 2000), np.array([-0.0, 0.25, 1.0]),
+              np.concatenate([[0.0, 1.0], rng.random(997)]), np.round(rng.random(3000), 2)):
+        q = np.clip(p, 0.0, 1.0)
+        values, inverse = np.unique(-q, return_inverse=True)
+        tpr = np.concatenate([[0.0], np.cumsum(np.bincount(inverse, q)) / q.sum()])
+        fpr = np.concatenate([[0.0], np.cumsum(np.bincount(inverse, 1 - q)) / (1 - q).sum()])
+        want = float(np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr))
+        assert ps.expected_roc_auc(p) == want

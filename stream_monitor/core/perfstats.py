@@ -190,9 +190,15 @@ def expected_roc_auc(p: np.ndarray) -> float:
         new = np.empty(s.size, bool)
         new[:1] = True
         np.not_equal(s[1:], s[:-1], out=new[1:])
-        group = np.cumsum(new) - 1
-        tp = np.bincount(group, s)
-        fp = np.bincount(group, 1 - s)
+        if new.all():
+            # every value distinct (the rule for float scores): each group is one value,
+            # and bincount's sum of one value is 0.0 + value, the same bits as here
+            tp = s + 0.0
+            fp = (1 - s) + 0.0
+        else:
+            group = np.cumsum(new) - 1
+            tp = np.bincount(group, s)
+            fp = np.bincount(group, 1 - s)
     tpr = np.concatenate([[0.0], np.cumsum(tp) / pos])
     fpr = np.concatenate([[0.0], np.cumsum(fp) / neg])
     return float(np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr))
