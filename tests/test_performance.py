@@ -437,3 +437,24 @@ def test_fast_adwin_feed_is_the_per_value_update(seed):
         assert seen  # the streams do drift
     other = drift.PageHinkley()
     assert feed_detector(other, [0.0] * 100 + [5.0] * 100) in (True, False)
+
+
+@pytest.mark.parametrize("labels", [
+    [0, 1, 1, 0], [True, False, 1, 0, 1.0, "1"], ["no", "yes", "yes"], ["b", "a", "c", "a"],
+    [1.0, 0.0, float("nan"), 2], [[1], 0, 1], ["pos", "neg", {"x": 1}]])
+def test_first_window_classes_from_float_predictions_match_the_per_pair_loop(labels):
+    """The class space settled from the columns (float predictions: the distinct labels)
+    is the one the per-pair loop settles: the same classes, order and positive class;
+    unhashable labels fall back to the loop."""
+    from stream_monitor.config import PerformanceConfig
+    from stream_monitor.core.performance import ModelPerformance, _columns
+
+    rng = np.random.default_rng(len(labels))
+    pairs = [(i, 0.0, 1.0, "v1", float(rng.random()), None, None, labels[i % len(labels)])
+             for i in range(60)]
+    fast = ModelPerformance("m", PerformanceConfig(), None)
+    loop = ModelPerformance("m", PerformanceConfig(), None)
+    fast._settle_classes(pairs, _columns(pairs))
+    loop._settle_classes(pairs)
+    assert list(fast.classes.items()) == list(loop.classes.items())
+    assert fast.positive == loop.positive

@@ -116,3 +116,36 @@ def test_tests_of_means_and_proportions():
     assert ps.mean_test_p(1000, 0.2, 0.16, 1000, 0.2, 0.16) == pytest.approx(0.5)
     assert ps.proportion_test_p(100, 1000, 200, 1000) < 1e-6
     assert ps.proportion_test_p(200, 1000, 200, 1000) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_average_ranks_equal_scipy_rankdata_bit_for_bit(seed):
+    """roc_auc's ranks: the same float64 values as scipy's `rankdata` (average ties), so
+    the AUC keeps every bit; ties, integer ties, Cauchy tails, signed zeros, n=1."""
+    from scipy.stats import rankdata
+    rng = np.random.default_rng(seed)
+    for n in (1, 2, 7, 2000, 5003):
+        for x in (rng.random(n), rng.integers(0, 5, n).astype(float),
+                  np.round(rng.standard_cauchy(n), 1), np.round(rng.random(n), 2),
+                  np.where(rng.random(n) < 0.5, 0.0, -0.0)):
+            got, want = ps.average_ranks(x), rankdata(x)
+            assert got.dtype == want.dtype and np.array_equal(got, want)
+            y = rng.random(n) < 0.3
+            if 0 < y.sum() < n:
+                assert ps.roc_auc(y, x) == float(
+                    (want[y].sum() - y.sum() * (y.sum() + 1) / 2) / (y.sum() * (n - y.sum())))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_expected_roc_auc_distinct_scores_take_the_same_sums(seed):
+    """Distinct scores skip the grouping: the figure keeps every bit of the grouped sums
+    (np.unique + bincount, written out here), signed zeros and exact 0 and 1 included."""
+    rng = np.random.default_rng(seed)
+    for p in (rng.random(10_000), rng.beta(0.3, 0.3, 2000), np.array([-0.0, 0.25, 1.0]),
+              np.concatenate([[0.0, 1.0], rng.random(997)]), np.round(rng.random(3000), 2)):
+        q = np.clip(p, 0.0, 1.0)
+        values, inverse = np.unique(-q, return_inverse=True)
+        tpr = np.concatenate([[0.0], np.cumsum(np.bincount(inverse, q)) / q.sum()])
+        fpr = np.concatenate([[0.0], np.cumsum(np.bincount(inverse, 1 - q)) / (1 - q).sum()])
+        want = float(np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr))
+        assert ps.expected_roc_auc(p) == want

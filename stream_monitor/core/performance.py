@@ -301,8 +301,9 @@ class ModelPerformance:
             raise ConfigError([f"models.{self.model}.performance.metric: {self.metric!r} does "
                                f"not apply to a {self.task} model"])
 
-    def _settle_classes(self, pairs: list) -> None:
-        """Fix the class space and the positive class at the first window."""
+    def _settle_classes(self, pairs: list, cols: list | None = None) -> None:
+        """Fix the class space and the positive class at the first window. `cols`: the
+        pairs transposed (`_columns`), when already done."""
         if self.classes:
             return
         known: dict[str, int] = {}
@@ -313,10 +314,23 @@ class ModelPerformance:
                     known[c] = known.get(c, 0) + int(n)
         # the label vocabulary defines the classes (scores keyed otherwise, e.g.
         # {"churn": p, "stay": 1 - p} beside 0/1 labels, are not mapped onto them)
-        for p in pairs:
-            known.setdefault(category_key(p[7]), 0)
-            if not _is_probability(p[4]) and p[4] is not None and type(p[4]) is not float:
-                known.setdefault(category_key(p[4]), 0)
+        try:
+            # every prediction a float (the common case): none of them names a class
+            # below, so the labels alone, each distinct (type, value) once in first-seen
+            # order: the same keys in the same order as the loop, 2,000 calls fewer
+            labels = cols[7] if cols is not None and set(map(type, cols[4])) == {float} else None
+            distinct = None if labels is None else dict.fromkeys(
+                zip(map(type, labels), labels, strict=True))
+        except TypeError:  # an unhashable label (a JSON list or object)
+            distinct = None
+        if distinct is not None:
+            for _, v in distinct:
+                known.setdefault(category_key(v), 0)
+        else:
+            for p in pairs:
+                known.setdefault(category_key(p[7]), 0)
+                if not _is_probability(p[4]) and p[4] is not None and type(p[4]) is not float:
+                    known.setdefault(category_key(p[4]), 0)
         positive = self.s.positive
         if positive is None and len(known) <= 2:
             named = [c for c in _POSITIVE_NAMES if c in known]
@@ -421,7 +435,7 @@ class ModelPerformance:
     def _compute(self, pairs: list, cols: list | None = None) -> tuple:
         """(metrics, per-event loss of the alert metric, per-event error, y, yhat, proba)."""
         if self.task == "classification":
-            self._settle_classes(pairs)
+            self._settle_classes(pairs, cols)
             arr = self._classification_arrays(pairs, cols)
             y, yhat, proba = arr["y"], arr["yhat"], arr["proba"]
             if proba.shape[1] < len(self.classes):  # classes met while converting

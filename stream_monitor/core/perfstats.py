@@ -31,9 +31,30 @@ def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
     n0 = y.size - n1
     if n1 == 0 or n0 == 0:
         return math.nan
-    from scipy.stats import rankdata  # scipy.stats costs ~1.5 s to import: when used
-    ranks = rankdata(score)
+    ranks = average_ranks(score)
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of x, ties given their average rank (scipy's `rankdata`, 'average').
+
+    The same values as scipy's (integers and halves, exact in float64), so sums of them
+    keep every bit, at a third of the cost for a window of 2,000: scipy's wrapper
+    overhead dominates at that size. NaN-free input.
+    """
+    n = x.size
+    order = np.argsort(x)
+    s = x[order]
+    new = np.empty(n, bool)
+    new[:1] = True
+    np.not_equal(s[1:], s[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    ends = np.empty_like(starts)
+    ends[:-1] = starts[1:]
+    ends[-1:] = n
+    ranks = np.empty(n, np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
 
 
 def log_loss(p_true: np.ndarray) -> float:
@@ -169,9 +190,15 @@ def expected_roc_auc(p: np.ndarray) -> float:
         new = np.empty(s.size, bool)
         new[:1] = True
         np.not_equal(s[1:], s[:-1], out=new[1:])
-        group = np.cumsum(new) - 1
-        tp = np.bincount(group, s)
-        fp = np.bincount(group, 1 - s)
+        if new.all():
+            # every value distinct (the rule for float scores): each group is one value,
+            # and bincount's sum of one value is 0.0 + value, the same bits as here
+            tp = s + 0.0
+            fp = (1 - s) + 0.0
+        else:
+            group = np.cumsum(new) - 1
+            tp = np.bincount(group, s)
+            fp = np.bincount(group, 1 - s)
     tpr = np.concatenate([[0.0], np.cumsum(tp) / pos])
     fpr = np.concatenate([[0.0], np.cumsum(fp) / neg])
     return float(np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr))
