@@ -635,6 +635,40 @@ def test_many_unseen_categories_switch_the_model_to_its_plain_type():
     _same_columns(decode(fast, msgs), decode(on_path(fast, "slow"), msgs))
 
 
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_nullable_columns_keep_zeros_signs_and_nan_bits_as_the_per_event_path(chunk,
+                                                                             monkeypatch):
+    """A numeric column that has carried a null is packed as truth values and its nulls
+    are found among the false ones (None, or a zero): zeros, -0.0, ints and absent keys
+    next to nulls keep exactly the bits of the per-event path, in the chunk where the
+    first null appears (the general path) and in the chunks after it (the packed one)."""
+    import stream_monitor.io.decode as decode_module
+    monkeypatch.setattr(decode_module, "_CHUNK", chunk)
+    fast = make_decoder()
+    rng = np.random.default_rng(chunk)
+    values = [0.0, -0.0, 0, None, 1e-300, -2.5, 3, None, 0.0]
+    msgs = []
+    for i in range(300):
+        x, z = values[i % len(values)], values[(i * 7) % len(values)] if i > 40 else 0.5
+        f = feats(x=x, z=z, y=ABSENT if rng.random() < 0.1 else int(rng.integers(0, 3)),
+                  plan=str(rng.choice(["basic", "premium", "gold"])), vip=bool(i % 3))
+        msgs.append(enc(event(f, ts=T0 + i, prediction=None if i % 11 == 0 else 0.0)))
+    a, b = decode(fast, msgs), decode(on_path(fast, "slow"), msgs)
+    _same_columns(a, b, models=("m",))
+    x, y = a.models["m"], b.models["m"]
+    np.testing.assert_array_equal(x.absent_rows, y.absent_rows)
+    # bit for bit (-0.0, the NaN of a null), but for absent keys: NaN with a payload that
+    # marks them on the typed path (`ABSENT_NAN`), a plain NaN on the per-event path
+    given = ~x.absent_rows[:, :x.numeric.shape[1]]
+    np.testing.assert_array_equal(x.numeric.view(np.uint64)[given],
+                                  y.numeric.view(np.uint64)[given])
+    for name in ("ts", "prediction"):
+        np.testing.assert_array_equal(getattr(x, name).view(np.uint64),
+                                      getattr(y, name).view(np.uint64), err_msg=name)
+    assert np.signbit(x.numeric[:, col(fast, "m", "x")]).any()      # -0.0 was there
+    assert fast.schemas["m"]._nullable == {col(fast, "m", "x"), col(fast, "m", "z")}
+
+
 def _window_stats(report: dict) -> dict:
     """A window report as written to windows.jsonl (numpy values as JSON)."""
     return orjson.loads(orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY))
