@@ -238,6 +238,18 @@ def test_event_without_model_is_rejected_by_single_model_decoder():
     assert [(r.position, r.reason) for r in out.rejects] == [(3, "no_model")]
 
 
+@pytest.mark.parametrize("extra", [{}, {"__never__": 0}, {"__never__": 1}])
+def test_the_decoders_sentinel_tag_is_an_unknown_model_among_typed_events(extra):
+    """The typed union's never-matching member (tag "\\x00never") never decodes, so a
+    single-model decoder can take every event decoded without error as its model's."""
+    d = make_decoder(models=("m",))
+    msgs = [enc(event(ts=T0 + i)) for i in range(6)]
+    msgs[4] = enc(event(model="\x00never", **extra))
+    out = decode(d, msgs)
+    assert [(r.position, r.reason) for r in out.rejects] == [(4, "unknown_model")]
+    assert out.models["m"].positions.tolist() == [0, 1, 2, 3, 5]
+
+
 def test_default_model_takes_events_without_model():
     d = make_decoder(decode={"default_model": "n"})
     nev = event(model=ABSENT, features={"score": 2.5, "color": "blue"}, prediction="no")
