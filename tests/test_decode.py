@@ -681,6 +681,39 @@ def test_nullable_columns_keep_zeros_signs_and_nan_bits_as_the_per_event_path(ch
     assert fast.schemas["m"]._nullable == {col(fast, "m", "x"), col(fast, "m", "z")}
 
 
+@pytest.mark.parametrize("seed", [31, 32])
+def test_fields_follow_the_producers_key_order_and_any_order_decodes_exactly(seed):
+    """The typed struct's fields take the order of the keys in the first event of a
+    model (learned once, used from the next batch): events in that order, in another
+    order or with keys absent decode exactly as the per-event path."""
+    fast = make_decoder()
+    rng = np.random.default_rng(seed)
+    batches = []
+    for b in range(3):
+        msgs = []
+        for m in _varied_events(seed * 10 + b, 300):
+            ev = orjson.loads(m)
+            if ev["model"] == "m":      # a column without nulls: packed as float64
+                ev["features"]["x"] = float(rng.normal())
+            keys = sorted(ev["features"], key=lambda k: "zpxtyv".find(k[0]))  # interleaved
+            if b == 2 and rng.random() < 0.5:     # a producer that changed its key order
+                rng.shuffle(keys)
+            ev["features"] = {k: ev["features"][k] for k in keys}
+            msgs.append(enc(ev))
+        batches.append(msgs)
+    first = next(e for e in map(orjson.loads, batches[0]) if e["model"] == "m")
+    for msgs in batches:
+        _same_columns(decode(fast, msgs), decode(on_path(fast, "slow"), msgs))
+    schema = fast.schemas["m"]
+    assert schema.key_order == tuple(first["features"])
+    fields = fast._fast_decoder()[1]
+    order = [t.__annotations__["features"].__struct_encode_fields__ for t in fields
+             if t.__name__ == "m_event"]
+    learned = list(schema.key_order)
+    assert order and all(list(o[:len(learned)]) == learned for o in order)
+    assert learned[:2] == ["z", "plan"]         # not the reference's (sorted) order
+
+
 def _window_stats(report: dict) -> dict:
     """A window report as written to windows.jsonl (numpy values as JSON)."""
     return orjson.loads(orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY))
