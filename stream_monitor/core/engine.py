@@ -64,8 +64,10 @@ class NumericColumns:
         out = np.empty(x.shape, np.int64, order="F")
         for j, find in enumerate(self.bins):
             out[:, j] = find(x[:, j])           # NaN -> the last bin (edges.size)
-        out += np.isnan(x)                      # ... and one more: the missing slot
         out += self.starts
+        nan = np.isnan(x)
+        for j in np.flatnonzero(nan.any(axis=0)).tolist():
+            out[:, j] += nan[:, j]              # ... and one more: the missing slot
         return out
 
     def __len__(self) -> int:
