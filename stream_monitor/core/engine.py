@@ -43,9 +43,11 @@ class NumericColumns:
     def __init__(self, profiles: list[NumericProfile]):
         self.profiles = profiles
         self.edges = [p.edges for p in profiles]
-        self.bins = [GridBins(e) for e in self.edges]   # bin_index of each column, faster
         widths = np.array([p.edges.size + 2 for p in profiles], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+        # bin_index of each column, faster, plus the column's first slot
+        self.bins = [GridBins(e, int(o)) for e, o in zip(self.edges, self.offsets[:-1].tolist(),
+                                                          strict=True)]
         self.size = int(self.offsets[-1])
         self.shift = np.array([p.mean for p in profiles], np.float64)
         self.scale = np.array([p.std if p.std > 0 else 1.0 for p in profiles], np.float64)
@@ -63,8 +65,7 @@ class NumericColumns:
         sequential detectors (`detectors.block_sums`) both count these."""
         out = np.empty(x.shape, np.int64, order="F")
         for j, find in enumerate(self.bins):
-            out[:, j] = find(x[:, j])           # NaN -> the last bin (edges.size)
-        out += self.starts
+            find(x[:, j], out[:, j])            # NaN -> the last bin (edges.size)
         nan = np.isnan(x)
         for j in np.flatnonzero(nan.any(axis=0)).tolist():
             out[:, j] += nan[:, j]              # ... and one more: the missing slot

@@ -652,8 +652,11 @@ class GridBins:
     REST = 16           # calls without the table after one where it did not pay
     INTEGERS = 4096     # widest range of integers (around the edges) the integer table spans
 
-    def __init__(self, inner_edges: np.ndarray):
+    def __init__(self, inner_edges: np.ndarray, offset: int = 0):
+        # `offset` is added to every bin: the engine's slot of each bin, written straight
+        # into its slots matrix (`__call__`'s out) without a pass to add it afterwards
         self.edges = e = np.ascontiguousarray(inner_edges, dtype=np.float64)
+        self.offset = offset
         self.table = None
         self.rest = 0
         self.ints = None
@@ -663,7 +666,7 @@ class GridBins:
             top = math.ceil(e[-1]) + 1.0 - base     # every integer from base + top up: bin K
             if top < self.INTEGERS:
                 self.ints = np.searchsorted(e, base + np.arange(int(top) + 1, dtype=np.float64),
-                                            side="right")
+                                            side="right") + offset
                 self.ints_base, self.ints_top = base, top
         if e.size < 2 or not np.isfinite(e).all() or not e[-1] > e[0]:
             return
@@ -678,14 +681,15 @@ class GridBins:
         hi = np.searchsorted(e, e[0] + (k + 1) / scale, side="right")
         lo[0] = hi[0] = 0
         hi[-1] = e.size
-        table = np.where(lo == hi, lo, -1)
+        table = np.where(lo == hi, lo + offset, -1)
         self.table = np.append(table, -1).astype(np.int64)   # last: NaN, searched
         self.first, self.scale, self.top = float(e[0]), scale, g + 4.0
 
-    def __call__(self, values: np.ndarray) -> np.ndarray:
+    def __call__(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Bins (plus `offset`) of 1-D values, into `out` (int64, same length) if given."""
         if self.table is None or self.rest > 0:
             self.rest -= 1
-            return self._integers(values)
+            return self._integers(values, out)
         with np.errstate(over="ignore"):            # huge values: inf, clipped below
             c = np.subtract(values, self.first)
             c *= self.scale
@@ -694,15 +698,23 @@ class GridBins:
         # for NaN too; then -inf -> cell 0. Two ufuncs instead of clip and nan_to_num.
         np.fmin(c, self.top, out=c)
         np.maximum(c, 0.0, out=c)
-        out = self.table[c.astype(np.intp)]
+        # indices are in range (clipped above): 'clip' skips the bounds check and writes
+        # into `out` unbuffered
+        out = np.take(self.table, c.astype(np.intp), out=out, mode="clip")
         unsure = np.flatnonzero(out < 0)
         if unsure.size:
-            out[unsure] = np.searchsorted(self.edges, values[unsure], side="right")
+            out[unsure] = self._search(values[unsure])
             if unsure.size * 4 > out.size:
                 self.rest = self.REST
         return out
 
-    def _integers(self, values: np.ndarray) -> np.ndarray:
+    def _search(self, values: np.ndarray) -> np.ndarray:
+        found = np.searchsorted(self.edges, values, side="right")
+        if self.offset:
+            found += self.offset
+        return found
+
+    def _integers(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """`bin_index` for data that sits on the edges (integers, atoms): a value equal
         to the integer `base + k` (exactly: `k + base` is computed as the table's own
         values were) takes the table's `searchsorted` of that integer; any other value
@@ -710,16 +722,19 @@ class GridBins:
         features of 4-71 edges: 4-9 vs 4-27 ns a value for `searchsorted` alone."""
         if self.ints is None or self.ints_rest > 0:
             self.ints_rest -= 1
-            return bin_index(self.edges, values)
+            if out is None:
+                return self._search(values)
+            out[:] = self._search(values)
+            return out
         c = np.subtract(values, self.ints_base)
         np.fmin(c, self.ints_top, out=c)      # NaN and large values -> the top entry
         np.maximum(c, 0.0, out=c)              # -inf and small values -> entry 0
         k = c.astype(np.intp)
-        out = self.ints[k]
+        out = np.take(self.ints, k, out=out, mode="clip")
         np.add(k, self.ints_base, out=c)
         other = np.flatnonzero(c != values)    # not that integer (NaN never equals)
         if other.size:
-            out[other] = np.searchsorted(self.edges, values[other], side="right")
+            out[other] = self._search(values[other])
             if other.size * 4 > out.size:      # not integer data: plain search for a while
                 self.ints_rest = self.REST
         return out
