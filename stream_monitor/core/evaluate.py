@@ -183,6 +183,7 @@ class WindowEvaluator:
         self._num_rates = np.array([[p.missing_rate, p.out_of_range_rate, p.absent_rate]
                                     for p in num_profiles], np.float64).reshape(-1, 3).T
         cat_profiles = [reference.features[n] for n in categorical]
+        self._single_settings: dict[str, FeatureSettings] = {}   # prediction, label
         self._cat_several = np.array([len(p.categories) > 1 for p in cat_profiles], bool)
         self._num_rules = _Rules([self.features[n] for n in numeric], _NUMERIC_SCORES,
                                  ("missing", "out_of_range", "stuck", "type_violations",
@@ -198,7 +199,8 @@ class WindowEvaluator:
 
     def _numeric_column(self, name: str, profile: NumericProfile, layout: NumericColumns,
                         state: NumericState, j: int, settings: FeatureSettings,
-                        absent: int, violations: int, events: int) -> dict[str, Any]:
+                        absent: int, violations: int, events: int,
+                        judge: bool = True) -> dict[str, Any]:
         a, b = layout.offsets[j], layout.offsets[j + 1]
         counts, missing = state.counts[a:b - 1], int(state.counts[b - 1])
         n = int(state.n[j])
@@ -218,7 +220,7 @@ class WindowEvaluator:
                                       profile.out_of_range_rate, excess=False),
             "stuck": float(n >= self.settings.min_events and lo == hi and profile.variance > 0),
             **self._schema_checks(profile, absent, violations, events),
-        }
+        } if judge else None
         return {
             "kind": "numeric", "severity": SEVERITY_NAMES[severity],
             "method": settings.drift.method, "value": _num(value),
@@ -228,8 +230,8 @@ class WindowEvaluator:
             "stats": {"count": n, "missing": missing, "mean": _num(mean),
                       "std": _num(math.sqrt(var)) if var == var else None,
                       "min": _num(lo), "max": _num(hi)},
-            "data_quality": judge_quality(settings.data_quality, quality, self.alpha,
-                                          self.settings.min_events),
+            **({"data_quality": judge_quality(settings.data_quality, quality, self.alpha,
+                                              self.settings.min_events)} if judge else {}),
         }
 
     @staticmethod
@@ -245,7 +247,7 @@ class WindowEvaluator:
     def _categorical_column(self, name: str, profile: CategoricalProfile,
                             layout: CategoricalColumns, state: CategoricalState, j: int,
                             settings: FeatureSettings, absent: int, violations: int,
-                            events: int) -> dict[str, Any]:
+                            events: int, judge: bool = True) -> dict[str, Any]:
         a, b = layout.offsets[j], layout.offsets[j + 1]
         counts = state.counts[a:b - 3]
         other, unseen, missing = (int(state.counts[b - 3]), int(state.counts[b - 2]),
@@ -263,7 +265,7 @@ class WindowEvaluator:
             "stuck": float(n >= self.settings.min_events and len(profile.categories) > 1
                            and np.count_nonzero(counts) + (other > 0) + (unseen > 0) == 1),
             **self._schema_checks(profile, absent, violations, events),
-        }
+        } if judge else None
         return {
             "kind": "categorical", "severity": SEVERITY_NAMES[severity],
             "method": settings.drift.method, "value": _num(value),
@@ -272,19 +274,21 @@ class WindowEvaluator:
             "scores": {k: _num(v) for k, v in scores.items()},
             "stats": {"count": n, "missing": missing, "other": other, "unseen": unseen,
                       "top": {profile.categories[i]: int(counts[i]) for i in top if counts[i]}},
-            "data_quality": judge_quality(settings.data_quality, quality, self.alpha,
-                                          self.settings.min_events),
+            **({"data_quality": judge_quality(settings.data_quality, quality, self.alpha,
+                                              self.settings.min_events)} if judge else {}),
         }
 
     def _single(self, profile, layout, state, name: str, rule: DriftRule) -> dict[str, Any]:
-        settings = FeatureSettings(kind=profile.kind, drift=rule,
-                                   data_quality=self.settings.data_quality)
+        """The prediction or the label: drift only (no data-quality checks)."""
+        settings = self._single_settings.get(name)
+        if settings is None or settings.drift is not rule:
+            settings = self._single_settings[name] = FeatureSettings(
+                kind=profile.kind, drift=rule, data_quality=self.settings.data_quality)
         if isinstance(profile, NumericProfile):
-            out = self._numeric_column(name, profile, layout, state, 0, settings, 0, 0, 0)
-        else:
-            out = self._categorical_column(name, profile, layout, state, 0, settings, 0, 0, 0)
-        out.pop("data_quality")
-        return out
+            return self._numeric_column(name, profile, layout, state, 0, settings, 0, 0, 0,
+                                        judge=False)
+        return self._categorical_column(name, profile, layout, state, 0, settings, 0, 0, 0,
+                                        judge=False)
 
     # -- all columns of a kind at once (what `evaluate` uses) --------------------------
     # The same values as `_numeric_column` / `_categorical_column` column by column
@@ -308,8 +312,8 @@ class WindowEvaluator:
         severity[~significant | (n < min_events)] = 0
         severity = severity.tolist()
         threshold = np.where(np.array(severity) < 2, rules.warning, rules.critical).tolist()
-        json_scores = {k: _json_list(v) for k, v in scores.items()}
         keys = list(scores)
+        score_rows = list(zip(*(_json_list(v) for v in scores.values()), strict=True))
         # the rate checks all at once: (checks, features) arrays
         rates = [c for c in checks.values() if isinstance(c, tuple)]
         hits = np.array([c[0] for c in rates], np.int64)
@@ -347,7 +351,7 @@ class WindowEvaluator:
             out.append({
                 "severity": SEVERITY_NAMES[severity[j]], "method": rules.method[j],
                 "value": val[j], "threshold": threshold[j], "significant": sig[j],
-                "scores": {k: json_scores[k][j] for k in keys}, "stats": None,
+                "scores": dict(zip(keys, score_rows[j], strict=True)), "stats": None,
                 "data_quality": quality[j]})
         return out
 
