@@ -69,3 +69,24 @@ def test_grid_bins_look_integers_up_in_the_integer_table(seed):
     x = rng.uniform(lo, lo + 70, 2_000)             # fractions: plain search for a while
     np.testing.assert_array_equal(bins(x), bin_index(edges, x))
     assert bins.ints_rest > 0
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_grid_bins_with_an_offset_write_slots_into_out(family):
+    """The engine's form: every bin plus the column's first slot, written into a column
+    of its slots matrix, in every mode (grid table, integer table, plain search)."""
+    rng = np.random.default_rng(7)
+    for offset in (0, 1, 12_345):
+        ref = FAMILIES[family](rng, 2_000)
+        edges = np.sort(rng.choice(ref, rng.integers(0, 60)))
+        bins = GridBins(edges, offset)
+        matrix = np.full((600, 3), -7, np.int64, order="F")
+        for _ in range(20):         # through the modes' switches
+            values = np.concatenate([FAMILIES[family](rng, 590), edges[:5],
+                                     [np.nan, np.inf, -np.inf, 0.0, 1e308]])[:600]
+            got = bins(values, matrix[:, 1])
+            want = bin_index(edges, values) + offset
+            np.testing.assert_array_equal(matrix[:, 1], want)
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(bins(values), want)
+        assert (matrix[:, [0, 2]] == -7).all()      # the other columns untouched

@@ -218,6 +218,10 @@ class BlockLayout:
             [np.append(off + np.arange(e.size + 1), self.drop)
              for off, e in zip(self.bin_offsets.tolist(), self.edges, strict=True)]
         ).astype(np.int64) if numeric else np.zeros(0, np.int64)
+        # block_sums from the engine's slots: a histogram in the engine's slot space, then
+        # its bins (not its missing slots) in order, which are exactly the numeric bins here
+        self.engine_bins = np.flatnonzero(self.engine_slot != self.drop)
+        self.cat_local = self.cat_slot - self.bins      # categorical cells from 0, drop last
         self.cell_p = np.concatenate(cell_p) if cell_p else np.zeros(0)
         self.feature_of_cell = (np.concatenate(feat_of_cell) if feat_of_cell
                                 else np.zeros(0, np.int64))
@@ -267,6 +271,9 @@ def block_sums(layout: BlockLayout, numeric: np.ndarray, codes: np.ndarray,
     blk = (offset + np.arange(n)) // layout.block
     starts = np.flatnonzero(np.diff(blk, prepend=-1))
     nb = starts.size
+    if slots is not None and len(layout.numeric):
+        hist = _hist_from_engine(layout, slots, codes, blk, nb)
+        return _block_sums(hist, positions, ts, starts, n)
     engine_slots = slots
     slots = np.empty((n, len(layout.names)), np.int64)
     k = len(layout.numeric)
@@ -283,6 +290,29 @@ def block_sums(layout: BlockLayout, numeric: np.ndarray, codes: np.ndarray,
     slots += (blk * layout.width)[:, None]
     hist = np.bincount(slots.ravel(), minlength=nb * layout.width).reshape(
         nb, layout.width)[:, :-1]
+    return _block_sums(hist, positions, ts, starts, n)
+
+
+def _hist_from_engine(layout: BlockLayout, slots: np.ndarray, codes: np.ndarray,
+                      blk: np.ndarray, nb: int) -> np.ndarray:
+    """The blocks' histogram from the engine's numeric slots without mapping each value:
+    one `bincount` in the engine's slot space (its missing slots are dropped afterwards,
+    per block, not per value) and one over the categorical cells."""
+    size = layout.engine_slot.size
+    num = slots + (blk * size)[:, None]
+    hist = np.bincount(num.ravel(order="K"), minlength=nb * size).reshape(nb, size)
+    hist = hist[:, layout.engine_bins]
+    if not len(layout.categorical):
+        return hist
+    width = layout.width - layout.bins                  # categorical cells and drop
+    cat = layout.cat_local[codes + layout.code_offsets]
+    cat += (blk * width)[:, None]
+    cells = np.bincount(cat.ravel(), minlength=nb * width).reshape(nb, width)[:, :-1]
+    return np.concatenate([hist, cells], axis=1)
+
+
+def _block_sums(hist: np.ndarray, positions: np.ndarray, ts: np.ndarray, starts: np.ndarray,
+                n: int) -> BlockSums:
     with np.errstate(invalid="ignore"):
         ts_min = np.fmin.reduceat(ts, starts)
         ts_max = np.fmax.reduceat(ts, starts)

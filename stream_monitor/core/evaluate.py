@@ -173,12 +173,34 @@ class WindowEvaluator:
         # one test per feature, plus the prediction: the Bonferroni family
         n_tests = len(numeric) + len(categorical) + (reference.prediction is not None)
         self.alpha = settings.significance / max(n_tests, 1)
+        self._num_rows = _Rows(self.layout.numeric.offsets, 1,
+                               [reference.features[n].counts for n in numeric])
+        self._cat_rows = _Rows(self.layout.categorical.offsets, 3,
+                               [reference.features[n].counts for n in categorical])
+        num_profiles = [reference.features[n] for n in numeric]
+        self._ref_moments = np.array([[p.mean, p.std, p.variance] for p in num_profiles],
+                                     np.float64).reshape(-1, 3).T
+        self._num_rates = np.array([[p.missing_rate, p.out_of_range_rate, p.absent_rate]
+                                    for p in num_profiles], np.float64).reshape(-1, 3).T
+        cat_profiles = [reference.features[n] for n in categorical]
+        self._single_settings: dict[str, FeatureSettings] = {}   # prediction, label
+        self._cat_several = np.array([len(p.categories) > 1 for p in cat_profiles], bool)
+        self._num_rules = _Rules([self.features[n] for n in numeric], _NUMERIC_SCORES,
+                                 ("missing", "out_of_range", "stuck", "type_violations",
+                                  "schema"))
+        self._cat_rules = _Rules([self.features[n] for n in categorical], _CATEGORICAL_SCORES,
+                                 ("missing", "unseen_categories", "stuck", "type_violations",
+                                  "schema"))
+        self._cat_other = np.array([p.other for p in cat_profiles], np.float64)
+        self._cat_rates = np.array([[p.missing_rate, p.unseen_rate, p.absent_rate]
+                                    for p in cat_profiles], np.float64).reshape(-1, 3).T
 
     # -- one column ------------------------------------------------------------------
 
     def _numeric_column(self, name: str, profile: NumericProfile, layout: NumericColumns,
                         state: NumericState, j: int, settings: FeatureSettings,
-                        absent: int, violations: int, events: int) -> dict[str, Any]:
+                        absent: int, violations: int, events: int,
+                        judge: bool = True) -> dict[str, Any]:
         a, b = layout.offsets[j], layout.offsets[j + 1]
         counts, missing = state.counts[a:b - 1], int(state.counts[b - 1])
         n = int(state.n[j])
@@ -198,7 +220,7 @@ class WindowEvaluator:
                                       profile.out_of_range_rate, excess=False),
             "stuck": float(n >= self.settings.min_events and lo == hi and profile.variance > 0),
             **self._schema_checks(profile, absent, violations, events),
-        }
+        } if judge else None
         return {
             "kind": "numeric", "severity": SEVERITY_NAMES[severity],
             "method": settings.drift.method, "value": _num(value),
@@ -208,8 +230,8 @@ class WindowEvaluator:
             "stats": {"count": n, "missing": missing, "mean": _num(mean),
                       "std": _num(math.sqrt(var)) if var == var else None,
                       "min": _num(lo), "max": _num(hi)},
-            "data_quality": judge_quality(settings.data_quality, quality, self.alpha,
-                                          self.settings.min_events),
+            **({"data_quality": judge_quality(settings.data_quality, quality, self.alpha,
+                                              self.settings.min_events)} if judge else {}),
         }
 
     @staticmethod
@@ -225,7 +247,7 @@ class WindowEvaluator:
     def _categorical_column(self, name: str, profile: CategoricalProfile,
                             layout: CategoricalColumns, state: CategoricalState, j: int,
                             settings: FeatureSettings, absent: int, violations: int,
-                            events: int) -> dict[str, Any]:
+                            events: int, judge: bool = True) -> dict[str, Any]:
         a, b = layout.offsets[j], layout.offsets[j + 1]
         counts = state.counts[a:b - 3]
         other, unseen, missing = (int(state.counts[b - 3]), int(state.counts[b - 2]),
@@ -243,7 +265,7 @@ class WindowEvaluator:
             "stuck": float(n >= self.settings.min_events and len(profile.categories) > 1
                            and np.count_nonzero(counts) + (other > 0) + (unseen > 0) == 1),
             **self._schema_checks(profile, absent, violations, events),
-        }
+        } if judge else None
         return {
             "kind": "categorical", "severity": SEVERITY_NAMES[severity],
             "method": settings.drift.method, "value": _num(value),
@@ -252,18 +274,175 @@ class WindowEvaluator:
             "scores": {k: _num(v) for k, v in scores.items()},
             "stats": {"count": n, "missing": missing, "other": other, "unseen": unseen,
                       "top": {profile.categories[i]: int(counts[i]) for i in top if counts[i]}},
-            "data_quality": judge_quality(settings.data_quality, quality, self.alpha,
-                                          self.settings.min_events),
+            **({"data_quality": judge_quality(settings.data_quality, quality, self.alpha,
+                                              self.settings.min_events)} if judge else {}),
         }
 
     def _single(self, profile, layout, state, name: str, rule: DriftRule) -> dict[str, Any]:
-        settings = FeatureSettings(kind=profile.kind, drift=rule,
-                                   data_quality=self.settings.data_quality)
+        """The prediction or the label: drift only (no data-quality checks)."""
+        settings = self._single_settings.get(name)
+        if settings is None or settings.drift is not rule:
+            settings = self._single_settings[name] = FeatureSettings(
+                kind=profile.kind, drift=rule, data_quality=self.settings.data_quality)
         if isinstance(profile, NumericProfile):
-            out = self._numeric_column(name, profile, layout, state, 0, settings, 0, 0, 0)
-        else:
-            out = self._categorical_column(name, profile, layout, state, 0, settings, 0, 0, 0)
-        out.pop("data_quality")
+            return self._numeric_column(name, profile, layout, state, 0, settings, 0, 0, 0,
+                                        judge=False)
+        return self._categorical_column(name, profile, layout, state, 0, settings, 0, 0, 0,
+                                        judge=False)
+
+    # -- all columns of a kind at once (what `evaluate` uses) --------------------------
+    # The same values as `_numeric_column` / `_categorical_column` column by column
+    # (tested), with the statistics, p-values and severities of all features as rows of
+    # arrays: at a window close the per-column numpy calls' overhead was most of the cost.
+
+    def _judge_rows(self, names: list[str], rules: _Rules, scores: dict[str, np.ndarray],
+                    significant: np.ndarray, n: np.ndarray, checks: dict[str, tuple]
+                    ) -> tuple[list[dict[str, Any]], list[str], list[bool], list[float]]:
+        """Per feature: JSON scores, drift severity name, significance, threshold; and the
+        data-quality dicts (`judge_quality` of every feature; ``checks`` maps a check to
+        (hits, trials, expected, excess), or to a plain float array for 'stuck')."""
+        min_events = self.settings.min_events
+        table = np.empty((len(rules.methods) + 1, len(names)))
+        for i, key in enumerate(rules.methods):
+            table[i] = scores[key]
+        table[-1] = math.nan
+        value = table[rules.method_row, np.arange(len(names))]
+        value = np.where(rules.absolute, np.abs(value), value)
+        severity = _severity_rows(value, rules.warning, rules.critical)
+        severity[~significant | (n < min_events)] = 0
+        severity = severity.tolist()
+        threshold = np.where(np.array(severity) < 2, rules.warning, rules.critical).tolist()
+        keys = list(scores)
+        score_rows = list(zip(*(_json_list(v) for v in scores.values()), strict=True))
+        # the rate checks all at once: (checks, features) arrays
+        rates = [c for c in checks.values() if isinstance(c, tuple)]
+        hits = np.array([c[0] for c in rates], np.int64)
+        trials = np.array([c[1] for c in rates], np.int64)
+        expected = np.empty(hits.shape)
+        for i, c in enumerate(rates):
+            expected[i] = c[2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = hits / trials
+        v = np.where(np.array([c[3] for c in rates])[:, None], share - expected, share)
+        v[trials <= 0] = math.nan
+        pv = stats.binomial_excess_pvalue_rows(hits, trials, expected)
+        sev = _severity_rows(v, rules.rate_warning, rules.rate_critical)
+        sev[(trials < min_events) | ~(pv < self.alpha)] = 0
+        v, pv = _json_list(v.ravel()), _json_list(pv.ravel())
+        sev = [SEVERITY_NAMES[i] for i in sev.ravel().tolist()]
+        stuck = rules.stuck
+        stuck_v = _json_list(checks[stuck])
+        stuck_sev = [SEVERITY_NAMES[i] for i in _severity_rows(
+            checks[stuck], *rules.quality[stuck]).tolist()]
+        f = len(names)
+        # (check, row in the rate arrays or -1 for 'stuck'), in the report's order
+        order = []
+        i = 0
+        for check, c in checks.items():
+            order.append((check, i * f if isinstance(c, tuple) else -1))
+            i += isinstance(c, tuple)
+        quality = [{check: {"value": stuck_v[j], "severity": stuck_sev[j]} if r < 0 else
+                    {"value": v[r + j], "severity": sev[r + j], "pvalue": pv[r + j]}
+                    for check, r in order} for j in range(f)]
+        out = []
+        val = _json_list(value)
+        sig = significant.tolist()
+        for j in range(len(names)):
+            out.append({
+                "severity": SEVERITY_NAMES[severity[j]], "method": rules.method[j],
+                "value": val[j], "threshold": threshold[j], "significant": sig[j],
+                "scores": dict(zip(keys, score_rows[j], strict=True)), "stats": None,
+                "data_quality": quality[j]})
+        return out
+
+    def _numeric_features(self, acc: WindowAccumulator) -> dict[str, dict[str, Any]]:
+        layout, state, k = self.layout.numeric, acc.numeric, len(self.numeric)
+        rows = self._num_rows
+        ref, cur = rows.ref, rows.current(state.counts)
+        missing = state.counts[layout.missing_slots]
+        n = state.n
+        s1 = np.array([stats.fixed_point_value(v) for v in state.s1], np.float64)
+        s2 = np.array([stats.fixed_point_value(v) for v in state.s2], np.float64)
+        mean, var = stats.moments_rows(n, s1, s2, layout.shift, layout.scale)
+        ref_mean, ref_std, ref_var = self._ref_moments
+        d, p = stats.ks_from_counts_rows(ref, cur)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shift = np.where(ref_std == 0, math.nan, (mean - ref_mean) / ref_std)
+            ratio = np.where(ref_var == 0, math.nan, var / ref_var)
+        scores = {"psi": stats.psi_rows(ref, cur, rows.mask),
+                  "jensen_shannon": stats.js_distance_rows(ref, cur, rows.mask),
+                  "ks": d, "ks_pvalue": p, "mean_shift": shift, "variance_ratio": ratio}
+        missing_rate, oor_rate, absent_rate = self._num_rates
+        events = np.full(k, acc.events, np.int64)
+        violations = acc.type_violations[:k]
+        stuck = ((n >= self.settings.min_events) & (state.min == state.max)
+                 & (ref_var > 0)).astype(np.float64)
+        checks = {"missing": (missing, n + missing, missing_rate, True),
+                  "out_of_range": (state.out_of_range, n, oor_rate, False),
+                  "stuck": stuck,
+                  "type_violations": (violations, events + violations, 0.0, False),
+                  "schema": (np.minimum(acc.absent[:k], acc.events), events, absent_rate, True)}
+        judged = self._judge_rows(self.numeric, self._num_rules, scores, p < self.alpha, n,
+                                  checks)
+        n, missing = n.tolist(), missing.tolist()
+        mean, std = _json_list(mean), _json_list(np.sqrt(var))
+        lo, hi = _json_list(state.min), _json_list(state.max)
+        out = {}
+        for j, name in enumerate(self.numeric):
+            f = judged[j]
+            f["stats"] = {"count": n[j], "missing": missing[j], "mean": mean[j], "std": std[j],
+                          "min": lo[j], "max": hi[j]}
+            out[name] = {"kind": "numeric", **f}
+        return out
+
+    def _categorical_features(self, acc: WindowAccumulator) -> dict[str, dict[str, Any]]:
+        layout, state, k = self.layout.categorical, acc.categorical, len(self.categorical)
+        n_num = len(self.numeric)
+        rows = self._cat_rows
+        counts = rows.current(state.counts)         # per reference category
+        ends = layout.offsets[1:]
+        other, unseen, missing = (state.counts[ends - 3], state.counts[ends - 2],
+                                  state.counts[ends - 1])
+        n = counts.sum(axis=1).astype(np.int64) + other + unseen
+        # the reference's 'other' bucket, and the window's values outside the top K,
+        # as one more cell after each row's categories
+        ref = _with_cell(rows.ref, rows.width, self._cat_other)
+        cur = _with_cell(counts, rows.width, (other + unseen).astype(np.float64))
+        mask = _with_cell(rows.mask, rows.width, True)
+        ref_m, cur_m, mask_m = stats.merge_sparse_cells_rows(ref, cur, mask)
+        chi2, chi2_p = stats.chi_square_merged_rows(ref_m, cur_m, mask_m)
+        total = cur.sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            unseen_share = np.where(total > 0, unseen / total, math.nan)
+        scores = {"psi": stats.psi_rows(ref_m, cur_m, mask_m),
+                  "jensen_shannon": stats.js_distance_rows(ref_m, cur_m, mask_m),
+                  "chi2": chi2, "chi2_pvalue": chi2_p, "unseen_share": unseen_share}
+        missing_rate, unseen_rate, absent_rate = self._cat_rates
+        events = np.full(k, acc.events, np.int64)
+        violations = acc.type_violations[n_num:n_num + k]
+        distinct = np.count_nonzero(counts, axis=1) + (other > 0) + (unseen > 0)
+        stuck = ((n >= self.settings.min_events) & self._cat_several
+                 & (distinct == 1)).astype(np.float64)
+        checks = {"missing": (missing, n + missing, missing_rate, True),
+                  "unseen_categories": (unseen, n, unseen_rate, True),
+                  "stuck": stuck,
+                  "type_violations": (violations, events + violations, 0.0, False),
+                  "schema": (np.minimum(acc.absent[n_num:n_num + k], acc.events), events,
+                             absent_rate, True)}
+        judged = self._judge_rows(self.categorical, self._cat_rules, scores,
+                                  chi2_p < self.alpha, n, checks)
+        n, other, unseen, missing = n.tolist(), other.tolist(), unseen.tolist(), missing.tolist()
+        out = {}
+        for j, name in enumerate(self.categorical):
+            categories = self.reference.features[name].categories
+            a = int(layout.offsets[j])
+            c = state.counts[a:a + int(rows.width[j])]
+            top = np.argsort(c)[::-1][:5].tolist()
+            f = judged[j]
+            f["stats"] = {"count": n[j], "missing": missing[j], "other": other[j],
+                          "unseen": unseen[j],
+                          "top": {categories[i]: int(c[i]) for i in top if c[i]}}
+            out[name] = {"kind": "categorical", **f}
         return out
 
     # -- one window ------------------------------------------------------------------
@@ -272,16 +451,10 @@ class WindowEvaluator:
         acc: WindowAccumulator = window.accumulator
         ref, lay = self.reference, self.layout
         features: dict[str, Any] = {}
-        n_num = len(self.numeric)
-        for j, name in enumerate(self.numeric):
-            features[name] = self._numeric_column(
-                name, ref.features[name], lay.numeric, acc.numeric, j, self.features[name],
-                int(acc.absent[j]), int(acc.type_violations[j]), acc.events)
-        for j, name in enumerate(self.categorical):
-            features[name] = self._categorical_column(
-                name, ref.features[name], lay.categorical, acc.categorical, j,
-                self.features[name], int(acc.absent[n_num + j]),
-                int(acc.type_violations[n_num + j]), acc.events)
+        if self.numeric:
+            features.update(self._numeric_features(acc))
+        if self.categorical:
+            features.update(self._categorical_features(acc))
         drifted = [n for n, f in features.items() if f["severity"] != "ok"]
         share = len(drifted) / len(features) if features else 0.0
         dataset_sev = self.settings.alerting.dataset_drift.severity(share)
@@ -326,3 +499,75 @@ def _iso(ts: float | None) -> str | None:
         return None
     from datetime import UTC, datetime
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+class _Rows:
+    """Where each column's cells sit in a group's flat counts, as one padded 2-D index
+    (one row per column; a column's slots after its cells, `tail` of them, are not
+    cells), and the reference's counts over the same cells, padded with zeros."""
+
+    def __init__(self, offsets: np.ndarray, tail: int, ref_counts: list[np.ndarray]):
+        self.width = np.diff(offsets) - tail                  # cells per column
+        cols = np.arange(int(self.width.max()) if self.width.size else 0)
+        self.mask = cols < self.width[:, None]
+        # padding reads one zero appended after the counts (`current`)
+        self.index = np.where(self.mask, offsets[:-1, None] + cols, offsets[-1])
+        self.ref = np.zeros(self.mask.shape)
+        if ref_counts:
+            self.ref[self.mask] = np.concatenate(ref_counts)
+
+    def current(self, counts: np.ndarray) -> np.ndarray:
+        return np.append(counts, 0)[self.index].astype(np.float64)
+
+
+def _with_cell(rows: np.ndarray, at: np.ndarray, value) -> np.ndarray:
+    """Rows with one more column of padding; row i gets `value` (per row, or one for
+    all) at column at[i], its first padding cell: one more cell after its own."""
+    out = np.zeros((rows.shape[0], rows.shape[1] + 1), rows.dtype)
+    out[:, :-1] = rows
+    out[np.arange(rows.shape[0]), at] = value
+    return out
+
+
+_NUMERIC_SCORES = ("psi", "jensen_shannon", "ks", "ks_pvalue", "mean_shift", "variance_ratio")
+_CATEGORICAL_SCORES = ("psi", "jensen_shannon", "chi2", "chi2_pvalue", "unseen_share")
+
+
+class _Rules:
+    """The drift rules and data-quality thresholds of features of one kind, as arrays."""
+
+    def __init__(self, features: list[FeatureSettings], methods: tuple[str, ...],
+                 checks: tuple[str, ...]):
+        self.methods = methods
+        self.method = [f.drift.method for f in features]
+        # a method the kind does not score judges NaN (`_severity_of`: never flagged)
+        self.method_row = np.array([methods.index(m) if m in methods else len(methods)
+                                    for m in self.method], np.int64)
+        self.absolute = np.array([m == "mean_shift" for m in self.method], bool)
+        self.warning = np.array([f.drift.warning for f in features], np.float64)
+        self.critical = np.array([f.drift.critical for f in features], np.float64)
+        self.quality = {}
+        for check in checks:
+            th = [f.data_quality.for_check(check) for f in features]
+            self.quality[check] = (np.array([t.warning for t in th], np.float64),
+                                   np.array([t.critical for t in th], np.float64))
+        # the rate checks (all but the plain 'stuck' indicator), in order, stacked
+        self.stuck = "stuck"
+        rates = [c for c in checks if c != self.stuck]
+        self.rate_warning = np.array([self.quality[c][0] for c in rates]).reshape(
+            len(rates), len(features))
+        self.rate_critical = np.array([self.quality[c][1] for c in rates]).reshape(
+            len(rates), len(features))
+
+
+def _severity_rows(values: np.ndarray, warning: np.ndarray, critical: np.ndarray) -> np.ndarray:
+    """`Thresholds.severity` of every value (NaN: 0)."""
+    return np.where(values >= critical, 2, np.where(values >= warning, 1, 0))
+
+
+def _json_list(values: np.ndarray) -> list[float | None]:
+    """`_num` of every value: floats, NaN and infinities as None."""
+    out = np.asarray(values, np.float64).tolist()
+    if not np.isfinite(values).all():
+        out = [v if math.isfinite(v) else None for v in out]
+    return out

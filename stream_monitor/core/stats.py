@@ -24,17 +24,24 @@ __all__ = [
     "atom_values",
     "bin_index",
     "binomial_excess_pvalue",
+    "binomial_excess_pvalue_rows",
     "chi_square_from_counts",
+    "chi_square_merged_rows",
     "js_distance",
+    "js_distance_rows",
     "ks_from_counts",
+    "ks_from_counts_rows",
     "mean_shift",
     "merge_sparse_cells",
+    "merge_sparse_cells_rows",
     "fixed_point_sums",
     "fixed_point_value",
     "grid_sums",
     "moments",
+    "moments_rows",
     "proportions",
     "psi",
+    "psi_rows",
     "profile_edges",
     "quantile_edges",
     "variance_ratio",
@@ -354,6 +361,198 @@ def binomial_excess_pvalue(k: int, n: int, p0: float) -> float:
     return float(min(max(special.bdtrc(k - 1, n, p0), 0.0), 1.0))
 
 
+# -- row-wise forms: many columns at once ------------------------------------------------
+# A window close scores every feature of a model; one column at a time, the overhead of
+# the numpy calls (a few us each) is most of the cost. These take one row per column,
+# ragged rows padded with zero counts at the end (`mask` marks the real cells where that
+# matters: PSI's smoothing counts cells). Each equals its one-column function within
+# float rounding (the same sums, added in another order; cumulative sums and
+# everything elementwise are bit for bit the same).
+
+
+def _rows(ref_counts: np.ndarray, cur_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ref = np.asarray(ref_counts, dtype=np.float64)
+    cur = np.asarray(cur_counts, dtype=np.float64)
+    if ref.ndim != 2 or ref.shape != cur.shape:
+        raise ValueError(f"row counts must be 2-D of one shape, got {ref.shape} and {cur.shape}")
+    if ref.size and (ref.min() < 0 or cur.min() < 0):
+        raise ValueError("counts must be non-negative")
+    return ref, cur
+
+
+def _cells(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cells per row of a mask, and the row of each cell in row-major order: the
+    transcendental work runs on real cells only (a 1,000-category feature beside
+    2-category ones pads most of its rows)."""
+    k = mask.sum(axis=1)
+    return k, np.repeat(np.arange(mask.shape[0]), k)
+
+
+def psi_rows(ref_counts: np.ndarray, cur_counts: np.ndarray, mask: np.ndarray | None = None,
+             *, smoothing: float = 0.5) -> np.ndarray:
+    """`psi` of every row; ``mask`` (same shape) marks each row's cells, by default all.
+
+    >>> psi_rows(np.array([[10, 10, 0], [50, 50, 0]]), np.array([[10, 10, 0], [80, 20, 0]]),
+    ...          np.array([[True, True, False]] * 2), smoothing=0.0).round(6)
+    array([0.      , 0.415888])
+    """
+    ref, cur = _rows(ref_counts, cur_counts)
+    if smoothing < 0:
+        raise ValueError("smoothing must be >= 0")
+    if mask is None:
+        mask = np.ones(ref.shape, bool)
+    k, row = _cells(mask)
+    n, m = ref.sum(axis=1), cur.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = ref[mask] + smoothing
+        p /= (n + smoothing * k)[row]
+        q = cur[mask] + smoothing
+        q /= (m + smoothing * k)[row]
+        terms = (q - p) * np.log(q / p)
+    terms[p == q] = 0.0
+    out = np.bincount(row, terms, minlength=ref.shape[0])
+    out[(n <= 0) | (m <= 0)] = _NAN
+    return out
+
+
+def js_distance_rows(ref_counts: np.ndarray, cur_counts: np.ndarray,
+                     mask: np.ndarray | None = None) -> np.ndarray:
+    """`js_distance` of every row; cells outside ``mask`` must be empty in both (they
+    add nothing: the mask only saves work).
+
+    >>> js_distance_rows(np.array([[1, 0], [3, 1]]), np.array([[0, 1], [3, 1]]))
+    array([1., 0.])
+    """
+    ref, cur = _rows(ref_counts, cur_counts)
+    if mask is None:
+        mask = np.ones(ref.shape, bool)
+    _, row = _cells(mask)
+    n, m = ref.sum(axis=1), cur.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = ref[mask] / n[row]
+        q = cur[mask] / m[row]
+        mid = (p + q) / 2.0
+        rows = ref.shape[0]
+        div = (np.bincount(row, special.rel_entr(p, mid), minlength=rows)
+               + np.bincount(row, special.rel_entr(q, mid), minlength=rows)) / 2.0
+    div /= math.log(2.0)
+    out = np.sqrt(np.minimum(np.maximum(div, 0.0), 1.0))
+    out[(n <= 0) | (m <= 0)] = _NAN
+    return out
+
+
+def ks_from_counts_rows(ref_counts: np.ndarray, cur_counts: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """`ks_from_counts` of every row: ``(D, p)`` arrays, bit for bit the one-column values
+    (zero padding at the end of a row leaves both CDFs at 1).
+
+    >>> ks_from_counts_rows(np.array([[5, 5], [10, 0]]), np.array([[5, 5], [0, 10]]))[0]
+    array([0., 1.])
+    """
+    ref, cur = _rows(ref_counts, cur_counts)
+    n, m = ref.sum(axis=1), cur.sum(axis=1)
+    cdf_ref = np.cumsum(ref, axis=1)
+    cdf_cur = np.cumsum(cur, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.abs(cdf_ref / cdf_ref[:, -1:] - cdf_cur / cdf_cur[:, -1:]).max(
+            axis=1, initial=0.0)
+        n_eff = n * m / (n + m)
+        p = np.minimum(np.maximum(special.kolmogorov(np.sqrt(n_eff) * d), 0.0), 1.0)
+    bad = (n <= 0) | (m <= 0)
+    d[bad] = _NAN
+    p[bad] = _NAN
+    return d, p
+
+
+def merge_sparse_cells_rows(ref_counts: np.ndarray, cur_counts: np.ndarray,
+                            mask: np.ndarray | None = None, *, min_expected: float = 5.0
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`merge_sparse_cells` of every row: ``(ref, cur, mask)`` with one more column, the
+    pooled cell. Kept cells stay where they were; dropped and pooled ones become zero
+    and leave the mask; the pooled column is in the mask when a row pooled anything.
+
+    >>> r, c, m = merge_sparse_cells_rows(np.array([[50, 50, 1, 0]]), np.array([[40, 55, 3, 2]]))
+    >>> r[m].tolist(), c[m].tolist()
+    ([50.0, 50.0, 1.0], [40.0, 55.0, 5.0])
+    """
+    ref, cur = _rows(ref_counts, cur_counts)
+    used = (ref + cur) > 0
+    if mask is not None:
+        used &= mask
+    n, m = ref.sum(axis=1), cur.sum(axis=1)
+    ok = (n > 0) & (m > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = m[:, None] * ref / n[:, None]
+    sparse = used & ((expected < min_expected) | ~ok[:, None])
+    kept = used & ~sparse
+    pool = sparse.any(axis=1)
+    out_ref = np.concatenate([np.where(kept, ref, 0.0),
+                              np.where(sparse, ref, 0.0).sum(axis=1)[:, None]], axis=1)
+    out_cur = np.concatenate([np.where(kept, cur, 0.0),
+                              np.where(sparse, cur, 0.0).sum(axis=1)[:, None]], axis=1)
+    return out_ref, out_cur, np.concatenate([kept, pool[:, None]], axis=1)
+
+
+def chi_square_merged_rows(ref_counts: np.ndarray, cur_counts: np.ndarray, mask: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """`chi_square_from_counts` of every row, on tables already merged by
+    `merge_sparse_cells_rows` (its three outputs): ``(stat, p)`` arrays.
+
+    >>> r, c, m = merge_sparse_cells_rows(np.array([[10, 10]]), np.array([[10, 10]]))
+    >>> chi_square_merged_rows(r, c, m)
+    (array([0.]), array([1.]))
+    """
+    ref, cur = _rows(ref_counts, cur_counts)
+    k, row = _cells(mask)
+    n, m = ref.sum(axis=1), cur.sum(axis=1)
+    total = (n + m)[row]
+    r, c = ref[mask], cur[mask]
+    col = r + c
+    with np.errstate(divide="ignore", invalid="ignore"):
+        exp_ref = n[row] * col / total
+        exp_cur = m[row] * col / total
+        terms = (r - exp_ref) ** 2 / exp_ref + (c - exp_cur) ** 2 / exp_cur
+    stat = np.bincount(row, terms, minlength=ref.shape[0])
+    few = k < 2
+    stat[few] = 0.0
+    p = special.chdtrc(np.maximum(k - 1, 1).astype(np.float64), stat)
+    p[few] = 1.0
+    bad = (n <= 0) | (m <= 0)
+    stat[bad] = _NAN
+    p[bad] = _NAN
+    return stat, p
+
+
+def moments_rows(n: np.ndarray, s1: np.ndarray, s2: np.ndarray, shift: np.ndarray,
+                 scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`moments` of every column (elementwise: bit for bit the same)."""
+    n = np.asarray(n, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_z = s1 / n
+        var_z = np.maximum(s2 / n - mean_z * mean_z, 0.0)
+    empty = n == 0
+    mean, var = shift + scale * mean_z, scale * scale * var_z
+    mean[empty] = _NAN
+    var[empty] = _NAN
+    return mean, var
+
+
+def binomial_excess_pvalue_rows(k: np.ndarray, n: np.ndarray, p0: np.ndarray) -> np.ndarray:
+    """`binomial_excess_pvalue` of every element (the same ufunc and arguments: bit for
+    bit the same).
+
+    >>> binomial_excess_pvalue_rows(np.array([0, 10]), np.array([10, 10]), np.array([.5, .5])
+    ...                             ).tolist() == [1.0, 0.5 ** 10]
+    True
+    """
+    k = np.asarray(k, np.int64)
+    n = np.asarray(n, np.int64)
+    p0 = np.minimum(np.maximum(np.asarray(p0, np.float64), 0.0), 1.0)
+    out = np.minimum(np.maximum(special.bdtrc((k - 1).astype(np.float64), n, p0), 0.0), 1.0)
+    out[(n <= 0) | (k <= 0)] = 1.0
+    return out
+
+
 def quantile_edges(values: np.ndarray, bins: int) -> np.ndarray:
     """Inner bin edges from the sample quantiles at ``1/bins, ..., (bins-1)/bins``.
 
@@ -453,8 +652,11 @@ class GridBins:
     REST = 16           # calls without the table after one where it did not pay
     INTEGERS = 4096     # widest range of integers (around the edges) the integer table spans
 
-    def __init__(self, inner_edges: np.ndarray):
+    def __init__(self, inner_edges: np.ndarray, offset: int = 0):
+        # `offset` is added to every bin: the engine's slot of each bin, written straight
+        # into its slots matrix (`__call__`'s out) without a pass to add it afterwards
         self.edges = e = np.ascontiguousarray(inner_edges, dtype=np.float64)
+        self.offset = offset
         self.table = None
         self.rest = 0
         self.ints = None
@@ -464,7 +666,7 @@ class GridBins:
             top = math.ceil(e[-1]) + 1.0 - base     # every integer from base + top up: bin K
             if top < self.INTEGERS:
                 self.ints = np.searchsorted(e, base + np.arange(int(top) + 1, dtype=np.float64),
-                                            side="right")
+                                            side="right") + offset
                 self.ints_base, self.ints_top = base, top
         if e.size < 2 or not np.isfinite(e).all() or not e[-1] > e[0]:
             return
@@ -479,14 +681,15 @@ class GridBins:
         hi = np.searchsorted(e, e[0] + (k + 1) / scale, side="right")
         lo[0] = hi[0] = 0
         hi[-1] = e.size
-        table = np.where(lo == hi, lo, -1)
+        table = np.where(lo == hi, lo + offset, -1)
         self.table = np.append(table, -1).astype(np.int64)   # last: NaN, searched
         self.first, self.scale, self.top = float(e[0]), scale, g + 4.0
 
-    def __call__(self, values: np.ndarray) -> np.ndarray:
+    def __call__(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Bins (plus `offset`) of 1-D values, into `out` (int64, same length) if given."""
         if self.table is None or self.rest > 0:
             self.rest -= 1
-            return self._integers(values)
+            return self._integers(values, out)
         with np.errstate(over="ignore"):            # huge values: inf, clipped below
             c = np.subtract(values, self.first)
             c *= self.scale
@@ -495,15 +698,23 @@ class GridBins:
         # for NaN too; then -inf -> cell 0. Two ufuncs instead of clip and nan_to_num.
         np.fmin(c, self.top, out=c)
         np.maximum(c, 0.0, out=c)
-        out = self.table[c.astype(np.intp)]
+        # indices are in range (clipped above): 'clip' skips the bounds check and writes
+        # into `out` unbuffered
+        out = np.take(self.table, c.astype(np.intp), out=out, mode="clip")
         unsure = np.flatnonzero(out < 0)
         if unsure.size:
-            out[unsure] = np.searchsorted(self.edges, values[unsure], side="right")
+            out[unsure] = self._search(values[unsure])
             if unsure.size * 4 > out.size:
                 self.rest = self.REST
         return out
 
-    def _integers(self, values: np.ndarray) -> np.ndarray:
+    def _search(self, values: np.ndarray) -> np.ndarray:
+        found = np.searchsorted(self.edges, values, side="right")
+        if self.offset:
+            found += self.offset
+        return found
+
+    def _integers(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """`bin_index` for data that sits on the edges (integers, atoms): a value equal
         to the integer `base + k` (exactly: `k + base` is computed as the table's own
         values were) takes the table's `searchsorted` of that integer; any other value
@@ -511,16 +722,19 @@ class GridBins:
         features of 4-71 edges: 4-9 vs 4-27 ns a value for `searchsorted` alone."""
         if self.ints is None or self.ints_rest > 0:
             self.ints_rest -= 1
-            return bin_index(self.edges, values)
+            if out is None:
+                return self._search(values)
+            out[:] = self._search(values)
+            return out
         c = np.subtract(values, self.ints_base)
         np.fmin(c, self.ints_top, out=c)      # NaN and large values -> the top entry
         np.maximum(c, 0.0, out=c)              # -inf and small values -> entry 0
         k = c.astype(np.intp)
-        out = self.ints[k]
+        out = np.take(self.ints, k, out=out, mode="clip")
         np.add(k, self.ints_base, out=c)
         other = np.flatnonzero(c != values)    # not that integer (NaN never equals)
         if other.size:
-            out[other] = np.searchsorted(self.edges, values[other], side="right")
+            out[other] = self._search(values[other])
             if other.size * 4 > out.size:      # not integer data: plain search for a while
                 self.ints_rest = self.REST
         return out
