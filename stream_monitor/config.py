@@ -298,6 +298,9 @@ class MetricsConfig(Strict):
 class ConsumerConfig(Strict):
     batch_size: int = Field(default=5000, ge=1, le=100_000)
     poll_timeout: float = Field(default=0.5, gt=0)
+    # where `run` consumes the next batch while it applies the current one: a child
+    # process (kafka/fetch_process.py), a thread of its own process, or nowhere (none)
+    prefetch: Literal["process", "thread", "none"] = "process"
 
 
 class DeliveryConfig(Strict):
