@@ -348,7 +348,8 @@ class Frame:
         blob = mm[0:vlen]  # the one copy out of the shared memory
         arrays = {name: np.frombuffer(mm[a:b], np.dtype(code))
                   for name, (a, b, code) in meta["layout"].items()}
-        if meta.get("split"):
+        self.split = bool(meta.get("split"))  # joined by newlines (else by lengths)
+        if self.split:
             self.values: list[bytes] = blob.split(b"\n")
         else:
             ends = np.cumsum(arrays["lengths"]).tolist()
