@@ -291,3 +291,33 @@ def test_the_child_dies_with_a_sigkilled_parent(kafka_broker, churn_reference_fi
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     wait_until(lambda: _gone(children[0]), 10, "the fetch process gone with its parent")
+
+
+@pytest.mark.parametrize("bad", ["fork", "", True, 2])
+def test_a_bad_prefetch_value_fails_fast_with_its_key_path(bad, tmp_path, churn_reference_file):
+    """`consumer.prefetch` takes process, thread or none; anything else is one line
+    naming the key, and `check-config` exits 2 with it (no traceback)."""
+    from stream_monitor.config import ConfigError
+    with pytest.raises(ConfigError, match=r"consumer\.prefetch: .*'process', 'thread' or "
+                                          r"'none'"):
+        parse_config({"consumer": {"prefetch": bad}, "models": {"m": {"reference": "r.json"}}})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"consumer": {"prefetch": bad},
+                                    "models": {"churn": {"reference": str(churn_reference_file)}}}))
+    done = subprocess.run([sys.executable, "-m", "stream_monitor", "check-config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "consumer.prefetch" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("mode", ["thread", "none"])
+def test_the_in_process_modes_stay_selectable(mode, churn_reference_file):
+    """`thread` and `none` keep the consumer in the process (no child is started)."""
+    cfg = _config("127.0.0.1:9", _names("mode"), churn_reference_file)
+    cfg["consumer"] = {"prefetch": mode}
+    sidecar = KafkaSidecar(parse_config(cfg))
+    try:
+        assert sidecar.fetch_process is None and not isinstance(sidecar.consumer, FetchProcess)
+        assert sidecar.prefetch == (mode == "thread")
+    finally:
+        sidecar.consumer.close()
