@@ -595,6 +595,9 @@ class FetchProcess:
                     self.join()
                     self.slot = None
                 self._request(("close",))
+            except (OSError, EOFError) as exc:  # the child is gone already
+                raise RuntimeError(f"the Kafka fetch process exited (code "
+                                   f"{self.process.poll()})") from exc
             finally:
                 self._closed = True
                 self.conn.close()
