@@ -127,7 +127,7 @@ def main() -> None:
                     help="engine alone and end to end, alternated, this many times")
     ap.add_argument("--guarantee", choices=["both", "exactly_once", "at_least_once"],
                     default="both", help="processing guarantee(s) measured end to end")
-    ap.add_argument("--prefetch", default="process",
+    ap.add_argument("--prefetch", default="process,thread",
                     help="where the next batch is consumed (consumer.prefetch): process, "
                          "thread, none, or several comma-separated, or all (default: "
                          "%(default)s)")

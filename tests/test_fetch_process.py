@@ -266,6 +266,7 @@ def test_the_child_dies_with_a_sigkilled_parent(kafka_broker, churn_reference_fi
     kafka_broker.create_topics({names[k]: 1 for k in ("inferences", "alerts", "dead_letter")})
     cfg = _config(kafka_broker.bootstrap_servers, names, churn_reference_file)
     cfg["processing"] = {"guarantee": guarantee}
+    cfg["consumer"] = {"prefetch": "process"}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "stream_monitor", "run", "--config",
@@ -319,3 +320,54 @@ def test_the_in_process_modes_stay_selectable(mode, churn_reference_file):
         assert sidecar.prefetch == (mode == "thread")
     finally:
         sidecar.consumer.close()
+
+
+# -- the end-to-end tests of the in-process paths, through the fetch process ---------------
+
+@pytest.fixture
+def through_the_fetch_process(monkeypatch):
+    """Every sidecar built in-process gets `consumer.prefetch: process`; returns the
+    fetch processes started."""
+    started: list[FetchProcess] = []
+    real = KafkaSidecar.__init__
+
+    def init(self, config, *args, **kwargs):
+        config = config.model_copy(update={"consumer": config.consumer.model_copy(
+            update={"prefetch": "process"})})
+        real(self, config, *args, **kwargs)
+        assert isinstance(self.consumer, FetchProcess)
+        started.append(self.consumer)
+
+    monkeypatch.setattr(KafkaSidecar, "__init__", init)
+    return started
+
+
+def test_windows_of_replay_and_every_offset_committed_through_the_fetch_process(
+        kafka_broker, churn_reference_file, tmp_path, through_the_fetch_process):
+    """tests/test_run_loop.py's end-to-end check (windows equal replay's, dead letters,
+    every offset committed, in both guarantees, with and without a batch ahead)."""
+    from test_run_loop import test_fetch_thread_gives_the_windows_of_replay_and_commits_everything
+    test_fetch_thread_gives_the_windows_of_replay_and_commits_everything(
+        kafka_broker, churn_reference_file, tmp_path)
+    assert len(through_the_fetch_process) == 3
+    assert all(fp.process.poll() is not None for fp in through_the_fetch_process)
+
+
+@pytest.mark.slow
+def test_an_aborted_transaction_is_rewound_through_the_fetch_process(
+        kafka_broker, churn_reference_file, tmp_path, through_the_fetch_process):
+    """tests/test_exactly_once.py's abort: the rewind (seek) and the checkpoints' group
+    metadata cross to the child; outputs equal replay's."""
+    from test_exactly_once import test_an_aborted_transaction_is_rewound_and_redone_once
+    test_an_aborted_transaction_is_rewound_and_redone_once(kafka_broker, churn_reference_file,
+                                                           tmp_path)
+    assert through_the_fetch_process
+
+
+def test_the_labels_topic_through_the_fetch_process(kafka_broker, tmp_path,
+                                                    through_the_fetch_process):
+    """tests/test_labels_kafka.py: a second topic on the same consumer (label messages
+    told apart by the frame's topic codes)."""
+    from test_labels_kafka import test_late_out_of_order_labels_join_on_kafka
+    test_late_out_of_order_labels_join_on_kafka(kafka_broker, tmp_path)
+    assert through_the_fetch_process
