@@ -1,7 +1,9 @@
 """Runtime: the Kafka sidecar loop (`run`) and its HTTP endpoints, kept thin and at the edge.
 
 One consumer in a consumer group reads the inference topics in batches (a fetch thread
-consumes the next batch while the loop applies the current one, `_Fetcher`), hands each
+consumes the next batch while the loop applies the current one, `_Fetcher`; or, with
+`consumer.prefetch: process`, a child process owning the consumer, fetch_process.py),
+hands each
 batch to the same `Monitor` as `replay`, sends rejects to the dead-letter topic and
 alert events to the alert topic (idempotent producer) without waiting for them, and
 commits a batch's offsets only once it is applied and everything it and every earlier
