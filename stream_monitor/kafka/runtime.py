@@ -3,9 +3,8 @@
 One consumer in a consumer group reads the inference topics in batches (a fetch thread
 consumes the next batch while the loop applies the current one, `_Fetcher`; or, with
 `consumer.prefetch: process`, a child process owning the consumer, fetch_process.py),
-hands each
-batch to the same `Monitor` as `replay`, sends rejects to the dead-letter topic and
-alert events to the alert topic (idempotent producer) without waiting for them, and
+hands each batch to the same `Monitor` as `replay`, sends rejects to the dead-letter
+topic and alert events to the alert topic (idempotent producer) without waiting, and
 commits a batch's offsets only once it is applied and everything it and every earlier
 batch produced is delivered (at-least-once, on every exit path). A batch that makes the
 monitor raise is rolled back and bisected so that only the poison messages are
