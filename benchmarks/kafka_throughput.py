@@ -16,14 +16,18 @@ The engine alone and the end-to-end runs are alternated for --rounds rounds (eac
 end-to-end run reads the topic again with a new consumer group), each end-to-end run is
 compared with the mean of the engine runs just before and after it, and the median
 ratios are printed: on a shared machine a single pair of figures moves by tens of
-percent. `--prefetch both` measures each guarantee with and without the fetch thread
-that consumes ahead of the loop; `--skip-scale-out` leaves out the last part (`run`
-processes sharing a 4-partition topic).
+percent. `--prefetch` chooses where the next batch is consumed while the loop applies
+the current one (`consumer.prefetch`): `process` (a child process owns the consumer),
+`thread` (a fetch thread), `none`, or several, comma-separated (`all`: the three), each
+measured in every round, side by side; the CPU per event of the loop's thread, of the
+fetch thread or child process, and of the whole process is printed beside the rates.
+`--skip-scale-out` leaves out the last part (`run` processes sharing a 4-partition topic).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -50,25 +54,28 @@ def bare_engine_rate(msgs: list[bytes], base: Monitor) -> tuple[float, float, fl
             n / (time.process_time() - proc))
 
 
-def _loop_cpu(sidecar: KafkaSidecar) -> float:
-    """CPU seconds of the loop's thread (the caller) and of its fetch thread if any."""
-    total = time.thread_time()
+def _fetch_cpu(sidecar: KafkaSidecar) -> float:
+    """CPU seconds of the fetch thread or of the fetch process (whichever runs)."""
+    child = getattr(sidecar, "fetch_process", None)
+    if child is not None:
+        return child.cpu_seconds()
     fetcher = getattr(sidecar, "fetch_thread", None)
     if fetcher is not None and fetcher.ident is not None and fetcher.is_alive():
         try:
-            total += time.clock_gettime(time.pthread_getcpuclockid(fetcher.ident))
+            return time.clock_gettime(time.pthread_getcpuclockid(fetcher.ident))
         except OSError:  # ended meanwhile
             pass
-    return total
+    return 0.0
 
 
 def sidecar_rate(broker: EmbeddedBroker, base: Monitor, n: int, batch_size: int,
-                 group: str, guarantee: str = "at_least_once", prefetch: bool = True
-                 ) -> tuple[float, float, float, int]:
+                 group: str, guarantee: str = "at_least_once", prefetch: str = "process"
+                 ) -> tuple[float, float, float, float, int]:
     """`run`'s loop from the end of its first batch until all n events are applied;
-    returns the rate per wall-clock second, per CPU second of the loop's thread(s) and
-    per CPU second of the whole process (librdkafka's threads too; the broker is another
-    process), and the committed offset after shutdown."""
+    returns the rate per wall-clock second, the CPU seconds per event of the loop's
+    thread, of the fetch thread or process, and of the whole process (librdkafka's
+    threads too, the child process too; the broker is another process), and the
+    committed offset after shutdown."""
     ref = next(iter(base.models.values())).reference
     cfg = parse_config({
         "kafka": {"bootstrap.servers": broker.bootstrap_servers, "group.id": group,
@@ -77,17 +84,22 @@ def sidecar_rate(broker: EmbeddedBroker, base: Monitor, n: int, batch_size: int,
                   "auto.offset.reset": "earliest"},  # produced before the join
         "topics": {"inferences": "bench-in", "alerts": "bench-alerts",
                    "dead_letter": "bench-dlq"},
-        "consumer": {"batch_size": batch_size},
+        "consumer": {"batch_size": batch_size, "prefetch": prefetch},
         "processing": {"guarantee": guarantee},
         "http": {"host": "127.0.0.1", "port": 0},
         "models": {"churn": {"reference": "unused.json"}}})
     sidecar = KafkaSidecar(cfg, monitor=Monitor(cfg, {"churn": ref}))
-    sidecar.prefetch = prefetch
-    # (wall, loop thread(s) CPU, process CPU, events applied)
-    marks: list[tuple[float, float, float, int]] = []
-    sidecar.on_batch = lambda r: marks.append(
-        (time.perf_counter(), _loop_cpu(sidecar), time.process_time(),
-         sum(sidecar.applied.values())))
+    # (wall, loop thread CPU, fetch thread/process CPU, process(es) CPU, events applied)
+    marks: list[tuple[float, float, float, float, int]] = []
+
+    def mark(_result) -> None:
+        fetch = _fetch_cpu(sidecar)
+        own = time.process_time()
+        marks.append((time.perf_counter(), time.thread_time(), fetch,
+                      own + (fetch if prefetch == "process" else 0.0),
+                      sum(sidecar.applied.values())))
+
+    sidecar.on_batch = mark
     thread = threading.Thread(target=sidecar.run, daemon=True)
     thread.start()
     while sum(sidecar.applied.values()) < n:
@@ -97,8 +109,9 @@ def sidecar_rate(broker: EmbeddedBroker, base: Monitor, n: int, batch_size: int,
     c = Consumer({"bootstrap.servers": broker.bootstrap_servers, "group.id": group})
     committed = sum(tp.offset for tp in c.committed([TopicPartition("bench-in", 0)], 10))
     c.close()
-    (w0, c0, p0, e0), (w1, c1, p1, e1) = marks[0], marks[-1]
-    return (e1 - e0) / (w1 - w0), (e1 - e0) / (c1 - c0), (e1 - e0) / (p1 - p0), committed
+    (w0, c0, f0, p0, e0), (w1, c1, f1, p1, e1) = marks[0], marks[-1]
+    k = e1 - e0
+    return k / (w1 - w0), (c1 - c0) / k, (f1 - f0) / k, (p1 - p0) / k, committed
 
 
 def _median(values: list[float]) -> str:
@@ -114,16 +127,20 @@ def main() -> None:
                     help="engine alone and end to end, alternated, this many times")
     ap.add_argument("--guarantee", choices=["both", "exactly_once", "at_least_once"],
                     default="both", help="processing guarantee(s) measured end to end")
-    ap.add_argument("--prefetch", choices=["on", "off", "both"], default="on",
-                    help="the fetch thread consuming ahead of the loop (both: each mode "
-                         "with and without it, alternated)")
+    ap.add_argument("--prefetch", default="process,thread",
+                    help="where the next batch is consumed (consumer.prefetch): process, "
+                         "thread, none, or several comma-separated, or all (default: "
+                         "%(default)s)")
     ap.add_argument("--skip-scale-out", action="store_true",
                     help="leave out the last part (1 and 2 `run` processes, scale-out)")
     args = ap.parse_args()
     guarantees = (["at_least_once", "exactly_once"] if args.guarantee == "both"
                   else [args.guarantee])
-    prefetch = {"on": [True], "off": [False], "both": [True, False]}[args.prefetch]
-    variants = {(g if p else f"{g}, no prefetch"): (g, p) for g in guarantees for p in prefetch}
+    prefetch = (["process", "thread", "none"] if args.prefetch == "all"
+                else args.prefetch.split(","))
+    if set(prefetch) - {"process", "thread", "none"}:
+        ap.error(f"--prefetch: process, thread, none or all (got {args.prefetch!r})")
+    variants = {f"{g}, {p}": (g, p) for g in guarantees for p in prefetch}
     modes = list(variants)
     msgs = workload(args.events)
     base = monitor()
@@ -144,43 +161,60 @@ def main() -> None:
         p.flush(120)
         produce_rate = len(msgs) / (time.perf_counter() - t)
         print(f"events {len(msgs):,}, 1 partition, consume batch {args.batch_size:,}; "
-              f"produce to the broker {produce_rate:,.0f} events/s")
+              f"produce to the broker {produce_rate:,.0f} events/s; {os.cpu_count()} cores, "
+              f"load average {_load()}")
         print("each end-to-end run is compared with the engine alone measured just before "
-              "and just after it (their mean): the load of a shared machine drifts")
+              "and just after it (their mean): the load of a shared machine drifts. CPU in "
+              "us per event: loop = the loop's thread, fetch = the fetch thread or child "
+              "process, all = the process (and its child)")
         by_mode: dict[str, list[float]] = {m: [] for m in modes}
         ratios: dict[str, list[float]] = {m: [] for m in modes}
-        cpu_ratios: dict[str, list[float]] = {m: [] for m in modes}
-        proc_ratios: dict[str, list[float]] = {m: [] for m in modes}
+        cpu: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
         engine = bare_engine_rate(msgs, base)
+        engine_cpu: list[float] = []
         for r in range(args.rounds):
             for mode in modes:
                 guarantee, ahead = variants[mode]
-                e2e, e2e_cpu, e2e_proc, committed = sidecar_rate(
+                e2e, loop_cpu, fetch_cpu, all_cpu, committed = sidecar_rate(
                     broker, base, len(msgs), args.batch_size, f"bench-{r}-{len(by_mode[mode])}"
                     f"-{guarantee}-{ahead}", guarantee, ahead)
                 after = bare_engine_rate(msgs, base)
-                wall, cpu, proc = ((x + y) / 2 for x, y in zip(engine, after, strict=True))
+                wall, thread_rate, _ = ((x + y) / 2 for x, y in zip(engine, after, strict=True))
                 engine = after
                 by_mode[mode].append(e2e)
                 ratios[mode].append(e2e / wall)
-                cpu_ratios[mode].append(e2e_cpu / cpu)
-                proc_ratios[mode].append(e2e_proc / proc)
+                cpu[mode].append((loop_cpu, fetch_cpu, all_cpu))
+                engine_cpu.append(1 / thread_rate)
                 print(f"round {r + 1}: engine alone {wall:>9,.0f} events/s, end to end "
-                      f"({mode}) {e2e:>9,.0f} events/s, ratio {e2e / wall:.2f}; per CPU "
-                      f"second of the loop's thread(s) {e2e_cpu / cpu:.2f}, of the process "
-                      f"{e2e_proc / proc:.2f} (committed {committed:,} of {len(msgs):,})",
-                      flush=True)
+                      f"({mode}) {e2e:>9,.0f} events/s, ratio {e2e / wall:.2f}; CPU us/event: "
+                      f"engine {1e6 / thread_rate:.2f}, loop {1e6 * loop_cpu:.2f}, fetch "
+                      f"{1e6 * fetch_cpu:.2f}, all {1e6 * all_cpu:.2f} (committed "
+                      f"{committed:,} of {len(msgs):,}; load {_load()})", flush=True)
     for mode in modes:
         rates = sorted(by_mode[mode])
         print(f"end to end, {mode}: median {rates[len(rates) // 2]:,.0f} events/s")
-    if "exactly_once" in modes and "at_least_once" in modes:
-        print("ratio exactly-once/at-least-once: " + _median(
-            [e / a for e, a in zip(by_mode["exactly_once"], by_mode["at_least_once"],
-                                   strict=True)]))
+    for p in prefetch:
+        eo, al = f"exactly_once, {p}", f"at_least_once, {p}"
+        if eo in by_mode and al in by_mode:
+            print(f"ratio exactly-once/at-least-once ({p}): " + _median(
+                [e / a for e, a in zip(by_mode[eo], by_mode[al], strict=True)]))
+    print(f"engine alone: {1e6 * sorted(engine_cpu)[len(engine_cpu) // 2]:.2f} us CPU/event "
+          f"(median)")
     for mode in modes:
-        print(f"ratio end-to-end ({mode})/engine: {_median(ratios[mode])}; per CPU second "
-              f"of the loop's thread(s) {_median(cpu_ratios[mode])}, of the process "
-              f"{_median(proc_ratios[mode])}")
+        loops, fetches, alls = zip(*cpu[mode], strict=True)
+        print(f"ratio end-to-end ({mode})/engine: {_median(ratios[mode])}; CPU us/event "
+              f"(median): loop {1e6 * _mid(loops):.2f}, fetch {1e6 * _mid(fetches):.2f}, "
+              f"all {1e6 * _mid(alls):.2f}")
+    print(f"load average at the end: {_load()}")
+
+
+def _mid(values) -> float:
+    v = sorted(values)
+    return v[len(v) // 2]
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 # -- scale-out: 1 and 2 `run` processes sharing the topic (added for issue 15) --------------

@@ -1,9 +1,10 @@
 """Runtime: the Kafka sidecar loop (`run`) and its HTTP endpoints, kept thin and at the edge.
 
 One consumer in a consumer group reads the inference topics in batches (a fetch thread
-consumes the next batch while the loop applies the current one, `_Fetcher`), hands each
-batch to the same `Monitor` as `replay`, sends rejects to the dead-letter topic and
-alert events to the alert topic (idempotent producer) without waiting for them, and
+consumes the next batch while the loop applies the current one, `_Fetcher`; or, with
+`consumer.prefetch: process`, a child process owning the consumer, fetch_process.py),
+hands each batch to the same `Monitor` as `replay`, sends rejects to the dead-letter
+topic and alert events to the alert topic (idempotent producer) without waiting, and
 commits a batch's offsets only once it is applied and everything it and every earlier
 batch produced is delivered (at-least-once, on every exit path). A batch that makes the
 monitor raise is rolled back and bisected so that only the poison messages are
@@ -382,7 +383,13 @@ def digest_batch(raw: list, one_topic: bool) -> _Digest | None:
     values; None when the batch holds an error or EOF event (the per-message pass
     handles those). A pure function of the batch: the fetch thread calls it."""
     n = len(raw)
-    if not n or any(map(Message.error, raw)):
+    if not n:
+        return None
+    runs_of = getattr(raw, "runs", None)
+    if runs_of is not None:  # a Frame from the fetch process: its arrays give the runs
+        runs = runs_of(one_topic)
+        return None if runs is None else _Digest(runs, raw.values)
+    if any(map(Message.error, raw)):
         return None
     import numpy as np
     offs = np.fromiter(map(Message.offset, raw), np.int64, n)
@@ -600,9 +607,15 @@ class KafkaSidecar:
             # only committed input (e.g. labels written transactionally upstream)
             ccfg["isolation.level"] = "read_committed"
             pcfg["transactional.id"] = self.transactional_id
-        self.consumer = _RoutedConsumer(Consumer({**ccfg, "logger": self.kafka_log,
-                                                  "error_cb": self._on_kafka_error,
-                                                  "on_commit": self._on_commit}))
+        self.fetch_mode = config.consumer.prefetch
+        if self.fetch_mode == "process":  # the consumer lives in a child process
+            from stream_monitor.kafka.fetch_process import FetchProcess
+            self.consumer: Any = FetchProcess(ccfg, self.kafka_log, self._on_kafka_error,
+                                              self._on_commit)
+        else:
+            self.consumer = _RoutedConsumer(Consumer({**ccfg, "logger": self.kafka_log,
+                                                      "error_cb": self._on_kafka_error,
+                                                      "on_commit": self._on_commit}))
         self.producer = Producer({**pcfg, "logger": self.kafka_log,
                                   "error_cb": self._on_kafka_error})
         # what the producer accepts, less room for the key, headers and framing
@@ -620,10 +633,11 @@ class KafkaSidecar:
         self._paused = False
         self._subscribed = False
         self._one_topic = False    # subscribed to exactly one topic by name (_fresh_runs)
-        # The next batch is consumed on a fetch thread while this one is applied
-        # (`_Fetcher`); False: consumed on the loop's thread, as the demo may want.
-        self.prefetch = True
-        self._fetcher: _Fetcher | None = None
+        # The next batch is consumed while this one is applied, by the child process
+        # (`consumer.prefetch: process`, fetch_process.py) or a fetch thread (`thread`,
+        # `_Fetcher`); False (`none`): consumed when the loop asks for it.
+        self.prefetch = self.fetch_mode != "none"
+        self._fetcher: Any = None
         if join_early:
             # The group join takes seconds (on the embedded broker half the session
             # timeout): start it now, so it overlaps with loading the engine and the
@@ -1432,6 +1446,11 @@ class KafkaSidecar:
     def fetch_thread(self) -> threading.Thread | None:
         return self._fetcher.thread if self._fetcher is not None else None
 
+    @property
+    def fetch_process(self) -> Any:
+        """The child process consuming for the loop (`FetchProcess`), if any."""
+        return self.consumer if self.fetch_mode == "process" else None
+
     def _in_loop(self, handler: Callable[..., None], *args: Any) -> None:
         """A rebalance callback: run on the loop's thread (the fetch thread, inside
         consume(), waits for it), so it never overlaps with applying a batch."""
@@ -1464,7 +1483,9 @@ class KafkaSidecar:
         if not self.prefetch:
             return self.consumer.consume(cfg.batch_size, cfg.poll_timeout), None
         fetcher = self._fetcher
-        if fetcher is None:
+        if fetcher is None and self.fetch_mode == "process":
+            fetcher = self._fetcher = self.consumer.ahead(cfg.batch_size, cfg.poll_timeout)
+        elif fetcher is None:
             fetcher = self._fetcher = _Fetcher(self.consumer.consumer, cfg.batch_size,
                                                cfg.poll_timeout, self._one_topic,
                                                self._serve_call)
@@ -1488,7 +1509,8 @@ class KafkaSidecar:
                 break
             except Exception:
                 log.exception("a rebalance callback failed while stopping")
-        self.consumer.fetcher = None
+        if self.fetch_mode != "process":
+            self.consumer.fetcher = None
         self._fetcher = None
 
     def poll_once(self) -> int:
@@ -1515,7 +1537,9 @@ class KafkaSidecar:
         self._last_data = time.monotonic()
         messages, values, offsets, topics = self._fresh(raw, digest)
         partials: list = []
-        if self.scale_out is not None:  # other instances' partial windows: to the merger
+        if self.scale_out is not None and (not hasattr(messages, "has_topic")
+                                           or messages.has_topic(self.scale_out.topic)):
+            # other instances' partial windows: to the merger
             messages, values, partials = self.scale_out.split(messages, values)
         batch = _Batch(offsets)
         self._batches.append(batch)
@@ -1531,7 +1555,12 @@ class KafkaSidecar:
         base = self._sequence
         self._sequence += len(messages)
         labels_topic = self.config.topics.labels
-        is_label = [m.topic() == labels_topic for m in messages] if labels_topic else None
+        if not labels_topic:
+            is_label = None
+        elif hasattr(messages, "topic_mask"):  # a Frame: from its topic codes
+            is_label = messages.topic_mask(labels_topic)
+        else:
+            is_label = [m.topic() == labels_topic for m in messages]
         if messages or not partials:
             result = self._apply(values, range(base, base + len(messages)), is_label)
         else:  # only partials in this batch
