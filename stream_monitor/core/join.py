@@ -791,7 +791,8 @@ class JoinBuffer:
                labels: list) -> list[Pair]:
         k = int(rows.size)
         versions = self.versions
-        vers = [versions[v] for v in c["ver"][rows].tolist()]
+        vers = [versions[0]] * k if len(versions) == 1 else list(
+            map(versions.__getitem__, c["ver"][rows].tolist()))
         pred = (c["po"] if c["po"] is not None else c["pf"])[rows].tolist()
         none = [None] * k
         sc = none if c["sc"] is None else c["sc"][rows].tolist()
@@ -848,7 +849,13 @@ class JoinBuffer:
             fc, fr = where_c[found][at], where_r[found][at]
             positions = list(map(_POSITION, events))
             labels = list(map(_LABEL, events))
-            for ci in np.unique(fc).tolist():
+            hit = np.unique(fc).tolist()
+            if len(hit) == 1 and fl.size == m:  # every label joins, in one chunk (the
+                c = self.chunks[hit[0]]          # usual case): the labels as they came
+                pairs = self._pairs(c, fr, positions, lts.tolist(), labels)
+                self._kill(c, fr)
+                hit = []
+            for ci in hit:
                 pick = fc == ci
                 sl = fl[pick].tolist()
                 rows = fr[pick]
