@@ -456,7 +456,7 @@ class JoinBuffer:
 
     @property
     def _chunk_rows(self) -> int:
-        return max(1024, self.bounds.max_predictions // 8)
+        return max(1024, self.bounds.max_predictions // 16)
 
     # -- undo journal ---------------------------------------------------------------
 
