@@ -12,13 +12,20 @@ a share of the rate.
 
 Checkpoint: the per-batch checkpoint of the Kafka edge (`Monitor.checkpoint`, taken
 before every batch so that a poison message can be rolled back) with the join buffer as
-the run left it, in ms per call, beside the engine's time per batch of 10,000.
+the run left it, in ms per call, beside the engine's time per batch of 10,000; then with
+1,000 joined pairs waiting in the open performance window (labels for other predictions
+of the last batch), as a checkpoint between two window closes sees it.
+
+Parts (--parts): the same run, with a CPU timer around each part of the join (the
+decoders of both monitors, the join's steps), printed in ms per batch of 10,000 (per
+batch the best of the rounds): where the join's cost goes. The timers add a few
+microseconds per call; read the parts, not the rates, of that run.
 
 Memory (--memory N): N predictions through the join with 10% of them labelled and the
 rest never labelled; prints RSS after 1M and after N predictions (the join buffer is
 bounded by count and age, so RSS stays flat).
 
-    python benchmarks/labels.py [--events 200000] [--rounds 3]
+    python benchmarks/labels.py [--events 200000] [--rounds 3] [--parts]
     python benchmarks/labels.py --memory 10000000
 """
 
@@ -63,8 +70,8 @@ def plain(base: Monitor) -> Monitor:
     return Monitor(base.config, {n: p.reference for n, p in base.models.items()})
 
 
-def run(monitors: list[tuple[Monitor, bool]], msgs: list[bytes], labels: list[list[bytes]]
-        ) -> list[list[float]]:
+def run(monitors: list[tuple[Monitor, bool]], msgs: list[bytes], labels: list[list[bytes]],
+        parts: dict[str, list[float]] | None = None) -> list[list[float]]:
     """Per monitor, the CPU time of each batch (with its labels when the flag is set).
 
     The monitors take each batch in turn, the first one alternating: the batch is in the
@@ -75,6 +82,8 @@ def run(monitors: list[tuple[Monitor, bool]], msgs: list[bytes], labels: list[li
     clock = time.process_time
     times: list[list[float]] = [[] for _ in monitors]
     for k, i in enumerate(range(0, len(msgs), BATCH)):
+        for per_batch in (parts or {}).values():
+            per_batch.append(0.0)
         order = list(enumerate(monitors))
         for j, (mon, labelled) in order if k % 2 == 0 else order[::-1]:
             t = clock()
@@ -83,6 +92,43 @@ def run(monitors: list[tuple[Monitor, bool]], msgs: list[bytes], labels: list[li
                 mon.process_labels(labels[k], range(len(labels[k])))
             times[j].append(clock() - t)
     return times
+
+
+# the parts timed by --parts: (label, object path from the labelled monitor, method)
+PARTS = [
+    ("decode, engine alone", "plain.decoder", "decode"),
+    ("decode, with the join's fields", "mon.decoder", "decode"),
+    ("predictions into the join", "mon", "_join_predictions"),
+    ("  CBPE estimate windows", "mp", "add_estimates"),
+    ("  buffering (keys, sort, merges)", "mp.buffer", "add_predictions"),
+    ("labels (decode, join, windows)", "mon", "process_labels"),
+    ("  label events' decode", "stream_monitor.pipeline", "decode_labels"),
+    ("  label lookups and pairs", "mp.buffer", "add_labels"),
+    ("  performance windows", "mon.performance", "close"),
+]
+
+
+def timed_parts(plain_mon: Monitor, mon: Monitor, times: dict[str, list[float]]) -> None:
+    """Wrap each part in a CPU timer adding to `times[label][-1]` (one slot per batch)."""
+    import importlib
+
+    mp = mon.performance.models["churn"]
+    where = {"plain": plain_mon, "mon": mon, "mp": mp}
+    for label, path, name in PARTS:
+        head, *rest = path.split(".")
+        obj = where.get(head) or importlib.import_module(path)
+        if head in where:
+            for attr in rest:
+                obj = getattr(obj, attr)
+        inner = getattr(obj, name)
+
+        def timer(*a, _f=inner, _label=label, **k):
+            t = time.process_time()
+            try:
+                return _f(*a, **k)
+            finally:
+                times[_label][-1] += time.process_time() - t
+        setattr(obj, name, timer)
 
 
 def checkpoint_cost(mon: Monitor, calls: int = 20) -> float:
@@ -133,6 +179,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--memory", type=int, default=0, help="predictions for the RSS check")
     ap.add_argument("--pool", type=int, default=100_000, help="distinct generated events")
+    ap.add_argument("--parts", action="store_true", help="time each part of the join")
     args = ap.parse_args()
     if args.memory:
         memory(args.memory, args.pool)
@@ -143,22 +190,45 @@ def main() -> None:
     print(f"workload: {len(msgs)} events, {sum(map(len, labels))} labels (10%), "
           f"{args.rounds} rounds, per batch the best of the rounds")
     rounds: dict[str, list[list[float]]] = {"engine": [], "join": []}
+    parts: dict[str, list[list[float]]] = {label: [] for label, _, _ in PARTS}
     for _ in range(args.rounds):
         gc.collect()
-        mon = with_labels(base)
-        engine, join = run([(plain(base), False), (mon, True)], msgs, labels)
+        mon, alone = with_labels(base), plain(base)
+        times: dict[str, list[float]] = {label: [] for label in parts}
+        if args.parts:
+            timed_parts(alone, mon, times)
+        engine, join = run([(alone, False), (mon, True)], msgs, labels,
+                           times if args.parts else None)
         rounds["engine"].append(engine)
         rounds["join"].append(join)
+        for label, per_batch in times.items():
+            parts[label].append(per_batch)
     best = {k: sum(map(min, zip(*v, strict=True))) for k, v in rounds.items()}
     rate = {k: len(msgs) / v for k, v in best.items()}
     print(f"engine, no labels            : {rate['engine']:>10,.0f} events/s")
     print(f"engine + join, 10% labelled  : {rate['join']:>10,.0f} events/s")
     print(f"join cost: {1 - rate['join'] / rate['engine']:.1%} of the rate "
           f"(ratio {rate['join'] / rate['engine']:.2f})")
-    waiting = len(mon.performance.models["churn"].buffer.predictions)
+    mp = mon.performance.models["churn"]
+    waiting = len(mp.buffer.predictions)
     per_batch = best["join"] / (len(msgs) / BATCH) * 1e3
     print(f"checkpoint with {waiting:,} predictions waiting: {checkpoint_cost(mon):.2f} ms "
           f"per batch (a batch of {BATCH:,} costs {per_batch:.1f} ms)")
+    # labels for other predictions of the last batch: an open window half full, as a
+    # checkpoint taken between two window closes sees it
+    pending = sum(len(w.pairs) for w in mp.windows.values())
+    need = (mp.s.window // 2 - pending) % mp.s.window
+    unlabelled = [m for j, m in enumerate(msgs[-BATCH:]) if j % 10][:need]
+    more = label_events(unlabelled, every=1)[0] if unlabelled else []
+    mon.process_labels(more, range(len(more)))
+    pending = sum(len(w.pairs) for w in mp.windows.values())
+    print(f"checkpoint with {len(mp.buffer.predictions):,} predictions waiting and {pending:,} "
+          f"joined pairs in the open window: {checkpoint_cost(mon):.2f} ms per batch")
+    if args.parts:
+        batches = len(msgs) // BATCH
+        print(f"parts, ms per batch of {BATCH:,} (per batch the best of the rounds):")
+        for label, runs in parts.items():
+            print(f"  {label:34s} {sum(map(min, zip(*runs, strict=True))) / batches * 1e3:6.2f}")
 
 
 if __name__ == "__main__":

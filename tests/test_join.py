@@ -312,3 +312,66 @@ def test_key_filters_never_miss_a_joined_or_waiting_key():
         joined_recent = (joined_recent + [first])[-64:]
     assert buf.unjoined[join.PREDICTION_DUPLICATE] == expect_dup
     assert buf.joined == expect_joined
+
+
+def test_key_order_is_the_stable_sort_of_the_keys():
+    """The radix order of the keys' top halves, checked, equals numpy's stable argsort:
+    on random keys, on keys that share their top 32 bits (the check sends them to the
+    full sort), with duplicates (arrival order kept), at the int64 extremes."""
+    rng = np.random.default_rng(11)
+    cases = [rng.integers(-2**63, 2**63 - 1, n, dtype=np.int64) for n in (0, 1, 63, 64, 5000)]
+    top = rng.integers(-2**31, 2**31 - 1, 40, dtype=np.int64) << 32
+    shared = top[rng.integers(0, 40, 3000)] | rng.integers(0, 2**32, 3000, dtype=np.int64)
+    cases.append(shared)                               # equal top halves, distinct keys
+    dup = rng.integers(-2**63, 2**63 - 1, 500, dtype=np.int64)
+    cases.append(dup[rng.integers(0, 500, 4000)])      # many duplicates
+    cases.append(np.array([2**63 - 1, -2**63, 0, -1, 1] * 30, np.int64))
+    for h in cases:
+        assert np.array_equal(join._key_order(h), np.argsort(h, kind="stable"))
+
+
+def _waiting(buf: JoinBuffer) -> dict[int, float]:
+    """Key -> event time of every waiting prediction, over the chunks."""
+    return {int(k): t for c in buf.chunks for k, t, a in
+            zip(c["h"].tolist(), c["ts"].tolist(), c["alive"].tolist(), strict=True) if a}
+
+
+def test_merged_chunks_keep_every_waiting_prediction_and_its_age():
+    """Small chunks merge as batches arrive; the merged chunk holds exactly the waiting
+    rows of its parts, in arrival order, with their times, its keys in stable sorted
+    order; and a buffer that merges joins, expires and counts exactly as one that never
+    merges (no duplicate predictions: merging only settles duplicates earlier)."""
+    rng = np.random.default_rng(5)
+    bounds = JoinConfig(max_predictions=20_000, max_labels=500, max_age=3000.0)
+    merging, flat = JoinBuffer(bounds), JoinBuffer(bounds)
+    flat._merge_tail = lambda: None           # every batch stays its own chunk
+    seen_merge = False
+    next_id = 0
+    for b in range(60):
+        size = int(rng.choice([5, 80, 400]))
+        ids = [f"e{next_id + i}" for i in range(size)]
+        next_id += size
+        ts = (b * 100.0 + rng.uniform(0, 100, size)).tolist()
+        preds = rng.random(size).tolist()
+        lab = rng.choice(next_id, 40, replace=False).tolist()
+        lab_ts = (b * 100.0 + rng.uniform(-50, 400, 40)).tolist()
+        got = []
+        for buf in (merging, flat):
+            n_before = len(buf.chunks)
+            waiting = _waiting(buf)
+            pairs = buf.add_predictions(list(range(size)), ts, outcomes(ids, preds))
+            pairs += buf.add_labels(labels([f"e{i}" for i in lab], lab_ts))
+            got.append((sorted(map(repr, pairs)), buf.state()))
+            if buf is merging and len(buf.chunks) < n_before + 1:
+                seen_merge = True
+                # the merged chunk: waiting rows of its parts (and of the batch), times kept
+                after = _waiting(buf)
+                new = dict(zip(join.id_hashes(ids).tolist(), ts, strict=True))
+                assert set(after) <= set(waiting) | set(new)
+                assert all(after[k] == (waiting[k] if k in waiting else new[k]) for k in after)
+        assert got[0] == got[1]
+        for c in merging.chunks:
+            assert np.array_equal(c["order"], np.argsort(c["h"], kind="stable"))
+            assert np.array_equal(c["hs"], c["h"][c["order"]])
+    assert seen_merge and len(merging.chunks) < len(flat.chunks)
+    assert merging.unjoined[join.PREDICTION_EXPIRED] and merging.joined

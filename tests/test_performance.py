@@ -407,6 +407,41 @@ def test_monitor_rollback_restores_the_join_exactly_without_copying_it(tmp_path,
     assert buf.state() == twin.performance.models["churn"].buffer.state()
 
 
+def test_checkpoint_copies_the_open_window_list_not_its_pairs(tmp_path, ref_path):
+    """The checkpoint copies an open performance window's list of pairs (shared, never
+    changed tuples) and its label lags as arrays; a batch of labels that closes the
+    window, rolled back, leaves the window as it was, and re-applied gives the report a
+    monitor that never rolled back gives."""
+    cfg = load_config(_config(tmp_path, ref_path))
+    d = ps.draw(12_000, seed=4)
+    evs, labs = ps.events(d), ps.labels(d, fraction=0.5)
+    mon, twin = Monitor(cfg), Monitor(cfg)
+    for m in (mon, twin):
+        m.process(evs, list(range(12_000)))
+        m.process_labels(labs[:2500], list(range(2500)))
+        m.process_labels(labs[2500:3000], list(range(2500, 3000)))  # closes no window
+    mp = mon.performance.models["churn"]
+    (window,) = mp.windows.values()
+    pairs, lags = list(window.pairs), np.hstack(mp.lags)
+    assert 0 < len(pairs) < 2000 and lags.size
+    cp = mon.checkpoint()
+    kept = cp[0][3].models["churn"]
+    (copied,) = kept.windows.values()
+    assert copied.pairs == pairs and copied.pairs is not window.pairs
+    assert all(a is b for a, b in zip(copied.pairs, window.pairs, strict=True))
+    assert all(type(x) is np.ndarray for x in kept.lags)
+    closed = mon.process_labels(labs[3000:], list(range(3000, len(labs))))
+    assert closed.performance and len(window.pairs) != len(pairs)
+    mon.rollback(cp)
+    mp = mon.performance.models["churn"]
+    (window,) = mp.windows.values()
+    assert window.pairs == pairs and np.array_equal(np.hstack(mp.lags), lags)
+    a = mon.process_labels(labs[3000:], list(range(3000, len(labs))))
+    b = twin.process_labels(labs[3000:], list(range(3000, len(labs))))
+    assert orjson.dumps(a.performance) == orjson.dumps(b.performance)
+    assert a.alerts == b.alerts
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fast_adwin_feed_is_the_per_value_update(seed):
     """`feed_detector` drives river's ADWIN through its Rust window; detections, widths and

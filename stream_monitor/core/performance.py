@@ -121,6 +121,12 @@ class _Window:
     pairs: list = field(default_factory=list)
     index: int = 0
 
+    def __deepcopy__(self, memo: dict) -> _Window:
+        # the per-batch checkpoint: pairs are tuples never changed once made (their
+        # parsed scores and segment dicts are only read), so the list is copied, not
+        # each of its up to `window` pairs (2,000 tuples of 8 fields: ~2 ms per batch)
+        return _Window(list(self.pairs), self.index)
+
 
 class ModelPerformance:
     """Join buffer, performance windows, reference, detector and segments of one model."""
@@ -150,7 +156,7 @@ class ModelPerformance:
         self.ref_error_scale = 1.0
         self.segment_values: dict[str, dict[str, None]] = {f: {} for f in settings.segments.fields}
         self.segments_cut = 0
-        self.lags: list[float] = []          # label lags joined since the last report
+        self.lags: list[np.ndarray] = []     # label lags joined since the last report
         self.labels_total = 0                # joined labels (for retraining triggers)
         # label lags not yet exported as metrics: arrays per batch (a checkpoint copies
         # them as buffers, not as up to 100,000 float objects)
@@ -235,7 +241,8 @@ class ModelPerformance:
         lag = (np.fromiter(map(_FIELDS[2], pairs), np.float64, len(pairs))
                - np.fromiter(map(_FIELDS[1], pairs), np.float64, len(pairs)))
         lag = lag[~np.isnan(lag)]
-        self.lags.extend(lag.tolist())
+        if lag.size:  # arrays, not floats: a checkpoint copies them as buffers
+            self.lags.append(lag)
         if self.fresh_lag_count < 100_000:  # drained per batch by the metrics
             self.fresh_lags.append(lag)
             self.fresh_lag_count += int(lag.size)
@@ -547,7 +554,7 @@ class ModelPerformance:
             self._start_detector()
         report["join"] = self.join_counters()
         if self.lags:
-            lag = np.array(self.lags)
+            lag = np.hstack(self.lags)  # arrays per batch (floats in older snapshots)
             report["label_lag"] = {"p50": float(np.median(lag)), "p95": float(
                 np.quantile(lag, 0.95)), "max": float(lag.max())}
             self.lags = []  # lags of the pairs joined since the previous report
