@@ -38,6 +38,7 @@ import sys
 import threading
 from array import array
 from collections.abc import Callable
+from functools import partial
 from multiprocessing.connection import Connection
 from operator import itemgetter
 from typing import Any
@@ -412,6 +413,12 @@ class Frame:
                                                    strict=True)]
 
 
+# Consumer methods the parent calls on the child as they are (`FetchProcess.__getattr__`).
+_FORWARDED = frozenset({"commit", "committed", "position", "seek", "assign", "assignment",
+                        "pause", "resume", "get_watermark_offsets", "list_topics",
+                        "consumer_group_metadata", "memberid"})
+
+
 class FetchProcess:
     """(parent) The consumer in the child process: the methods of confluent-kafka's
     `Consumer` that `run` uses, made as requests, and the fetch one batch ahead
@@ -541,42 +548,13 @@ class FetchProcess:
             self.conn.send(("subscribe", list(topics), list(self._callbacks)))
             self._deferred += 1  # the group join starts now; its reply is read later
 
-    def commit(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("commit", *args, **kwargs)
-
-    def committed(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("committed", *args, **kwargs)
-
-    def position(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("position", *args, **kwargs)
-
-    def seek(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("seek", *args, **kwargs)
-
-    def assign(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("assign", *args, **kwargs)
-
-    def assignment(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("assignment", *args, **kwargs)
-
-    def pause(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("pause", *args, **kwargs)
-
-    def resume(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("resume", *args, **kwargs)
-
-    def get_watermark_offsets(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("get_watermark_offsets", *args, **kwargs)
-
-    def list_topics(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("list_topics", *args, **kwargs)
-
-    def consumer_group_metadata(self) -> Any:
-        # serialised by confluent-kafka (bytes): the transactional producer takes it back
-        return self._call("consumer_group_metadata")
-
-    def memberid(self) -> Any:
-        return self._call("memberid")
+    def __getattr__(self, name: str) -> Any:
+        # the rest of `Consumer`'s methods that `run` uses are plain requests; the
+        # group metadata comes back serialised (bytes), which the transactional
+        # producer's send_offsets_to_transaction takes as it is
+        if name in _FORWARDED:
+            return partial(self._call, name)
+        raise AttributeError(name)
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> Frame | list:
         """A consume() on the spot (no batch ahead)."""
