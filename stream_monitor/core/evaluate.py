@@ -297,10 +297,11 @@ class WindowEvaluator:
 
     def _judge_rows(self, names: list[str], rules: _Rules, scores: dict[str, np.ndarray],
                     significant: np.ndarray, n: np.ndarray, checks: dict[str, tuple]
-                    ) -> tuple[list[dict[str, Any]], list[str], list[bool], list[float]]:
-        """Per feature: JSON scores, drift severity name, significance, threshold; and the
-        data-quality dicts (`judge_quality` of every feature; ``checks`` maps a check to
-        (hits, trials, expected, excess), or to a plain float array for 'stuck')."""
+                    ) -> list[dict[str, Any]]:
+        """Per feature, its report without "stats": JSON scores, drift severity name,
+        significance, threshold, and the data-quality dict (`judge_quality`'s, for every
+        feature at once; ``checks`` maps a check to (hits, trials, expected, excess), or
+        to a plain float array for 'stuck')."""
         min_events = self.settings.min_events
         table = np.empty((len(rules.methods) + 1, len(names)))
         for i, key in enumerate(rules.methods):
