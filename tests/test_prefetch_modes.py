@@ -145,7 +145,7 @@ sys.exit(main(sys.argv[1:]))
 
 def test_demo_with_the_consumer_in_a_child_process(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-c", DEMO_WITH_PROCESS, "demo", "--duration", "22",
+    proc = subprocess.run([sys.executable, "-c", DEMO_WITH_PROCESS, "demo", "--duration", "26",
                            "--drift-after", "6", "--port", "0"], capture_output=True,
                           text=True, timeout=180, env=env, cwd=tmp_path)
     out = proc.stdout
