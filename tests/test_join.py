@@ -375,3 +375,93 @@ def test_merged_chunks_keep_every_waiting_prediction_and_its_age():
             assert np.array_equal(c["hs"], c["h"][c["order"]])
     assert seen_merge and len(merging.chunks) < len(flat.chunks)
     assert merging.unjoined[join.PREDICTION_EXPIRED] and merging.joined
+
+
+def _outcome_events(n: int, seed: int) -> list[bytes]:
+    """Events of two models (a numeric and a categorical prediction) with every outcome
+    form: ids that are strings, integers, null, empty, with a NUL, non-ASCII or longer
+    than 64 characters; null, absent, integer and boolean predictions; inline labels,
+    scores and segments in a few events; several versions; a bad timestamp (a reject
+    inside a typed chunk)."""
+    from test_decode import ABSENT, enc, event, feats
+
+    rng = np.random.default_rng(seed)
+    out = []
+    odd_ids = [None, "", 17, "a\x00b", "é-1", "x" * 100, ABSENT]
+    for i in range(n):
+        r = rng.random()
+        eid = odd_ids[int(rng.integers(len(odd_ids)))] if r < 0.02 else f"ev-{seed}-{i}"
+        if rng.random() < 0.3:
+            ev = {"model": "n", "event_id": eid, "ts": 1.79e9 + i,
+                  "features": {"score": float(rng.normal()), "color": "red"},
+                  "prediction": ("yes", "no", "maybe", True, None)[int(rng.integers(5))]}
+        else:
+            pred = (float(rng.random()), None, ABSENT, 1, True)[
+                int(rng.choice(5, p=[0.9, 0.04, 0.03, 0.02, 0.01]))]
+            ev = event(feats(x=float(rng.normal())), event_id=eid, prediction=pred,
+                       ts=1.79e9 + i)
+        if eid is ABSENT:
+            ev.pop("event_id", None)
+        ev["model_version"] = ("v3", "v3", "v3", 4, None)[int(rng.integers(5))] if (
+            i // 700) % 2 else "v3"
+        if rng.random() < 0.03:
+            ev["label"] = (1, "yes", True, 0.5)[int(rng.integers(4))]
+        if rng.random() < 0.03:
+            ev["scores"] = {"yes": 0.7, "no": 0.3}
+        if rng.random() < 0.03:
+            ev["segment"] = {"region": "eu"}
+        if rng.random() < 0.005:
+            ev["ts"] = None
+        out.append(enc(ev))
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_typed_outcomes_are_the_per_event_paths(seed):
+    """The typed decoder's compact outcomes (ids joined, no prediction list beside the
+    numeric column, rare fields per chunk), given back as lists by `outcome_lists`, are
+    the per-event path's values, event by event; and the join keys of `JoinedIds` are
+    those of the listed ids."""
+    from test_decode import make_decoder
+
+    from stream_monitor.core.join import _string_keys, as_json, event_key, id_hashes
+    from stream_monitor.io.decode import Decoder, JoinedIds, outcome_lists
+
+    msgs = _outcome_events(5000, seed)
+    fast = make_decoder()
+    fast.outcomes = True
+    slow = Decoder(fast.schemas, fast.config)
+    slow.typed, slow.outcomes = False, True
+    for cut in (5000, 997):  # one batch of five chunks, and batches of 997
+        for lo in range(0, len(msgs), cut):
+            part = msgs[lo:lo + cut]
+            a = fast.decode(part, range(lo, lo + len(part)))
+            b = slow.decode(part, range(lo, lo + len(part)))
+            assert set(a.models) == set(b.models)
+            for model, batch in a.models.items():
+                other = b.models[model]
+                assert batch.positions.tolist() == other.positions.tolist()
+                got, want = outcome_lists(batch), other.outcomes
+                for k in ("event_id", "prediction", "label", "model_version"):
+                    assert got[k] == want[k], k
+                    assert list(map(type, got[k])) == [
+                        float if k == "prediction" and type(v) is int and model == "m"
+                        else type(v) for v in want[k]], k
+                for k in ("scores", "segment"):
+                    assert [as_json(v) for v in got[k]] == want[k], k
+                ids = batch.outcomes["event_id"]
+                if type(ids) is JoinedIds:
+                    keys = [event_key(e) for e in want["event_id"]]
+                    assert None not in keys
+                    assert _string_keys(ids.tolist()).tolist() == id_hashes(keys).tolist()
+    # string ids only (the usual stream): one joined string, hashed as the list would be
+    from test_decode import enc, event
+    clean = [enc(event(event_id=f"id-{i}", ts=1.79e9 + i)) for i in range(3000)]
+    batch = fast.decode(clean, range(3000)).models["m"]
+    ids = batch.outcomes["event_id"]
+    assert type(ids) is JoinedIds and "prediction" not in batch.outcomes
+    assert ids.tolist() == [f"id-{i}" for i in range(3000)]
+    buf = JoinBuffer(JoinConfig())
+    buf.add_predictions(batch.positions, batch.ts, batch.outcomes, batch.prediction)
+    want = id_hashes([f"id-{i}" for i in range(3000)])
+    assert sorted(buf.chunks[0]["h"].tolist()) == sorted(want.tolist())

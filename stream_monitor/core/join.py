@@ -29,7 +29,7 @@ import numpy as np
 import orjson
 
 from stream_monitor.config import FieldMapping, JoinConfig
-from stream_monitor.io.decode import Reject, parse_timestamp
+from stream_monitor.io.decode import JoinedIds, Reject, parse_timestamp
 
 # Unjoined reasons (the `reason` label of stream_monitor_labels_unjoined_total).
 PREDICTION_EXPIRED = "prediction_expired"      # no label within max_age of label time
@@ -236,6 +236,7 @@ _LONG_ID = 64          # longer ids are hashed apart, so one long id does not wi
 with np.errstate(over="ignore"):  # _POWERS[j]: the weight of character j, _POLY^(j+1)
     _POWERS = np.cumprod(np.full(_LONG_ID, _POLY, np.uint64), dtype=np.uint64)
 _MISSING = object()
+_EMPTY_ID = np.empty(0, np.int64)  # `_joined_keys`: an empty id (no key)
 
 
 def id_hashes(ids: Sequence[str], lens: np.ndarray | None = None,
@@ -291,23 +292,34 @@ def _string_keys(ids: Sequence[Any]) -> np.ndarray | None:
         joined = "\x00".join(ids)  # TypeError: an id that is not a string
     except TypeError:
         return None
-    if n and joined.isascii():
-        flat = np.frombuffer(joined.encode("ascii"), np.uint8)
-        nul = flat == 0
-        sep = np.flatnonzero(nul)
-        if sep.size == n - 1:  # no id holds a NUL itself
-            bounds = np.empty(n + 1, np.int64)
-            bounds[0], bounds[1:-1], bounds[-1] = -1, sep, flat.size
-            lens = np.diff(bounds) - 1
-            if not lens.min():
-                return None
-            if lens.max() <= _LONG_ID:
-                return _ascii_hash(flat[~nul], lens)
-            return id_hashes(ids, lens)
+    h = _joined_keys(joined, n)
+    if h is not None:
+        return None if h is _EMPTY_ID else h
     lens = np.fromiter(map(len, ids), np.int64, n)
     if not lens.size or not lens.min():
         return None
     return id_hashes(ids, lens)
+
+
+def _joined_keys(joined: str, n: int) -> np.ndarray | None:
+    """`id_hashes` of n ids given joined with a NUL between them, when they are ASCII,
+    hold no NUL and none is longer than 64 (the usual ids); `_EMPTY_ID` when one is
+    empty (no key); None when the ids themselves are needed."""
+    if not n or not joined.isascii():
+        return None
+    flat = np.frombuffer(joined.encode("ascii"), np.uint8)
+    nul = flat == 0
+    sep = np.flatnonzero(nul)
+    if sep.size != n - 1:  # an id holds a NUL itself
+        return None
+    bounds = np.empty(n + 1, np.int64)
+    bounds[0], bounds[1:-1], bounds[-1] = -1, sep, flat.size
+    lens = np.diff(bounds) - 1
+    if not lens.min():
+        return _EMPTY_ID
+    if lens.max() <= _LONG_ID:
+        return _ascii_hash(flat[~nul], lens)
+    return None
 
 
 def _poly_hash(ids: Sequence[str], lens: np.ndarray) -> np.ndarray:
@@ -578,7 +590,9 @@ class JoinBuffer:
         """Buffer a batch of predictions; those carrying a label are joined at once.
 
         `outcomes` holds per-event lists (decode.OUTCOME_KEYS): event_id, prediction,
-        scores, label, segment and model_version. `values`: the predictions as a float
+        scores, label, segment and model_version (the typed decoder's event ids may come
+        as one `decode.JoinedIds`, and "prediction" may be absent when `values` holds
+        every prediction). `values`: the predictions as a float
         array when every one is a float (the decoder's column), else None; `distinct`:
         the set of the model versions, when the caller has it; `floats`: whether every
         prediction is a float, when the caller knows.
@@ -595,7 +609,13 @@ class JoinBuffer:
             self.prediction_watermark = newest
         ids, inline_labels = outcomes["event_id"], outcomes["label"]
         versions = outcomes.get("model_version") or [None] * n
-        h = _string_keys(ids)
+        h = None
+        if type(ids) is JoinedIds:  # the typed decoder's ids, joined already
+            h = _joined_keys(ids.text, n)
+            if h is None or h is _EMPTY_ID:
+                ids = ids.tolist()
+        if h is None or h is _EMPTY_ID:
+            h = _string_keys(ids)
         with_key = None
         if h is None:  # ids that are absent, empty or integers
             keys = [event_key(e) for e in ids]
@@ -606,6 +626,8 @@ class JoinBuffer:
         if with_key is not None and not with_key.all():
             self.unjoined[PREDICTION_NO_ID] += int(n - with_key.sum())
         if inline_labels.count(None) != n:  # inline labels: joined at once
+            if "prediction" not in outcomes:  # the typed decoder's float column
+                outcomes = {**outcomes, "prediction": values.tolist()}
             pairs += self._inline(positions, t, h, with_key, outcomes, versions)
             take &= np.fromiter((v is None for v in inline_labels), bool, n)
         rows = None if take.all() else np.flatnonzero(take)

@@ -178,15 +178,15 @@ class ModelPerformance:
         """
         if not self.s.estimate or self.task != "classification":
             return []
-        preds = outcomes["prediction"]
         if values is None:
+            preds = outcomes["prediction"]
             if floats is False or not preds or set(map(type, preds)) != {float}:
                 return []
             values = np.array(preds, float)
         p = values
         if not p.size or p.min() < 0.0 or p.max() > 1.0:
             return []
-        versions = outcomes.get("model_version") or [None] * len(preds)
+        versions = outcomes.get("model_version") or [None] * len(p)
         t = np.asarray(ts, float)
         out = []
         size = self.s.estimate_window
