@@ -465,3 +465,37 @@ def test_typed_outcomes_are_the_per_event_paths(seed):
     buf.add_predictions(batch.positions, batch.ts, batch.outcomes, batch.prediction)
     want = id_hashes([f"id-{i}" for i in range(3000)])
     assert sorted(buf.chunks[0]["h"].tolist()) == sorted(want.tolist())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_chunk_bit_tables_join_as_a_search_of_every_label(seed):
+    """A label is searched only in the chunks whose bit table has its key's bit: the
+    same pairs, duplicates (re-sent predictions in later chunks), counters and state
+    as searching every label in every chunk (a table with every bit set)."""
+    rng = np.random.default_rng(seed)
+    bounds = JoinConfig(max_predictions=30_000, max_labels=2_000, max_age=1e9)
+    tabled, searched = JoinBuffer(bounds), JoinBuffer(bounds)
+
+    def every_bit(c, bits):
+        bits[id(c)] = (c, np.full(1 << 12, 0xFF, np.uint8))
+        return bits[id(c)][1]
+
+    searched._key_bits = every_bit
+    next_id = 0
+    for b in range(40):
+        size = int(rng.choice([300, 1_500, 4_000]))
+        ids = [f"p{next_id + i}" for i in range(size)]
+        next_id += size
+        resent = [f"p{i}" for i in rng.choice(next_id, 30, replace=False).tolist()]
+        ts = (b * 100.0 + rng.uniform(0, 100, size + 30)).tolist()
+        lab = [f"p{i}" for i in rng.choice(next_id + 500, 300, replace=False).tolist()]
+        preds = rng.random(size + 30).tolist()
+        got = []
+        for buf in (tabled, searched):
+            pairs = buf.add_predictions(list(range(size + 30)), ts, outcomes(ids + resent, preds))
+            pairs += buf.add_labels(labels(lab, [b * 100.0 + 50.0] * 300))
+            got.append((sorted(map(repr, pairs)), buf.state()))
+        assert got[0] == got[1]
+        assert len(tabled._bits) == sum(1 for c in tabled.chunks if c["live"]) or b == 0
+    assert len(tabled.chunks) > 4
+    assert tabled.unjoined[join.PREDICTION_DUPLICATE] and tabled.joined
