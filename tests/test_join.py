@@ -499,3 +499,19 @@ def test_chunk_bit_tables_join_as_a_search_of_every_label(seed):
         assert len(tabled._bits) == sum(1 for c in tabled.chunks if c["live"]) or b == 0
     assert len(tabled.chunks) > 4
     assert tabled.unjoined[join.PREDICTION_DUPLICATE] and tabled.joined
+
+
+@pytest.mark.parametrize("ids", [
+    [f"churn-{i}" for i in range(100_000, 103_000)],                   # one length
+    [f"{i:032x}" for i in range(2_000)] + ["f" * 32],                  # uuid-like
+    [f"e{i}" for i in range(95, 1_005)],                                # three lengths
+    ["x"], ["ab", "cd"], ["a" * 64, "b" * 64], ["a" * 65, "b" * 65],    # one, two, long
+    ["a" * 64, "b" * 65], ["ab", "c", "de"]])
+def test_joined_keys_are_the_keys_of_the_ids(ids):
+    """Keys from the NUL-joined ids (the equal-length ids as rows of a strided view, the
+    others from the NULs' positions) are those of `id_hashes` of the listed ids."""
+    want = join.id_hashes(ids).tolist()
+    got = join._joined_keys("\x00".join(ids), len(ids))
+    assert (got is None and max(map(len, ids)) > 64) or got.tolist() == want
+    assert join._string_keys(ids).tolist() == want
+    assert join._joined_keys("\x00".join(ids + [""]), len(ids) + 1) is join._EMPTY_ID
