@@ -515,3 +515,28 @@ def test_joined_keys_are_the_keys_of_the_ids(ids):
     assert (got is None and max(map(len, ids)) > 64) or got.tolist() == want
     assert join._string_keys(ids).tolist() == want
     assert join._joined_keys("\x00".join(ids + [""]), len(ids) + 1) is join._EMPTY_ID
+
+
+@pytest.mark.parametrize(("max_labels", "batch"), [(100_000, 5_000), (30_000, 1_000)])
+def test_joined_keys_keep_their_table_under_first_in_first_out(max_labels, batch):
+    """Once `max_labels` keys have joined, each new joined key pushes the oldest out: the
+    dict keeps its size, and its table (`sys.getsizeof`) stays the one it had when it
+    first filled up, where Python's own doubles (the default 100,000, and a size whose
+    table has less room left, where the rebuilds come sooner); the keys are the last
+    max_labels joined, in order."""
+    import sys
+
+    buf = JoinBuffer(JoinConfig(max_predictions=50_000, max_labels=max_labels, max_age=1e9))
+    full = None
+    batches = 6 * max_labels // batch
+    for b in range(batches):
+        ids = [f"k{b}-{i}" for i in range(batch)]
+        buf.add_predictions(list(range(batch)), [float(b)] * batch, outcomes(ids))
+        buf.add_labels(labels(ids, [float(b)] * batch))
+        if full is None and len(buf.joined_ids) == max_labels:
+            full = sys.getsizeof(buf.joined_ids)
+        elif full is not None:
+            assert sys.getsizeof(buf.joined_ids) <= full
+    last = [f"k{b}-{i}" for b in range(batches - max_labels // batch, batches)
+            for i in range(batch)]
+    assert list(buf.joined_ids) == join.id_hashes(last).tolist()

@@ -18,6 +18,7 @@ it through JSON-friendly values (for checkpointing).
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from itertools import islice
@@ -482,6 +483,8 @@ class JoinBuffer:
         self._journal: dict[str, Any] | None = None
         # derived (not state): superset filters of the keys of `labels` and `joined_ids`
         self._filters: dict[str, _KeyFilter] = {}
+        # derived (not state): per dict, when to rebuild its table (`_compact`)
+        self._evicted: dict[str, list[int]] = {}
         # derived (not state): per chunk (by id, with the chunk), its keys' bit table
         self._bits: dict[int, tuple[dict[str, Any], np.ndarray]] = {}
 
@@ -1031,6 +1034,36 @@ class JoinBuffer:
                 self._del(waiting, k)
             if reason is not None:
                 self.unjoined[reason] += excess
+            self._compact_dict(waiting, limit, excess)
+
+    def _compact_dict(self, d: dict, limit: int, evicted: int) -> None:
+        """Keep a full dict's table the size it had when it filled up.
+
+        A dict that keeps its size while its oldest keys leave (first in, first out)
+        fills its table with deleted slots, and Python then doubles the table for the
+        same number of keys (10 MB instead of 5 for 100,000 joined keys: RSS grew once
+        the joined keys reached `max_labels`). Rebuilt in place (the same keys in the
+        same order, the same object) every `interval` evictions, it keeps its table. The
+        interval starts at `limit` / 2 and halves whenever the table grew anyway (how many
+        deleted slots a table takes depends on how full it is), down to `limit` / 16;
+        below that the larger table is kept (rebuilding would cost more than it saves).
+        """
+        name = "joined" if d is self.joined_ids else "labels"
+        st = self._evicted.get(name)
+        if st is None:  # [interval, evictions since the last rebuild, table size then]
+            st = self._evicted[name] = [max(limit // 2, 1), 0, sys.getsizeof(d)]
+        st[1] += evicted
+        size = sys.getsizeof(d)
+        if size > st[2]:
+            st[0] //= 2
+            if st[0] < max(limit // 16, 1):
+                st[0], st[2] = sys.maxsize, sys.maxsize  # keep the larger table from now on
+                return
+        if size > st[2] or st[1] >= st[0]:
+            items = dict(d)
+            d.clear()
+            d.update(items)
+            st[1], st[2] = 0, sys.getsizeof(d)
 
     # -- introspection and state ----------------------------------------------------
 
