@@ -918,10 +918,11 @@ class Decoder:
         into.positions[lo:hi] = positions
         outcomes = None
         if self.outcomes:  # event fields by position, as in `event_type`
+            # no prediction list when the numeric column holds them (`outcome_lists`)
+            column = schema.prediction is not None and schema.prediction.kind == "numeric"
             outcomes = {k: top[i::nf] for i, k in enumerate(
-                ("prediction", "label", "model_version", *OUTCOME_EXTRAS), start=2)}
-            if schema.prediction is not None and schema.prediction.kind == "numeric":
-                del outcomes["prediction"]  # the column holds them (`outcome_lists`)
+                ("prediction", "label", "model_version", *OUTCOME_EXTRAS), start=2)
+                if k != "prediction" or not column}
         if bad.any():
             keep = ~bad
             if outcomes is not None:
