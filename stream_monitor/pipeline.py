@@ -315,8 +315,10 @@ class Monitor:
             raise ValueError("label events need performance monitoring (topics.labels)")
         d = self.config.decode
         events, result.rejects = decode_labels(messages, positions, d.fields, d.default_model)
-        closed, unknown = self.performance.labels(events)
-        counted = Counter(map(attrgetter("model"), events))
+        models = set(map(attrgetter("model"), events))
+        closed, unknown = self.performance.labels(events, models)
+        counted = {next(iter(models)): len(events)} if len(models) == 1 else Counter(
+            map(attrgetter("model"), events))
         for model, n in counted.items():
             if model in self.performance.models:
                 result.labels[model] += n

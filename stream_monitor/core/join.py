@@ -891,14 +891,15 @@ class JoinBuffer:
             if not c["live"]:
                 continue
             table = self._key_bits(c, bits)
-            cand = np.flatnonzero(table[byte & (table.size - 1)] & bit)
+            # methods, not numpy's Python wrappers: this runs for every chunk
+            cand = (table[byte & (table.size - 1)] & bit).nonzero()[0]
             if not cand.size:
                 continue
             sub = keys[cand]
             hs = c["hs"]
             # the last equal key (the latest row); a key below them all gets -1, the
             # largest key, which is not equal to it: no hit
-            i = np.searchsorted(hs, sub, side="right") - 1
+            i = hs.searchsorted(sub, side="right") - 1
             hit = hs[i] == sub
             if not hit.any():
                 continue

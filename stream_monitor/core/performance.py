@@ -904,11 +904,14 @@ class PerformanceStage:
         mp = self.models.get(model)
         return [] if mp is None else mp.add_estimates(ts, outcomes, values)
 
-    def labels(self, events: list[LabelEvent]) -> tuple[dict[str, list], Counter]:
-        """Join label events; returns closed windows per model and unknown-model counts."""
+    def labels(self, events: list[LabelEvent], models: set | None = None
+               ) -> tuple[dict[str, list], Counter]:
+        """Join label events; returns closed windows per model and unknown-model counts.
+        `models`: the set of the events' models, when the caller has it."""
         by_model: dict[str, list[LabelEvent]] = {}
         unknown: Counter = Counter()
-        models = set(map(_MODEL, events))
+        if models is None:
+            models = set(map(_MODEL, events))
         if len(models) == 1 and next(iter(models)) in self.models:  # the common case
             by_model[next(iter(models))] = list(events)
             events = []
