@@ -42,6 +42,7 @@ from stream_monitor.io.decode import (
     Decoder,
     ModelSchema,
     Reject,
+    outcome_lists,
 )
 
 
@@ -314,8 +315,10 @@ class Monitor:
             raise ValueError("label events need performance monitoring (topics.labels)")
         d = self.config.decode
         events, result.rejects = decode_labels(messages, positions, d.fields, d.default_model)
-        closed, unknown = self.performance.labels(events)
-        counted = Counter(map(attrgetter("model"), events))
+        models = set(map(attrgetter("model"), events))
+        closed, unknown = self.performance.labels(events, models)
+        counted = {next(iter(models)): len(events)} if len(models) == 1 else Counter(
+            map(attrgetter("model"), events))
         for model, n in counted.items():
             if model in self.performance.models:
                 result.labels[model] += n
@@ -401,7 +404,7 @@ class Monitor:
             keep = np.ones(len(batch), bool)
             keep[late] = False
             idx = np.flatnonzero(keep).tolist()
-            outcomes = {k: [v[i] for i in idx] for k, v in outcomes.items()}
+            outcomes = {k: [v[i] for i in idx] for k, v in outcome_lists(batch).items()}
             positions, ts = positions[keep], ts[keep]
             raw = [raw[i] for i in idx]
         # what the decoder gathered while the values were in the CPU cache (a pass over
@@ -410,13 +413,15 @@ class Monitor:
         floats = None if facts is None else facts[1]
         # every prediction a float: the decoder's numeric column serves (no list -> array)
         values = None
-        preds = outcomes["prediction"]
+        if not floats and "prediction" not in outcomes:  # the typed path's column: a list
+            outcomes = outcome_lists(batch)
         if floats is None:
+            preds = outcomes["prediction"]
             floats = bool(preds) and set(map(type, preds)) == {float}
         if floats:
             values = batch.prediction
             if values is None or values.dtype != np.float64 or values.size != batch.ts.size:
-                values = np.array(preds, np.float64)
+                values = np.array(outcomes["prediction"], np.float64)
             elif late.size:
                 values = values[keep]
         if "scores" in self.models[model].schema.outcome_skip:

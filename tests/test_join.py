@@ -375,3 +375,168 @@ def test_merged_chunks_keep_every_waiting_prediction_and_its_age():
             assert np.array_equal(c["hs"], c["h"][c["order"]])
     assert seen_merge and len(merging.chunks) < len(flat.chunks)
     assert merging.unjoined[join.PREDICTION_EXPIRED] and merging.joined
+
+
+def _outcome_events(n: int, seed: int) -> list[bytes]:
+    """Events of two models (a numeric and a categorical prediction) with every outcome
+    form: ids that are strings, integers, null, empty, with a NUL, non-ASCII or longer
+    than 64 characters; null, absent, integer and boolean predictions; inline labels,
+    scores and segments in a few events; several versions; a bad timestamp (a reject
+    inside a typed chunk)."""
+    from test_decode import ABSENT, enc, event, feats
+
+    rng = np.random.default_rng(seed)
+    out = []
+    odd_ids = [None, "", 17, "a\x00b", "é-1", "x" * 100, ABSENT]
+    for i in range(n):
+        r = rng.random()
+        eid = odd_ids[int(rng.integers(len(odd_ids)))] if r < 0.02 else f"ev-{seed}-{i}"
+        if rng.random() < 0.3:
+            ev = {"model": "n", "event_id": eid, "ts": 1.79e9 + i,
+                  "features": {"score": float(rng.normal()), "color": "red"},
+                  "prediction": ("yes", "no", "maybe", True, None)[int(rng.integers(5))]}
+        else:
+            pred = (float(rng.random()), None, ABSENT, 1, True)[
+                int(rng.choice(5, p=[0.9, 0.04, 0.03, 0.02, 0.01]))]
+            ev = event(feats(x=float(rng.normal())), event_id=eid, prediction=pred,
+                       ts=1.79e9 + i)
+        if eid is ABSENT:
+            ev.pop("event_id", None)
+        ev["model_version"] = ("v3", "v3", "v3", 4, None)[int(rng.integers(5))] if (
+            i // 700) % 2 else "v3"
+        if rng.random() < 0.03:
+            ev["label"] = (1, "yes", True, 0.5)[int(rng.integers(4))]
+        if rng.random() < 0.03:
+            ev["scores"] = {"yes": 0.7, "no": 0.3}
+        if rng.random() < 0.03:
+            ev["segment"] = {"region": "eu"}
+        if rng.random() < 0.005:
+            ev["ts"] = None
+        out.append(enc(ev))
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_typed_outcomes_are_the_per_event_paths(seed):
+    """The typed decoder's compact outcomes (ids joined, no prediction list beside the
+    numeric column, rare fields per chunk), given back as lists by `outcome_lists`, are
+    the per-event path's values, event by event; and the join keys of `JoinedIds` are
+    those of the listed ids."""
+    from test_decode import make_decoder
+
+    from stream_monitor.core.join import _string_keys, as_json, event_key, id_hashes
+    from stream_monitor.io.decode import Decoder, JoinedIds, outcome_lists
+
+    msgs = _outcome_events(5000, seed)
+    fast = make_decoder()
+    fast.outcomes = True
+    slow = Decoder(fast.schemas, fast.config)
+    slow.typed, slow.outcomes = False, True
+    for cut in (5000, 997):  # one batch of five chunks, and batches of 997
+        for lo in range(0, len(msgs), cut):
+            part = msgs[lo:lo + cut]
+            a = fast.decode(part, range(lo, lo + len(part)))
+            b = slow.decode(part, range(lo, lo + len(part)))
+            assert set(a.models) == set(b.models)
+            for model, batch in a.models.items():
+                other = b.models[model]
+                assert batch.positions.tolist() == other.positions.tolist()
+                got, want = outcome_lists(batch), other.outcomes
+                for k in ("event_id", "prediction", "label", "model_version"):
+                    assert got[k] == want[k], k
+                    assert list(map(type, got[k])) == [
+                        float if k == "prediction" and type(v) is int and model == "m"
+                        else type(v) for v in want[k]], k
+                for k in ("scores", "segment"):
+                    assert [as_json(v) for v in got[k]] == want[k], k
+                ids = batch.outcomes["event_id"]
+                if type(ids) is JoinedIds:
+                    keys = [event_key(e) for e in want["event_id"]]
+                    assert None not in keys
+                    assert _string_keys(ids.tolist()).tolist() == id_hashes(keys).tolist()
+    # string ids only (the usual stream): one joined string, hashed as the list would be
+    from test_decode import enc, event
+    clean = [enc(event(event_id=f"id-{i}", ts=1.79e9 + i)) for i in range(3000)]
+    batch = fast.decode(clean, range(3000)).models["m"]
+    ids = batch.outcomes["event_id"]
+    assert type(ids) is JoinedIds and "prediction" not in batch.outcomes
+    assert ids.tolist() == [f"id-{i}" for i in range(3000)]
+    buf = JoinBuffer(JoinConfig())
+    buf.add_predictions(batch.positions, batch.ts, batch.outcomes, batch.prediction)
+    want = id_hashes([f"id-{i}" for i in range(3000)])
+    assert sorted(buf.chunks[0]["h"].tolist()) == sorted(want.tolist())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_chunk_bit_tables_join_as_a_search_of_every_label(seed):
+    """A label is searched only in the chunks whose bit table has its key's bit: the
+    same pairs, duplicates (re-sent predictions in later chunks), counters and state
+    as searching every label in every chunk (a table with every bit set)."""
+    rng = np.random.default_rng(seed)
+    bounds = JoinConfig(max_predictions=30_000, max_labels=2_000, max_age=1e9)
+    tabled, searched = JoinBuffer(bounds), JoinBuffer(bounds)
+
+    def every_bit(c, bits):
+        bits[id(c)] = (c, np.full(1 << 12, 0xFF, np.uint8))
+        return bits[id(c)][1]
+
+    searched._key_bits = every_bit
+    next_id = 0
+    for b in range(40):
+        size = int(rng.choice([300, 1_500, 4_000]))
+        ids = [f"p{next_id + i}" for i in range(size)]
+        next_id += size
+        resent = [f"p{i}" for i in rng.choice(next_id, 30, replace=False).tolist()]
+        ts = (b * 100.0 + rng.uniform(0, 100, size + 30)).tolist()
+        lab = [f"p{i}" for i in rng.choice(next_id + 500, 300, replace=False).tolist()]
+        preds = rng.random(size + 30).tolist()
+        got = []
+        for buf in (tabled, searched):
+            pairs = buf.add_predictions(list(range(size + 30)), ts, outcomes(ids + resent, preds))
+            pairs += buf.add_labels(labels(lab, [b * 100.0 + 50.0] * 300))
+            got.append((sorted(map(repr, pairs)), buf.state()))
+        assert got[0] == got[1]
+        assert len(tabled._bits) == sum(1 for c in tabled.chunks if c["live"]) or b == 0
+    assert len(tabled.chunks) > 4
+    assert tabled.unjoined[join.PREDICTION_DUPLICATE] and tabled.joined
+
+
+@pytest.mark.parametrize("ids", [
+    [f"churn-{i}" for i in range(100_000, 103_000)],                   # one length
+    [f"{i:032x}" for i in range(2_000)] + ["f" * 32],                  # uuid-like
+    [f"e{i}" for i in range(95, 1_005)],                                # three lengths
+    ["x"], ["ab", "cd"], ["a" * 64, "b" * 64], ["a" * 65, "b" * 65],    # one, two, long
+    ["a" * 64, "b" * 65], ["ab", "c", "de"]])
+def test_joined_keys_are_the_keys_of_the_ids(ids):
+    """Keys from the NUL-joined ids (the equal-length ids as rows of a strided view, the
+    others from the NULs' positions) are those of `id_hashes` of the listed ids."""
+    want = join.id_hashes(ids).tolist()
+    got = join._joined_keys("\x00".join(ids), len(ids))
+    assert (got is None and max(map(len, ids)) > 64) or got.tolist() == want
+    assert join._string_keys(ids).tolist() == want
+    assert join._joined_keys("\x00".join(ids + [""]), len(ids) + 1) is join._EMPTY_ID
+
+
+@pytest.mark.parametrize(("max_labels", "batch"), [(100_000, 5_000), (30_000, 1_000)])
+def test_joined_keys_keep_their_table_under_first_in_first_out(max_labels, batch):
+    """Once `max_labels` keys have joined, each new joined key pushes the oldest out: the
+    dict keeps its size, and its table (`sys.getsizeof`) stays the one it had when it
+    first filled up, where Python's own doubles (the default 100,000, and a size whose
+    table has less room left, where the rebuilds come sooner); the keys are the last
+    max_labels joined, in order."""
+    import sys
+
+    buf = JoinBuffer(JoinConfig(max_predictions=50_000, max_labels=max_labels, max_age=1e9))
+    full = None
+    batches = 6 * max_labels // batch
+    for b in range(batches):
+        ids = [f"k{b}-{i}" for i in range(batch)]
+        buf.add_predictions(list(range(batch)), [float(b)] * batch, outcomes(ids))
+        buf.add_labels(labels(ids, [float(b)] * batch))
+        if full is None and len(buf.joined_ids) == max_labels:
+            full = sys.getsizeof(buf.joined_ids)
+        elif full is not None:
+            assert sys.getsizeof(buf.joined_ids) <= full
+    last = [f"k{b}-{i}" for b in range(batches - max_labels // batch, batches)
+            for i in range(batch)]
+    assert list(buf.joined_ids) == join.id_hashes(last).tolist()

@@ -178,15 +178,15 @@ class ModelPerformance:
         """
         if not self.s.estimate or self.task != "classification":
             return []
-        preds = outcomes["prediction"]
         if values is None:
+            preds = outcomes["prediction"]
             if floats is False or not preds or set(map(type, preds)) != {float}:
                 return []
             values = np.array(preds, float)
         p = values
         if not p.size or p.min() < 0.0 or p.max() > 1.0:
             return []
-        versions = outcomes.get("model_version") or [None] * len(preds)
+        versions = outcomes.get("model_version") or [None] * len(p)
         t = np.asarray(ts, float)
         out = []
         size = self.s.estimate_window
@@ -904,11 +904,14 @@ class PerformanceStage:
         mp = self.models.get(model)
         return [] if mp is None else mp.add_estimates(ts, outcomes, values)
 
-    def labels(self, events: list[LabelEvent]) -> tuple[dict[str, list], Counter]:
-        """Join label events; returns closed windows per model and unknown-model counts."""
+    def labels(self, events: list[LabelEvent], models: set | None = None
+               ) -> tuple[dict[str, list], Counter]:
+        """Join label events; returns closed windows per model and unknown-model counts.
+        `models`: the set of the events' models, when the caller has it."""
         by_model: dict[str, list[LabelEvent]] = {}
         unknown: Counter = Counter()
-        models = set(map(_MODEL, events))
+        if models is None:
+            models = set(map(_MODEL, events))
         if len(models) == 1 and next(iter(models)) in self.models:  # the common case
             by_model[next(iter(models))] = list(events)
             events = []

@@ -62,6 +62,9 @@ _MAX_UNEXPECTED_NAMES = 50
 # fields the label join needs besides the columns (Decoder.outcomes turns them on)
 OUTCOME_EXTRAS = ("event_id", "scores", "segment")
 OUTCOME_KEYS = ("event_id", "prediction", "scores", "label", "segment", "model_version")
+# outcome fields that are null in most events: the typed path keeps only its chunks that
+# have a value (`_TypedColumns.add_outcomes`)
+_RARE_OUTCOMES = ("label", "scores", "segment")
 
 # The typed decoder fills an absent numeric key with this NaN (a quiet NaN with a payload
 # no JSON number can produce), so absent and null both land in the float column as NaN
@@ -395,8 +398,10 @@ class ModelBatch:
     model_version: str | None = None
     raw: list[bytes] = field(default_factory=list)  # message bytes, kept for late rejects
     # per-event raw values for the label join (performance monitoring on): lists keyed by
-    # OUTCOME_KEYS, parallel to the rows; None when the decoder does not extract them
-    outcomes: dict[str, list] | None = None
+    # OUTCOME_KEYS, parallel to the rows; None when the decoder does not extract them. The
+    # typed path keeps the event ids as `JoinedIds` and leaves out "prediction" when the
+    # numeric `prediction` column holds them: `outcome_lists` gives every field as a list
+    outcomes: dict[str, Any] | None = None
     # what the typed decoder knows of the outcomes, gathered while they are in the CPU
     # cache: (the distinct model versions, every prediction a float: True / False / None
     # unknown); None when not known (rows of the per-event path)
@@ -479,6 +484,10 @@ class _TypedColumns:
         self.outcomes = {k: [] for k in OUTCOME_KEYS} if outcomes else None
         self.version: Any = None
         self.versions: set = set()   # distinct model versions (outcomes only)
+        # the outcomes kept compact, so that the chunk's per-event objects are freed while
+        # in the CPU cache (`add_outcomes`): event ids per chunk, rare fields' values
+        self.id_parts: list[str | list] = []
+        self.rare: dict[str, list[tuple[int, list]]] = {k: [] for k in _RARE_OUTCOMES}
         self.fill = 0
 
     def put(self, name: str, lo: int, hi: int, values: np.ndarray | None) -> None:
@@ -490,6 +499,56 @@ class _TypedColumns:
             col = np.empty(self.positions.size, values.dtype)
             setattr(self, name, col)
         col[lo:hi] = values
+
+    def add_outcomes(self, outcomes: dict[str, list], lo: int, hi: int) -> None:
+        """A chunk's outcome fields (rows lo..hi-1, rejected events left out), kept so
+        that few of its objects outlive the chunk: the event ids as one string with a
+        NUL between them (when they are strings without a NUL: `JoinedIds`), only the
+        chunks that have a label, scores or segment, one version object for every row
+        when the chunk has one version, and no prediction list when the numeric
+        `prediction` column holds the predictions (`outcome_lists` makes it)."""
+        n = hi - lo
+        if not n:
+            return
+        versions = outcomes["model_version"]
+        first = versions[0]
+        if versions.count(first) == n:  # one version (the usual case): one object
+            self.versions.add(first)
+            self.outcomes["model_version"] += [first] * n
+        else:
+            self.versions.update(versions)
+            self.outcomes["model_version"] += versions
+        if "prediction" in outcomes:
+            self.outcomes["prediction"] += outcomes["prediction"]
+        for k in _RARE_OUTCOMES:
+            values = outcomes[k]
+            if values.count(None) != n:
+                self.rare[k].append((lo, values))
+        ids = outcomes["event_id"]
+        try:
+            text = "\x00".join(ids)    # TypeError: an id that is not a string
+        except TypeError:
+            text = None
+        self.id_parts.append(ids if text is None or text.count("\x00") != n - 1 else text)
+
+    def _outcomes(self, n: int) -> dict[str, Any]:
+        """The batch's outcome fields (`add_outcomes`'s parts put together)."""
+        out = self.outcomes
+        pred = self.schema.prediction
+        if pred is not None and pred.kind == "numeric":
+            del out["prediction"]   # the column holds them (`outcome_lists`)
+        for k, parts in self.rare.items():
+            col = [None] * n
+            for at, values in parts:
+                col[at:at + len(values)] = values
+            out[k] = col
+        parts = self.id_parts
+        if all(type(p) is str for p in parts):
+            out["event_id"] = JoinedIds("\x00".join(parts), n)
+        else:
+            out["event_id"] = list(chain.from_iterable(
+                p.split("\x00") if type(p) is str else p for p in parts))
+        return out
 
     def drop(self, lo: int, hi: int, keep: np.ndarray) -> int:
         """Keep only the rows lo..hi-1 marked in `keep`; returns the new end."""
@@ -518,19 +577,55 @@ class _TypedColumns:
             absent_rows = np.concatenate([absent_num, absent_cat]).T
         version = self.version
         prediction = None if self.prediction is None else self.prediction[:n]
-        facts = None
+        facts = outcomes = None
         if self.outcomes is not None:  # typed numeric predictions are floats or None (NaN)
             pred = self.schema.prediction
             facts = (self.versions,
                      bool(not np.isnan(prediction).any()) if pred is not None
                      and pred.kind == "numeric" else False if pred is not None else None)
+            outcomes = self._outcomes(n)
         return ModelBatch(model=self.schema.model, positions=self.positions[:n],
                           ts=self.ts[:n], numeric=numeric.T, categorical=categorical.T,
                           prediction=prediction,
                           label=None if self.label is None else self.label[:n],
                           absent_rows=absent_rows,
                           model_version=None if version is None else str(version),
-                          raw=self.raw, outcomes=self.outcomes, outcome_facts=facts)
+                          raw=self.raw, outcomes=outcomes, outcome_facts=facts)
+
+
+class JoinedIds:
+    """A typed batch's event ids as one string, a NUL between two ids (none holds one):
+    the decoder keeps them so, so that each id's string is freed while in the CPU cache;
+    the label join hashes them from this string (`join._joined_keys`). `tolist()` gives
+    the ids back."""
+
+    __slots__ = ("text", "n")
+
+    def __init__(self, text: str, n: int):
+        self.text, self.n = text, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def tolist(self) -> list[str]:
+        return self.text.split("\x00") if self.n else []
+
+
+def outcome_lists(batch: ModelBatch) -> dict[str, list] | None:
+    """`batch.outcomes` with every field a list of the events' values, as the per-event
+    path gives them: the typed path's event ids (`JoinedIds`) split, and its predictions,
+    when the numeric `prediction` column holds them (floats, NaN for null), made from it."""
+    out = batch.outcomes
+    if out is None or ("prediction" in out and type(out["event_id"]) is not JoinedIds):
+        return out
+    out = dict(out)
+    if type(out["event_id"]) is JoinedIds:
+        out["event_id"] = out["event_id"].tolist()
+    if "prediction" not in out:
+        col = batch.prediction
+        out["prediction"] = [None] * len(batch) if col is None else [
+            None if v != v else v for v in col.tolist()]
+    return out
 
 
 def _feature_codes(lookup: dict, codes: CategoryCodes, col: list) -> Sequence[int]:
@@ -823,8 +918,11 @@ class Decoder:
         into.positions[lo:hi] = positions
         outcomes = None
         if self.outcomes:  # event fields by position, as in `event_type`
+            # no prediction list when the numeric column holds them (`outcome_lists`)
+            column = schema.prediction is not None and schema.prediction.kind == "numeric"
             outcomes = {k: top[i::nf] for i, k in enumerate(
-                ("prediction", "label", "model_version", *OUTCOME_EXTRAS), start=2)}
+                ("prediction", "label", "model_version", *OUTCOME_EXTRAS), start=2)
+                if k != "prediction" or not column}
         if bad.any():
             keep = ~bad
             if outcomes is not None:
@@ -840,14 +938,8 @@ class Decoder:
             into.version = (top[4 - nf] if self.outcomes
                             else self._version_of(raws_all[-1]).model_version)
         into.raw += raws
-        if outcomes is not None:
-            # the chunk's versions gathered while its objects are in the CPU cache
-            versions = set(outcomes["model_version"])
-            if len(versions) == 1:  # one object for every row: the others are freed now
-                outcomes["model_version"] = [next(iter(versions))] * (hi - lo)
-            into.versions |= versions
-            for k, vs in outcomes.items():
-                into.outcomes[k] += vs
+        if outcomes is not None:  # while the chunk's objects are in the CPU cache
+            into.add_outcomes(outcomes, lo, hi)
         into.fill = hi
 
     @staticmethod
@@ -1160,6 +1252,7 @@ def _join(parts: list[ModelBatch]) -> ModelBatch:
         return np.concatenate(xs)
 
     last = parts[-1]
+    lists = [outcome_lists(p) for p in parts]
     return ModelBatch(
         model=last.model, positions=cat("positions"), ts=cat("ts"), numeric=cat("numeric"),
         categorical=cat("categorical"), prediction=cat("prediction"), label=cat("label"),
@@ -1167,7 +1260,7 @@ def _join(parts: list[ModelBatch]) -> ModelBatch:
         unexpected_rows=cat("unexpected_rows"), dropped=None,
         model_version=last.model_version, raw=list(chain.from_iterable(p.raw for p in parts)),
         outcomes=None if last.outcomes is None else {
-            k: list(chain.from_iterable(p.outcomes[k] for p in parts)) for k in last.outcomes},
+            k: list(chain.from_iterable(p[k] for p in lists)) for k in OUTCOME_KEYS},
         outcome_facts=None if any(p.outcome_facts is None for p in parts) else (
             set().union(*(p.outcome_facts[0] for p in parts)),
             None if any(p.outcome_facts[1] is None for p in parts) else
@@ -1191,6 +1284,7 @@ def _concat(a: ModelBatch, b: ModelBatch) -> ModelBatch:
 
     raw = a.raw + b.raw
     na, nb, nf = len(a), len(b), a.n_features
+    out_a, out_b = outcome_lists(a), outcome_lists(b)
     return ModelBatch(
         model=a.model, positions=positions[order], ts=cat(a.ts, b.ts),
         numeric=cat(a.numeric, b.numeric), categorical=cat(a.categorical, b.categorical),
@@ -1201,8 +1295,8 @@ def _concat(a: ModelBatch, b: ModelBatch) -> ModelBatch:
         dropped=_join_dropped(a.dropped, b.dropped),
         model_version=b.model_version or a.model_version, raw=[raw[i] for i in order],
         outcomes=None if a.outcomes is None or b.outcomes is None else {
-            k: [both[i] for i in order] for k in a.outcomes
-            for both in (a.outcomes[k] + b.outcomes[k],)})
+            k: [both[i] for i in order] for k in OUTCOME_KEYS
+            for both in (out_a[k] + out_b[k],)})
 
 
 def _unparsable(pos: int, raw: bytes, exc: Exception, model_key: str,
