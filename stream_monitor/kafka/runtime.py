@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import gc
 import hashlib
 import logging
 import queue
@@ -1647,6 +1648,15 @@ class KafkaSidecar:
         """Run until `stop()` (or SIGTERM/SIGINT when installed), then shut down within
         `delivery.shutdown_grace`. True when every output was delivered and committed."""
         self.subscribe()
+        # Everything built so far (engine, references, clients, metrics) is moved out of
+        # the cyclic GC's reach while the loop runs: each batch's rollback checkpoint (and,
+        # with the fetch thread, the batch consumed ahead) lives across a batch, gets
+        # promoted, and triggers full collections that walked the whole heap (measured
+        # in `run`: 0.26-0.32 us an event of GC, 0.01 with the heap frozen; the engine
+        # alone 0.01). Unfrozen on the way out, so a process that goes on (tests, the
+        # demo) collects it again.
+        gc.collect()
+        gc.freeze()
         try:
             while not self.stopping.is_set():
                 self.poll_once()
@@ -1656,7 +1666,10 @@ class KafkaSidecar:
             self._loop_failed = True
             raise
         finally:
-            clean = self.close()
+            try:
+                clean = self.close()
+            finally:
+                gc.unfreeze()
         return clean
 
     def close(self) -> bool:
