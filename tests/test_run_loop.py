@@ -147,7 +147,6 @@ def test_fetch_thread_gives_the_windows_of_replay_and_commits_everything(
     names = _names("fetch")
     kafka_broker.create_topics({names[k]: 1 for k in ("inferences", "alerts", "dead_letter")})
     _produce(kafka_broker.bootstrap_servers, names["inferences"], msgs)
-    before = gc.get_threshold()
     for guarantee, prefetch in (("exactly_once", True), ("at_least_once", True),
                                 ("exactly_once", False)):
         cfg = _config(kafka_broker.bootstrap_servers, names, churn_reference_file, window=1000)
@@ -162,7 +161,7 @@ def test_fetch_thread_gives_the_windows_of_replay_and_commits_everything(
             windows.extend(_comparable(dict(r)) for r in result.reports)
             f = sidecar._fetcher
             ahead.append(f is not None and (f.inflight or f.slot is not None))
-            frozen.append((gc.get_freeze_count(), gc.get_threshold()[0]))
+            frozen.append(gc.get_freeze_count())
 
         sidecar.on_batch = on_batch
         thread = threading.Thread(target=sidecar.run, daemon=True)
@@ -180,10 +179,8 @@ def test_fetch_thread_gives_the_windows_of_replay_and_commits_everything(
         assert sidecar.metrics.dead_letters._value.get() == 3
         assert any(ahead) == prefetch, (guarantee, prefetch)
         # the heap built before the loop is out of the cyclic GC's reach while it runs
-        # (no full collections walking it per batch), young collections are rarer; both
-        # undone after
-        assert min(f for f, _ in frozen) > 10_000 and gc.get_freeze_count() == 0
-        assert min(t for _, t in frozen) >= 20_000 and gc.get_threshold() == before
+        # (no full collections walking it per batch), and given back after
+        assert min(frozen) > 10_000 and gc.get_freeze_count() == 0
 
 
 def _committed_offset(bootstrap: str, group: str, topic: str) -> int:

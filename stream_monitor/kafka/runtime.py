@@ -89,7 +89,6 @@ _HTTP_MAX_THREADS = 8          # concurrent HTTP connections served (more wait t
 _HTTP_TIMEOUT_SECONDS = 5.0    # an idle or slow HTTP client is dropped after this
 _MAX_POISON = 10               # more failing messages in one batch: a fault, not poison
 _MIN_TRUNCATED = 65_536        # truncated dead letter size when the broker refuses more
-_GC_YOUNG = 20_000             # allocations between young GC collections while `run` loops
 
 
 def consumer_config(kafka: dict[str, Any]) -> dict[str, Any]:
@@ -1654,15 +1653,11 @@ class KafkaSidecar:
         # with the fetch thread, the batch consumed ahead) lives across a batch, gets
         # promoted, and triggers full collections that walked the whole heap (measured
         # in `run`: 0.26-0.32 us an event of GC, 0.03 with the heap frozen; the engine
-        # alone 0.01). And young collections run every 20,000 allocations instead of
-        # 700: with the fetch thread the 10,000 message objects of the batch consumed
-        # ahead were walked by them again and again (0.20 us an event -> 0.00). Both
-        # undone on the way out, so a process that goes on (tests, the demo) collects
-        # as before.
+        # alone 0.01). Unfrozen on the way out, so a process that goes on (tests, the
+        # demo) collects it again. (Rarer young collections, every 20,000 allocations,
+        # took the fetch thread's 0.20 us an event of GC away but measured no faster.)
         gc.collect()
         gc.freeze()
-        thresholds = gc.get_threshold()
-        gc.set_threshold(max(thresholds[0], _GC_YOUNG), *thresholds[1:])
         try:
             while not self.stopping.is_set():
                 self.poll_once()
@@ -1675,7 +1670,6 @@ class KafkaSidecar:
             try:
                 clean = self.close()
             finally:
-                gc.set_threshold(*thresholds)
                 gc.unfreeze()
         return clean
 
