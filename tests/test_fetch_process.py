@@ -344,6 +344,19 @@ def test_a_bad_prefetch_value_fails_fast_with_its_key_path(bad, tmp_path, churn_
     assert "Traceback" not in done.stderr
 
 
+def test_the_fetch_process_is_the_default(churn_reference_file):
+    """Without `consumer.prefetch`, `run` consumes in a child process, one batch ahead."""
+    cfg = parse_config(_config("127.0.0.1:9", _names("default"), churn_reference_file))
+    assert cfg.consumer.prefetch == "process"
+    sidecar = KafkaSidecar(cfg)
+    try:
+        assert isinstance(sidecar.consumer, FetchProcess) and sidecar.fetch_process is not None
+        assert sidecar.prefetch and sidecar.fetch_thread is None
+    finally:
+        sidecar.consumer.close()
+    assert sidecar.consumer.process.poll() is not None
+
+
 @pytest.mark.parametrize("mode", ["thread", "none"])
 def test_the_in_process_modes_stay_selectable(mode, churn_reference_file):
     """`thread` and `none` keep the consumer in the process (no child is started)."""

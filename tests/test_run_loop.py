@@ -151,7 +151,7 @@ def test_fetch_thread_gives_the_windows_of_replay_and_commits_everything(
                                 ("exactly_once", False)):
         cfg = _config(kafka_broker.bootstrap_servers, names, churn_reference_file, window=1000)
         cfg["kafka"]["group.id"] = f"{names['group']}-{guarantee}-{prefetch}"
-        cfg["consumer"] = {"batch_size": 700}
+        cfg["consumer"] = {"batch_size": 700, "prefetch": "thread"}  # (not the default)
         cfg["processing"] = {"guarantee": guarantee}
         sidecar = KafkaSidecar(parse_config(cfg))
         sidecar.prefetch = prefetch

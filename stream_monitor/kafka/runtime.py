@@ -1,8 +1,8 @@
 """Runtime: the Kafka sidecar loop (`run`) and its HTTP endpoints, kept thin and at the edge.
 
-One consumer in a consumer group reads the inference topics in batches (a fetch thread
-consumes the next batch while the loop applies the current one, `_Fetcher`; or, with
-`consumer.prefetch: process`, a child process owning the consumer, fetch_process.py),
+One consumer in a consumer group reads the inference topics in batches (a child process
+owning the consumer consumes the next batch while the loop applies the current one,
+fetch_process.py; or, with `consumer.prefetch: thread`, a fetch thread, `_Fetcher`),
 hands each batch to the same `Monitor` as `replay`, sends rejects to the dead-letter
 topic and alert events to the alert topic (idempotent producer) without waiting, and
 commits a batch's offsets only once it is applied and everything it and every earlier
