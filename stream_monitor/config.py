@@ -298,10 +298,10 @@ class MetricsConfig(Strict):
 class ConsumerConfig(Strict):
     batch_size: int = Field(default=5000, ge=1, le=100_000)
     poll_timeout: float = Field(default=0.5, gt=0)
-    # where `run` consumes the next batch while it applies the current one: a thread of
-    # its own process, a child process (kafka/fetch_process.py), or nowhere (none);
+    # where `run` consumes the next batch while it applies the current one: a child
+    # process (kafka/fetch_process.py), a thread of its own process, or nowhere (none);
     # README "Running it as a sidecar" and "Benchmarks" say which is faster where
-    prefetch: Literal["process", "thread", "none"] = "thread"
+    prefetch: Literal["process", "thread", "none"] = "process"
 
 
 class DeliveryConfig(Strict):

@@ -269,6 +269,14 @@ class Monitor:
             for shared in (p.reference, p.schema, p.evaluator, p.settings, p.windows.layout,
                            p.windows.window):
                 memo[id(shared)] = shared
+            if p.detectors is not None:  # derived from the reference, never changed
+                memo[id(p.detectors.layout)] = p.detectors.layout
+        # the last window's feature reports per model (the policy's; about 900 objects
+        # for 25 features): replaced by the next window's, never changed in place, so
+        # shared. With the layout above: 1.2 ms -> 0.4 ms a checkpoint (benchmark's
+        # 25 features), about 0.08 us an event less in `run`
+        for feats in self.policy._last_features.values():
+            memo[id(feats)] = feats
         journals = []
         if self.performance is not None:
             for mp in self.performance.models.values():

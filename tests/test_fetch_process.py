@@ -250,6 +250,41 @@ def test_offsets_are_committed_only_after_delivery_through_the_fetch_process(
     assert sidecar.metrics.dead_letters._value.get() == len(bad)
 
 
+def test_an_asynchronous_commit_is_sent_without_waiting_for_the_child(kafka_broker):
+    """The loop's per-batch commit (asynchronous) costs no round trip: no reply is read
+    from the child for it; its result comes back through `on_commit` (as an in-process
+    consumer's would) and the offset is committed. A synchronous commit still waits."""
+    tag = uuid.uuid4().hex[:8]
+    topic, group = f"fpa-{tag}", f"fpa-g-{tag}"
+    kafka_broker.create_topics({topic: 1})
+    p = Producer({"bootstrap.servers": kafka_broker.bootstrap_servers, "linger.ms": 5})
+    for i in range(20):
+        p.produce(topic, b'{"i": %d}' % i)
+    assert p.flush(30) == 0
+    results: list = []
+    fp = FetchProcess(_consumer_cfg(kafka_broker.bootstrap_servers, group), _Lines(),
+                      lambda err: None, lambda err, parts: results.append((err, parts)))
+    try:
+        fp.subscribe([topic])
+        got, deadline = 0, time.monotonic() + 60
+        while got < 20 and time.monotonic() < deadline:
+            got += len(fp.consume(20, 0.5))
+        assert got == 20
+        reads, recv = [], fp.conn.recv
+        fp.conn.recv = lambda: reads.append(1) or recv()
+        fp.commit(offsets=[TopicPartition(topic, 0, 10)], asynchronous=True)
+        assert reads == []              # sent, not waited for
+        fp.conn.recv = recv
+        wait_until(lambda: fp.consume(1, 0.1) == [] and results, 30, "the commit's result")
+        (err, parts), = results
+        assert err is None and [(t.topic, t.offset) for t in parts] == [(topic, 10)]
+        assert _committed(kafka_broker.bootstrap_servers, group, topic) == [10]
+        fp.commit(offsets=[TopicPartition(topic, 0, 15)], asynchronous=False)
+        assert _committed(kafka_broker.bootstrap_servers, group, topic) == [15]
+    finally:
+        fp.close()
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for task in os.listdir(f"/proc/{pid}/task"):
@@ -307,6 +342,19 @@ def test_a_bad_prefetch_value_fails_fast_with_its_key_path(bad, tmp_path, churn_
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "consumer.prefetch" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_fetch_process_is_the_default(churn_reference_file):
+    """Without `consumer.prefetch`, `run` consumes in a child process, one batch ahead."""
+    cfg = parse_config(_config("127.0.0.1:9", _names("default"), churn_reference_file))
+    assert cfg.consumer.prefetch == "process"
+    sidecar = KafkaSidecar(cfg)
+    try:
+        assert isinstance(sidecar.consumer, FetchProcess) and sidecar.fetch_process is not None
+        assert sidecar.prefetch and sidecar.fetch_thread is None
+    finally:
+        sidecar.consumer.close()
+    assert sidecar.consumer.process.poll() is not None
 
 
 @pytest.mark.parametrize("mode", ["thread", "none"])

@@ -1,8 +1,8 @@
 """Runtime: the Kafka sidecar loop (`run`) and its HTTP endpoints, kept thin and at the edge.
 
-One consumer in a consumer group reads the inference topics in batches (a fetch thread
-consumes the next batch while the loop applies the current one, `_Fetcher`; or, with
-`consumer.prefetch: process`, a child process owning the consumer, fetch_process.py),
+One consumer in a consumer group reads the inference topics in batches (a child process
+owning the consumer consumes the next batch while the loop applies the current one,
+fetch_process.py; or, with `consumer.prefetch: thread`, a fetch thread, `_Fetcher`),
 hands each batch to the same `Monitor` as `replay`, sends rejects to the dead-letter
 topic and alert events to the alert topic (idempotent producer) without waiting, and
 commits a batch's offsets only once it is applied and everything it and every earlier
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import gc
 import hashlib
 import logging
 import queue
@@ -1647,6 +1648,16 @@ class KafkaSidecar:
         """Run until `stop()` (or SIGTERM/SIGINT when installed), then shut down within
         `delivery.shutdown_grace`. True when every output was delivered and committed."""
         self.subscribe()
+        # Everything built so far (engine, references, clients, metrics) is moved out of
+        # the cyclic GC's reach while the loop runs: each batch's rollback checkpoint (and,
+        # with the fetch thread, the batch consumed ahead) lives across a batch, gets
+        # promoted, and triggers full collections that walked the whole heap (measured
+        # in `run`: 0.26-0.32 us an event of GC, 0.03 with the heap frozen; the engine
+        # alone 0.01). Unfrozen on the way out, so a process that goes on (tests, the
+        # demo) collects it again. (Rarer young collections, every 20,000 allocations,
+        # took the fetch thread's 0.20 us an event of GC away but measured no faster.)
+        gc.collect()
+        gc.freeze()
         try:
             while not self.stopping.is_set():
                 self.poll_once()
@@ -1656,7 +1667,10 @@ class KafkaSidecar:
             self._loop_failed = True
             raise
         finally:
-            clean = self.close()
+            try:
+                clean = self.close()
+            finally:
+                gc.unfreeze()
         return clean
 
     def close(self) -> bool:
