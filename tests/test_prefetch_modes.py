@@ -28,7 +28,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from helpers import wait_until
 from test_partials import MAKERS, PARTITIONS, build_references
-from test_scale_out import N_EVENTS, Setup, _stream
+from test_scale_out import Setup, _stream, apply_the_rest
 
 from stream_monitor.kafka.fetch_process import FetchProcess
 
@@ -101,18 +101,7 @@ def test_scale_out_gives_the_windows_and_alerts_of_one_replay_with_prefetch(
         assert children == [None] * n_instances
         assert not any(s.prefetch for s in sidecars)
     try:
-        wait_until(lambda: sum(sum(s.applied.values()) for s in sidecars) >= N_EVENTS,
-                   60, "the stream applied", lambda: str([dict(s.applied) for s in sidecars]))
-        setup.produce(lines, parts, tail, len(lines))
-        wait_until(lambda: sum(sum(s.applied.values()) for s in sidecars) >= N_EVENTS
-                   + len(MAKERS) * PARTITIONS, 60, "every event applied",
-                   lambda: str([dict(s.applied) for s in sidecars]))
-        if n_instances > 1:   # the work was shared
-            assert sum(1 for s in sidecars if sum(s.applied.values())) >= 2
-        applied: dict = {}
-        for s in sidecars:
-            for k, v in s.applied.items():
-                applied[k] = applied.get(k, 0) + v
+        applied = apply_the_rest(setup, sidecars, lines, parts, tail)
         _check(setup, lines, tail_ts, applied)
     finally:
         setup.stop_all()

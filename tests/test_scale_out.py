@@ -176,6 +176,29 @@ def _check(setup: Setup, lines, tail_ts, applied: dict) -> None:
     assert sum(applied.values()) == sum(exp_events.values())
 
 
+def apply_the_rest(setup: Setup, sidecars: list, lines, parts, tail: int) -> dict:
+    """Wait until the instances applied the stream's head, produce its tail, wait until
+    they applied every event; checks that several instances shared the work and returns
+    the events applied per model, summed over the instances."""
+    def total() -> int:
+        return sum(sum(s.applied.values()) for s in sidecars)
+
+    def progress() -> str:
+        return str([dict(s.applied) for s in sidecars])
+
+    wait_until(lambda: total() >= N_EVENTS, 60, "the stream applied", progress)
+    setup.produce(lines, parts, tail, len(lines))
+    wait_until(lambda: total() >= N_EVENTS + len(MAKERS) * PARTITIONS, 60,
+               "every event applied", progress)
+    if len(sidecars) > 1:   # the work was shared
+        assert sum(1 for s in sidecars if sum(s.applied.values())) >= 2
+    applied: dict = {}
+    for s in sidecars:
+        for k, v in s.applied.items():
+            applied[k] = applied.get(k, 0) + v
+    return applied
+
+
 @pytest.mark.parametrize("n_instances", [1, 2, 3])
 def test_instances_give_the_windows_and_alerts_of_one_replay(
         kafka_broker, references, tmp_path, n_instances, capsys):
@@ -185,18 +208,7 @@ def test_instances_give_the_windows_and_alerts_of_one_replay(
     setup.produce(lines, parts, 0, tail)
     sidecars = [setup.start(f"i{k}") for k in range(n_instances)]
     try:
-        wait_until(lambda: sum(sum(s.applied.values()) for s in sidecars) >= N_EVENTS,
-                   60, "the stream applied", lambda: str([dict(s.applied) for s in sidecars]))
-        setup.produce(lines, parts, tail, len(lines))
-        wait_until(lambda: sum(sum(s.applied.values()) for s in sidecars) >= N_EVENTS
-                   + len(MAKERS) * PARTITIONS, 60, "every event applied",
-                   lambda: str([dict(s.applied) for s in sidecars]))
-        if n_instances > 1:   # the work was shared
-            assert sum(1 for s in sidecars if sum(s.applied.values())) >= 2
-        applied: dict = {}
-        for s in sidecars:
-            for k, v in s.applied.items():
-                applied[k] = applied.get(k, 0) + v
+        applied = apply_the_rest(setup, sidecars, lines, parts, tail)
         _check(setup, lines, tail_ts, applied)
         if n_instances == 2:  # `state inspect` shows the merger's committed state too
             path = tmp_path / "config.yaml"
