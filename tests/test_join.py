@@ -467,6 +467,31 @@ def test_typed_outcomes_are_the_per_event_paths(seed):
     assert sorted(buf.chunks[0]["h"].tolist()) == sorted(want.tolist())
 
 
+@pytest.mark.parametrize("odd", ["", "é-unicode", "x" * 90, "id-7"])
+def test_joined_ids_that_are_not_plain_join_as_their_list(odd):
+    """Typed ids given as one `JoinedIds` whose text the fast hash cannot take (an empty
+    id, non-ASCII, longer than 64) buffer, join and count exactly as the same ids given
+    as a list; plain ids ("id-7") take the fast hash and agree too."""
+    from stream_monitor.io.decode import JoinedIds
+    n = 500
+    ids = [f"id-{i}" for i in range(n)]
+    ids[7] = odd
+    ts = 1.79e9 + np.arange(n, dtype=float)
+    preds = np.linspace(0.0, 1.0, n)
+    base = {"prediction": preds.tolist(), "label": [None] * n, "scores": [None] * n,
+            "segment": [None] * n, "model_version": ["v1"] * n}
+    bufs = []
+    for given in (JoinedIds("\x00".join(ids), n), list(ids)):
+        buf = JoinBuffer(JoinConfig())
+        buf.add_predictions(range(n), ts, {**base, "event_id": given}, preds)
+        labels = [LabelEvent("m", e, 1, ts[k] + 60.0, n + k) for k, e in enumerate(ids[:20])]
+        pairs = buf.add_labels(labels)
+        bufs.append((sorted(p[0] for p in pairs), dict(buf.unjoined), orjson.dumps(
+            buf.state(), option=orjson.OPT_SERIALIZE_NUMPY)))
+    assert bufs[0] == bufs[1]
+    assert len(bufs[0][0]) == (19 if odd == "" else 20)  # an empty id has no key
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_chunk_bit_tables_join_as_a_search_of_every_label(seed):
     """A label is searched only in the chunks whose bit table has its key's bit: the

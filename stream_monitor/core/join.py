@@ -649,12 +649,12 @@ class JoinBuffer:
             self.prediction_watermark = newest
         ids, inline_labels = outcomes["event_id"], outcomes["label"]
         versions = outcomes.get("model_version") or [None] * n
-        h = None
         if type(ids) is JoinedIds:  # the typed decoder's ids, joined already
             h = _joined_keys(ids.text, n)
-            if h is None or h is _EMPTY_ID:
+            if h is None or h is _EMPTY_ID:  # non-ASCII, long or empty ids: as a list
                 ids = ids.tolist()
-        if h is None or h is _EMPTY_ID:
+                h = None if h is _EMPTY_ID else _string_keys(ids)
+        else:
             h = _string_keys(ids)
         with_key = None
         if h is None:  # ids that are absent, empty or integers
