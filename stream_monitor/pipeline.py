@@ -275,7 +275,7 @@ class Monitor:
         # for 25 features): replaced by the next window's, never changed in place, so
         # shared. With the layout above: 1.2 ms -> 0.4 ms a checkpoint (benchmark's
         # 25 features), about 0.08 us an event less in `run`
-        for feats in self.policy._last_features.values():
+        for feats in self.policy.last_features.values():
             memo[id(feats)] = feats
         journals = []
         if self.performance is not None:

@@ -198,7 +198,7 @@ class AlertPolicy:
     # sequential detectors: alarms since the model's last window, and its last report's
     # features (what a mid-window grouped alert lists for the features already firing)
     detected: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    _last_features: dict[str, dict[str, Any]] = field(default_factory=dict)
+    last_features: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def severity(self, model: str, feature: str | None, kind: str) -> int:
         """Current alert severity of a finding (0 when not firing)."""
@@ -255,7 +255,7 @@ class AlertPolicy:
         drift_changes = []
         now = _window_end(report)
         alarmed = self.detected.pop(model, {})
-        self._last_features[model] = report["features"]
+        self.last_features[model] = report["features"]
         for f in findings(report):
             if f.kind == "feature_drift" and f.severity == 0 and f.feature in alarmed:
                 # a detector alarmed during this window: the feature stays firing
@@ -298,7 +298,7 @@ class AlertPolicy:
         if not changes:
             return []
         report = {"model": model, "window": window,
-                  "features": {**self._last_features.get(model, {}), **detected}}
+                  "features": {**self.last_features.get(model, {}), **detected}}
         return self._grouped(report, self.config[model], changes, None)
 
     def _grouped(self, report: dict[str, Any], cfg: AlertingConfig,

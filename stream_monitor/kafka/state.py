@@ -209,7 +209,7 @@ def _model_state(monitor: Monitor, model: str) -> dict[str, Any]:
             "states": {k: v for k, v in policy.states.items() if k[0] == model},
             "windows_seen": policy.windows_seen.get(model),
             "detected": policy.detected.get(model),
-            "last_features": policy._last_features.get(model),
+            "last_features": policy.last_features.get(model),
         },
     }
     pipe = monitor.models.get(model)
@@ -339,7 +339,7 @@ def _restore(monitor: Monitor, model: str, state: dict[str, Any]) -> None:
         del policy.states[k]
     policy.states.update(p["states"])
     for attr, value in (("windows_seen", p["windows_seen"]), ("detected", p["detected"]),
-                        ("_last_features", p["last_features"])):
+                        ("last_features", p["last_features"])):
         target = getattr(policy, attr)
         target.pop(model, None)
         if value is not None:
