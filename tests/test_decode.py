@@ -777,3 +777,48 @@ def test_quality_faults_count_in_the_window_of_their_event(fault, window, path):
            "unexpected": lambda a: a.unexpected_events,
            "violation": lambda a: int(a.type_violations.sum())}[fault]
     assert (first.events, got(first), got(second)) == (10, 0, 1)
+
+
+@pytest.mark.parametrize("seed", [13, 14])
+def test_key_order_is_learned_before_the_first_typed_decoder_is_built(seed):
+    """A fresh decoder learns each model's key order from its first event among the first
+    batch's first messages (past malformed, too large, model-less and unknown-model ones)
+    before it builds its typed decoder, so the decoder is built once and not again for
+    the next batch; a model not met there learns it from its first typed event, as
+    before. Every batch decodes exactly as the per-event path."""
+    fast = make_decoder(decode={"max_message_bytes": 600})
+    rng = np.random.default_rng(seed)
+    junk = [b"{not json", b"[1, 2]", b'{"model": ["m"], "features": {}}',
+            b'{"model": "zz", "features": {"x": 1}}', b'{"model": "m", "features": 3}',
+            enc(event(feats(plan="x" * 700)))]    # too large
+    batches = []
+    for b in range(3):
+        msgs = []
+        for m in _varied_events(seed * 10 + b, 200):
+            ev = orjson.loads(m)
+            keys = list(ev["features"])
+            rng.shuffle(keys)
+            if ev["model"] == "m":      # m's producers: one order (x, y, z, ... reversed)
+                keys = sorted(keys, reverse=True)
+            ev["features"] = {k: ev["features"][k] for k in keys}
+            msgs.append(enc(ev))
+        if b == 0:      # n's first event only past the scanned messages
+            msgs = junk + [m for m in msgs if b'"model":"m"' in m][:70] + msgs
+        batches.append(msgs)
+    out = decode(fast, batches[0])
+    _same_columns(out, decode(on_path(fast, "slow"), batches[0]))
+    first_m = next(e for e in map(orjson.loads, batches[0][len(junk):]) if e["model"] == "m")
+    assert fast.schemas["m"].key_order == tuple(first_m["features"])
+    assert fast._fast_key[-1][0] == fast.schemas["m"].key_order   # built in that order
+    assert fast.schemas["n"].key_order is not None    # learned after its typed decoding
+    assert fast._fast_key[-1][1] is None                  # n: not known when built
+    for msgs in batches[1:]:
+        _same_columns(decode(fast, msgs), decode(on_path(fast, "slow"), msgs))
+    assert fast._fast_key[-1] == (fast.schemas["m"].key_order, fast.schemas["n"].key_order)
+
+    fresh = make_decoder()              # m and n both in the first scanned messages
+    decode(fresh, batches[1])
+    orders = (fresh.schemas["m"].key_order, fresh.schemas["n"].key_order)
+    assert None not in orders and fresh._fast_key[-1] == orders   # the first build has both
+    for msgs in batches[1:]:
+        _same_columns(decode(fresh, msgs), decode(on_path(fresh, "slow"), msgs))

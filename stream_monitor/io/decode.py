@@ -76,6 +76,9 @@ _NULL_NAN = float(np.array([None], np.float64)[0])
 _CHUNK = 1024   # messages decoded and turned into columns at a time (cache-sized)
 # Codes the typed path's category lookup gives before they are resolved per column.
 _NOT_FOUND, _ABSENT_CODE = -1, -2
+# Messages of a model's first batch scanned for its producers' key order (`Decoder.
+# _learn_key_orders`)
+_ORDER_SCAN = 64
 # Share of a batch's messages a model's events may fail their Literal type (and be decoded
 # twice) before that model is decoded by its plain type only.
 _LITERAL_MISSES = 0.02
@@ -741,8 +744,10 @@ class Decoder:
         """Decode a batch: typed C decoding for every valid event, the rest one by one."""
         if not self.schemas or not self.typed:
             return _settle(self._decode_slow(messages, positions))
-        fast, types = self._fast_decoder()
         msgs = messages if type(messages) is list else list(messages)
+        if getattr(self, "_fast_key", None) is None:    # no typed decoder built yet
+            self._learn_key_orders(msgs)
+        fast, types = self._fast_decoder()
         n = len(msgs)
         pos = (np.arange(positions.start, positions.stop, positions.step, dtype=np.int64)
                if type(positions) is range else np.asarray(positions, dtype=np.int64))
@@ -796,6 +801,29 @@ class Decoder:
             out.models[model] = batch if other is None else _concat(batch, other)
         out.messages = n
         return _settle(out)
+
+    def _learn_key_orders(self, msgs: list[bytes]) -> None:
+        """Before the first typed decoder is built: learn each model's key order
+        (`ModelSchema.learn_key_order`) from its first event among the batch's first
+        `_ORDER_SCAN` messages, so that the decoder is built once, in that order, instead
+        of being built for the first batch and again for the next. Models not met here
+        learn it from their first typed event (`decode`)."""
+        todo = {m for m, schema in self.schemas.items() if schema.key_order is None}
+        max_bytes = self.config.max_message_bytes
+        for raw in islice(msgs, _ORDER_SCAN):
+            if not todo:
+                return
+            if len(raw) > max_bytes:
+                continue
+            try:
+                ev = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            model = ev.get(self._model_key) if type(ev) is dict else None
+            if type(model) is str and model in todo and type(
+                    ev.get(self._features_key)) is dict:
+                self.schemas[model].learn_key_order(raw, self._features_key)
+                todo.discard(model)
 
     def _typed_chunk(self, fast, types: dict, todo: list, lo: int, hi: int,
                      slow: list[int], deep: list[int]
