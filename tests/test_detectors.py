@@ -17,7 +17,7 @@ import pytest
 from scipy import stats as sps
 
 from stream_monitor.alerting.policy import AlertPolicy
-from stream_monitor.config import AlertingConfig, ProfileConfig, parse_config
+from stream_monitor.config import AlertingConfig, DetectorConfig, ProfileConfig, parse_config
 from stream_monitor.core.detectors import (
     ModelDetectors,
     adjacent_cells,
@@ -248,6 +248,17 @@ def test_cusum_run_length_against_siegmund_and_simulation():
         s[hit] = 0.0
     assert z.size / alarms == pytest.approx(150.0, rel=0.08)
     assert cusum_arl(0.5, cusum_threshold(0.5, 1e6)) >= 1e6
+
+
+def test_the_defaults_known_thresholds_are_what_the_search_finds():
+    """The defaults' thresholds are not searched at start-up: each is the search's
+    answer, and its run length is at least the target (a thousandth less is not)."""
+    from stream_monitor.core.detectors import _KNOWN_THRESHOLDS, search_threshold
+    assert set(_KNOWN_THRESHOLDS) == {(DetectorConfig().k, DetectorConfig().arl * sides)
+                                      for sides in (1, 3)}
+    for (k, arl), h in _KNOWN_THRESHOLDS.items():
+        assert search_threshold(k, arl) == h == cusum_threshold(k, arl)
+        assert cusum_arl(k, h) >= arl > cusum_arl(k, h * 0.999)
 
 
 def _numeric_ref(values: np.ndarray) -> NumericProfile:

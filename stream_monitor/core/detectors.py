@@ -128,12 +128,24 @@ def siegmund_arl(k: float, h: float) -> float:
     return (math.exp(2 * k * b) - 2 * k * b - 1) / (2 * k * k)
 
 
+# `cusum_threshold` of the defaults (k 0.5, arl 1e6; numeric features' three one-sided
+# CUSUMs share the budget: 3e6), as its search finds them (`test_detectors` checks): the
+# search's dense solves took 0.1-0.7 s of every `replay` and `run` start-up (more when a
+# threaded BLAS shares its cores with other processes)
+_KNOWN_THRESHOLDS = {(0.5, 1e6): 11.979785, (0.5, 3e6): 13.079993}
+
+
 @lru_cache(maxsize=64)
 def cusum_threshold(k: float, arl: float) -> float:
-    """Smallest h whose one-sided CUSUM run length (allowance k) is at least `arl`.
+    """Smallest h whose one-sided CUSUM run length (allowance k) is at least `arl`
+    (`search_threshold`; the defaults' from `_KNOWN_THRESHOLDS`)."""
+    known = _KNOWN_THRESHOLDS.get((k, arl))
+    return search_threshold(k, arl) if known is None else known
 
-    Log run length is nearly linear in h, so a secant search started from Siegmund's
-    closed form converges in a few Brook-Evans solves (start-up cost, cached).
+
+def search_threshold(k: float, arl: float) -> float:
+    """`cusum_threshold` by search: log run length is nearly linear in h, so a secant
+    search started from Siegmund's closed form converges in a few Brook-Evans solves.
     """
     lo, hi = 0.0, 200.0
     for _ in range(60):                 # invert the closed form first (cheap)
