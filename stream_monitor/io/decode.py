@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import chain, islice, repeat
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
@@ -76,9 +76,6 @@ _NULL_NAN = float(np.array([None], np.float64)[0])
 _CHUNK = 1024   # messages decoded and turned into columns at a time (cache-sized)
 # Codes the typed path's category lookup gives before they are resolved per column.
 _NOT_FOUND, _ABSENT_CODE = -1, -2
-# Messages of a model's first batch scanned for its producers' key order (`Decoder.
-# _learn_key_orders`)
-_ORDER_SCAN = 64
 # Share of a batch's messages a model's events may fail their Literal type (and be decoded
 # twice) before that model is decoded by its plain type only.
 _LITERAL_MISSES = 0.02
@@ -648,10 +645,6 @@ def _feature_codes(lookup: dict, codes: CategoryCodes, col: list) -> Sequence[in
     return out.tolist()
 
 
-# the typed event's fields (`ModelSchema.event_type`) read without the label join
-_FEATURES, _TS, _PREDICTION, _LABEL = map(attrgetter, ("features", "ts", "prediction", "label"))
-
-
 @functools.lru_cache(maxsize=16)
 def _doubles(n: int) -> struct.Struct:
     """Packs n floats to float64 in one C call (6 ns a value; `np.array` over a list of
@@ -744,10 +737,8 @@ class Decoder:
         """Decode a batch: typed C decoding for every valid event, the rest one by one."""
         if not self.schemas or not self.typed:
             return _settle(self._decode_slow(messages, positions))
-        msgs = messages if type(messages) is list else list(messages)
-        if getattr(self, "_fast_key", None) is None:    # no typed decoder built yet
-            self._learn_key_orders(msgs)
         fast, types = self._fast_decoder()
+        msgs = messages if type(messages) is list else list(messages)
         n = len(msgs)
         pos = (np.arange(positions.start, positions.stop, positions.step, dtype=np.int64)
                if type(positions) is range else np.asarray(positions, dtype=np.int64))
@@ -801,29 +792,6 @@ class Decoder:
             out.models[model] = batch if other is None else _concat(batch, other)
         out.messages = n
         return _settle(out)
-
-    def _learn_key_orders(self, msgs: list[bytes]) -> None:
-        """Before the first typed decoder is built: learn each model's key order
-        (`ModelSchema.learn_key_order`) from its first event among the batch's first
-        `_ORDER_SCAN` messages, so that the decoder is built once, in that order, instead
-        of being built for the first batch and again for the next. Models not met here
-        learn it from their first typed event (`decode`)."""
-        todo = {m for m, schema in self.schemas.items() if schema.key_order is None}
-        max_bytes = self.config.max_message_bytes
-        for raw in islice(msgs, _ORDER_SCAN):
-            if not todo:
-                return
-            if len(raw) > max_bytes:
-                continue
-            try:
-                ev = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            model = ev.get(self._model_key) if type(ev) is dict else None
-            if type(model) is str and model in todo and type(
-                    ev.get(self._features_key)) is dict:
-                self.schemas[model].learn_key_order(raw, self._features_key)
-                todo.discard(model)
 
     def _typed_chunk(self, fast, types: dict, todo: list, lo: int, hi: int,
                      slow: list[int], deep: list[int]
@@ -889,20 +857,11 @@ class Decoder:
         n_num, n_cat = len(schema.numeric), len(schema.categorical)
         num_pos, cat_pos = schema._num_pos, schema._cat_pos     # field of each column
         astuple = msgspec.structs.astuple
-        # With the label join, event fields by position, as in `event_type` (one pass:
-        # its many fields cost a slice each). Without it, the features, times and the
-        # prediction and label by attribute getters: the list of every event's fields
-        # costs more than two or three C-level maps (measured 272 vs 320-448 ns an event
-        # for the features, times and predictions of 1,024 events)
+        # event fields by position, as in `event_type` (one pass: three attribute getters
+        # cost 25 ns an event each, a slice of this list 2)
         nf = 5 + len(OUTCOME_EXTRAS) if self.outcomes else 5
-        if self.outcomes:
-            top = list(chain.from_iterable(map(astuple, evs)))
-            feats = top[0::nf]
-        else:
-            top = None
-            feats = map(_FEATURES, evs)
-        flat = list(chain.from_iterable(map(astuple, feats)))
-        del feats
+        top = list(chain.from_iterable(map(astuple, evs)))
+        flat = list(chain.from_iterable(map(astuple, top[0::nf])))
         width = schema._n_fields
         bad = np.zeros(n, dtype=bool)
         reasons: dict[int, tuple[str, str]] = {}
@@ -945,14 +904,9 @@ class Decoder:
                               reasons)
                 numeric[j, i] = np.nan
         del flat
-        if top is None:
-            ts_values = list(map(_TS, evs))
-            pred_values = None if schema.prediction is None else list(map(_PREDICTION, evs))
-            label_values = None if schema.label is None else list(map(_LABEL, evs))
-        else:
-            ts_values = top[1::nf]
-            pred_values = None if schema.prediction is None else top[2::nf]
-            label_values = None if schema.label is None else top[3::nf]
+        ts_values = top[1::nf]
+        pred_values = None if schema.prediction is None else top[2::nf]
+        label_values = None if schema.label is None else top[3::nf]
         into.put("prediction", lo, hi, self._struct_optional(schema.prediction, pred_values))
         into.put("label", lo, hi, self._struct_optional(schema.label, label_values))
         ts, values = into.ts[lo:hi], _floats(ts_values)
