@@ -649,3 +649,31 @@ def test_detectors_fed_the_engines_bins_decide_exactly_as_binning_themselves(ref
         assert [(d.feature, d.method, d.window) for d in r.detections] == [
             (d.feature, d.method, d.window) for d in alone[len(alone) - len(r.detections):]]
     assert alone        # the shift was detected, by both
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_block_histograms_from_the_engines_slots_equal_binning_again(reference, seed):
+    """`block_sums` given the engine's slots (one `bincount` per block) counts exactly
+    what it counts binning the values itself, for batches of any size cut anywhere in a
+    block (one event, less than a block, many blocks), on heavy tails, integer ties,
+    nulls, absent keys, booleans and a 5,000-category feature."""
+    mon = monitor(reference)
+    layout = mon.models["m"].detectors.layout
+    engine = mon.models["m"].windows.layout.numeric
+    rng = np.random.default_rng(seed)
+    events = next(stream(9_000, seed, change_at=4_000, drift=LARGE, chunk=9_000))[0]
+    b = mon.decoder.decode(events, range(len(events))).models["m"]
+    x = np.asfortranarray(b.numeric)
+    lo = 0
+    for size in (1, 999, 1_000, 2_345, 3 * layout.block + 17):
+        hi = min(lo + size, len(b))
+        offset = int(rng.integers(0, layout.block))
+        args = (layout, x[lo:hi], b.categorical[lo:hi], b.positions[lo:hi], b.ts[lo:hi],
+                offset)
+        shared = block_sums(*args, engine.slots(x[lo:hi]))
+        own = block_sums(*args)
+        assert shared.hist.shape[0] == -(-(offset + hi - lo) // layout.block)
+        for name in ("hist", "first", "last", "events"):
+            np.testing.assert_array_equal(getattr(shared, name), getattr(own, name),
+                                          err_msg=name)
+        lo = hi
