@@ -17,7 +17,7 @@ import pytest
 from scipy import stats as sps
 
 from stream_monitor.alerting.policy import AlertPolicy
-from stream_monitor.config import AlertingConfig, ProfileConfig, parse_config
+from stream_monitor.config import AlertingConfig, DetectorConfig, ProfileConfig, parse_config
 from stream_monitor.core.detectors import (
     ModelDetectors,
     adjacent_cells,
@@ -248,6 +248,17 @@ def test_cusum_run_length_against_siegmund_and_simulation():
         s[hit] = 0.0
     assert z.size / alarms == pytest.approx(150.0, rel=0.08)
     assert cusum_arl(0.5, cusum_threshold(0.5, 1e6)) >= 1e6
+
+
+def test_the_defaults_known_thresholds_are_what_the_search_finds():
+    """The defaults' thresholds are not searched at start-up: each is the search's
+    answer, and its run length is at least the target (a thousandth less is not)."""
+    from stream_monitor.core.detectors import _KNOWN_THRESHOLDS, search_threshold
+    assert set(_KNOWN_THRESHOLDS) == {(DetectorConfig().k, DetectorConfig().arl * sides)
+                                      for sides in (1, 3)}
+    for (k, arl), h in _KNOWN_THRESHOLDS.items():
+        assert search_threshold(k, arl) == h == cusum_threshold(k, arl)
+        assert cusum_arl(k, h) >= arl > cusum_arl(k, h * 0.999)
 
 
 def _numeric_ref(values: np.ndarray) -> NumericProfile:
@@ -638,3 +649,31 @@ def test_detectors_fed_the_engines_bins_decide_exactly_as_binning_themselves(ref
         assert [(d.feature, d.method, d.window) for d in r.detections] == [
             (d.feature, d.method, d.window) for d in alone[len(alone) - len(r.detections):]]
     assert alone        # the shift was detected, by both
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_block_histograms_from_the_engines_slots_equal_binning_again(reference, seed):
+    """`block_sums` given the engine's slots (one `bincount` per block) counts exactly
+    what it counts binning the values itself, for batches of any size cut anywhere in a
+    block (one event, less than a block, many blocks), on heavy tails, integer ties,
+    nulls, absent keys, booleans and a 5,000-category feature."""
+    mon = monitor(reference)
+    layout = mon.models["m"].detectors.layout
+    engine = mon.models["m"].windows.layout.numeric
+    rng = np.random.default_rng(seed)
+    events = next(stream(9_000, seed, change_at=4_000, drift=LARGE, chunk=9_000))[0]
+    b = mon.decoder.decode(events, range(len(events))).models["m"]
+    x = np.asfortranarray(b.numeric)
+    lo = 0
+    for size in (1, 999, 1_000, 2_345, 3 * layout.block + 17):
+        hi = min(lo + size, len(b))
+        offset = int(rng.integers(0, layout.block))
+        args = (layout, x[lo:hi], b.categorical[lo:hi], b.positions[lo:hi], b.ts[lo:hi],
+                offset)
+        shared = block_sums(*args, engine.slots(x[lo:hi]))
+        own = block_sums(*args)
+        assert shared.hist.shape[0] == -(-(offset + hi - lo) // layout.block)
+        for name in ("hist", "first", "last", "events"):
+            np.testing.assert_array_equal(getattr(shared, name), getattr(own, name),
+                                          err_msg=name)
+        lo = hi

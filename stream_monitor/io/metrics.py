@@ -205,6 +205,18 @@ class MonitorMetrics:
         self._features: dict[str, LabelCap] = {}
         self._reasons = LabelCap(cfg.max_reasons, "reason", self.dropped)
         self._max_features = cfg.max_features_per_model
+        # (metric, label values) -> the metric's child: `labels()` validates and locks on
+        # every call (about 2 us); a window's report sets a few hundred (`_kid`)
+        self._kids: dict[tuple, Any] = {}
+
+    def _kid(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, remembered. Only for metrics whose children are
+        never removed, with label values already admitted by the caps (so bounded)."""
+        key = (metric, values)
+        kid = self._kids.get(key)
+        if kid is None:
+            kid = self._kids[key] = metric.labels(*values)
+        return kid
 
     def reserve_models(self, models: list[str]) -> None:
         """Configured models (and so their features) always get their labels; any other
@@ -264,7 +276,7 @@ class MonitorMetrics:
             for name, values in feats.items():
                 if self._feature_ok(model, name):
                     for stat, v in values.items():
-                        self.block_stat.labels(model, name, stat).set(v)
+                        self._kid(self.block_stat, model, name, stat).set(v)
         for d in getattr(result, "detections", ()):
             if self._models.admit(d.model) and self._feature_ok(d.model, d.feature):
                 self.detector_alarms.labels(d.model, d.feature, d.method).inc()
@@ -273,28 +285,30 @@ class MonitorMetrics:
         model = report["model"]
         if not self._models.admit(model):
             return
-        self.windows.labels(model).inc()
+        kid = self._kid
+        kid(self.windows, model).inc()
         state = policy.severity
         for name, f in report["features"].items():
             if not self._feature_ok(model, name):
                 continue
+            scores = f["scores"]
             for method in _SCORES:
-                v = f["scores"].get(method)
+                v = scores.get(method)
                 if v is not None:
-                    self.drift_score.labels(model, name, method).set(v)
-            self.drift_severity.labels(model, name).set(state(model, name, "feature_drift"))
+                    kid(self.drift_score, model, name, method).set(v)
+            kid(self.drift_severity, model, name).set(state(model, name, "feature_drift"))
             for check, q in f["data_quality"].items():
                 if q["value"] is not None:
-                    self.dq_ratio.labels(model, name, check).set(q["value"])
-                self.dq_severity.labels(model, name, check).set(
+                    kid(self.dq_ratio, model, name, check).set(q["value"])
+                kid(self.dq_severity, model, name, check).set(
                     state(model, name, CHECK_KIND[check]))
-        self.drifted_ratio.labels(model).set(report["dataset"]["drifted_share"])
-        self.dataset_severity.labels(model).set(state(model, None, "dataset_drift"))
+        kid(self.drifted_ratio, model).set(report["dataset"]["drifted_share"])
+        kid(self.dataset_severity, model).set(state(model, None, "dataset_drift"))
         if "prediction" in report:
             for method, v in report["prediction"]["scores"].items():
                 if v is not None and method in _SCORES:
-                    self.pred_score.labels(model, method).set(v)
-            self.pred_severity.labels(model).set(state(model, None, "prediction_drift"))
+                    kid(self.pred_score, model, method).set(v)
+            kid(self.pred_severity, model).set(state(model, None, "prediction_drift"))
 
 
 # -- performance monitoring (label join, performance.py) --------------------------------
