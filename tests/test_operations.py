@@ -156,13 +156,13 @@ def test_broker_outage_is_one_line_per_state_change(churn_reference_file, tmp_pa
                  log_level="error")
     broker = EmbeddedBroker(port=port)
     try:
-        wait_until(lambda: "unreachable" in info.text(), 30, "the unreachable line", info.text)
+        wait_until(lambda: "unreachable" in info.text(), 60, "the unreachable line", info.text)
         time.sleep(4.0)  # librdkafka retries many times a second meanwhile
         down = info.text().splitlines()
         quiet_down = quiet.text().splitlines()
         broker.start()
         broker.create_topics({topic: 1, f"{topic}-alerts": 1, f"{topic}-dlq": 1})
-        wait_until(lambda: "reachable again" in info.text(), 60, "the back line", info.text)
+        wait_until(lambda: "reachable again" in info.text(), 120, "the back line", info.text)
     finally:
         info.stop()
         quiet.stop()
