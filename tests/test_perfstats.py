@@ -216,3 +216,59 @@ def test_expected_roc_auc_keeps_every_bit_of_the_full_sort(seed):
         for name, p in _awkward_unit_scores(rng, n).items():
             got, want = ps.expected_roc_auc(p), _expected_roc_auc_by_full_sort(p)
             assert (math.isnan(got) and math.isnan(want)) or got == want, (name, n)
+
+
+def _classification_metrics_before(y, yhat, proba, n_classes, positive):
+    """classification_metrics as it was before its one-pass confusion counts and its
+    copy-free path for fully scored windows (the old path, kept to compare bits)."""
+    y, yhat = np.asarray(y, np.int64), np.asarray(yhat, np.int64)
+    out = {"accuracy": ps._f((y == yhat).mean()) if y.size else None}
+    if positive is not None:
+        tp, fp, fn, tn = ps.binary_counts(y == positive, yhat == positive)
+        p, r, f = ps.prf(tp, fp, fn)
+        out.update(precision=ps._f(p), recall=ps._f(r), f1=ps._f(f), true_positive_rate=ps._f(r),
+                   false_positive_rate=ps._f(ps._ratio(fp, fp + tn)),
+                   label_positive_rate=ps._f((y == positive).mean()),
+                   predicted_positive_rate=ps._f((yhat == positive).mean()))
+    else:
+        pr_, rs, fs = [], [], []
+        for c in np.union1d(np.unique(y), np.unique(yhat)):
+            p, r, f = ps.prf(*ps.binary_counts(y == c, yhat == c)[:3])
+            pr_.append(0.0 if p != p else p)
+            rs.append(0.0 if r != r else r)
+            fs.append(0.0 if f != f else f)
+        out.update(precision=ps._f(np.mean(pr_)) if pr_ else None,
+                   recall=ps._f(np.mean(rs)) if rs else None, f1=ps._f(np.mean(fs)) if fs else None)
+    if proba is not None and proba.size:
+        have = ~np.isnan(proba).any(axis=1)
+        if have.any():
+            pr, yt, yh = proba[have], y[have], yhat[have]
+            rows = np.arange(pr.shape[0])
+            out["log_loss"] = ps._f(ps.log_loss(pr[rows, yt]))
+            out["ece"] = ps._f(ps.expected_calibration_error(pr[rows, yh], yt == yh))
+            if positive is not None:
+                out["roc_auc"] = ps._f(ps.roc_auc(yt == positive, pr[:, positive]))
+            out["scored"] = int(have.sum())
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_classification_metrics_keep_every_bit_of_the_old_path(seed):
+    """Binary and multiclass windows, every row scored, some rows without scores, none
+    scored, one class only, tied scores: every figure equal to the last bit."""
+    rng = np.random.default_rng(seed)
+    for n in (1, 5, 2000):
+        for k, positive in ((2, 1), (2, 0), (4, None), (3, 1)):
+            y = rng.integers(0, k, n)
+            yhat = np.where(rng.random(n) < 0.7, y, rng.integers(0, k, n))
+            proba = rng.dirichlet(np.ones(k), n)
+            proba[:, 0] = np.round(proba[:, 0], 1)  # ties
+            some = proba.copy()
+            some[rng.random(n) < 0.2] = np.nan
+            for pr in (proba, some, np.full((n, k), np.nan), None):
+                for yy in (y, np.zeros(n, np.int64)):
+                    got = ps.classification_metrics(yy, yhat, pr, k, positive)
+                    want = _classification_metrics_before(yy, yhat, pr, k, positive)
+                    assert got.keys() == want.keys()
+                    for key, v in want.items():
+                        assert got[key] == v or (v is None and got[key] is None), key

@@ -203,7 +203,9 @@ class ModelPerformance:
             acc["ts"].append(t[sel])
             acc["n"] += int(p[sel].size)
             while acc["n"] >= size:
-                allp, allt = np.concatenate(acc["p"]), np.concatenate(acc["ts"])
+                # one part (a batch of the window's size, the usual case): no copy
+                allp, allt = ((acc["p"][0], acc["ts"][0]) if len(acc["p"]) == 1 else
+                              (np.concatenate(acc["p"]), np.concatenate(acc["ts"])))
                 w, rest = allp[:size], allp[size:]
                 wt, rt = allt[:size], allt[size:]
                 acc["p"], acc["ts"], acc["n"] = [rest], [rt], int(rest.size)
@@ -1153,11 +1155,21 @@ def _name(classes: dict[str, int], idx: int | None) -> str | None:
 
 
 def _nanmin(a: np.ndarray) -> float | None:
-    return float(np.nanmin(a)) if a.size and not np.isnan(a).all() else None
+    if not a.size:
+        return None
+    low = a.min()  # NaN-free (the usual case): the minimum, in one pass
+    if low == low:
+        return float(low)
+    return float(np.nanmin(a)) if not np.isnan(a).all() else None
 
 
 def _nanmax(a: np.ndarray) -> float | None:
-    return float(np.nanmax(a)) if a.size and not np.isnan(a).all() else None
+    if not a.size:
+        return None
+    high = a.max()
+    if high == high:
+        return float(high)
+    return float(np.nanmax(a)) if not np.isnan(a).all() else None
 
 
 def _f(x: float) -> float | None:

@@ -109,14 +109,17 @@ def classification_metrics(y: np.ndarray, yhat: np.ndarray, proba: np.ndarray | 
     had no scores; positive: the positive class index for binary metrics, else None.
     """
     y, yhat = np.asarray(y, np.int64), np.asarray(yhat, np.int64)
-    out: dict[str, float | None] = {"accuracy": _f((y == yhat).mean()) if y.size else None}
+    hit = y == yhat
+    out: dict[str, float | None] = {"accuracy": _f(hit.mean()) if y.size else None}
     if positive is not None:
-        tp, fp, fn, tn = binary_counts(y == positive, yhat == positive)
+        yt, yp = y == positive, yhat == positive
+        # the confusion counts in one pass: cell 2 * truth + prediction
+        tn, fp, fn, tp = np.bincount(yt * np.int8(2) + yp, minlength=4).tolist()
         p, r, f = prf(tp, fp, fn)
         out.update(precision=_f(p), recall=_f(r), f1=_f(f), true_positive_rate=_f(r),
                    false_positive_rate=_f(_ratio(fp, fp + tn)),
-                   label_positive_rate=_f((y == positive).mean()),
-                   predicted_positive_rate=_f((yhat == positive).mean()))
+                   label_positive_rate=_f(yt.mean()),
+                   predicted_positive_rate=_f(yp.mean()))
     else:
         ps, rs, fs = [], [], []
         for c in np.union1d(np.unique(y), np.unique(yhat)):
@@ -128,14 +131,17 @@ def classification_metrics(y: np.ndarray, yhat: np.ndarray, proba: np.ndarray | 
                    recall=_f(np.mean(rs)) if rs else None, f1=_f(np.mean(fs)) if fs else None)
     if proba is not None and proba.size:
         have = ~np.isnan(proba).any(axis=1)
-        if have.any():
-            pr, yt, yh = proba[have], y[have], yhat[have]
+        every = bool(have.all())
+        if every or have.any():
+            # every row scored (the usual case): the arrays as they are, not copies
+            pr, yt, yh, same = (proba, y, yhat, hit) if every else (
+                proba[have], y[have], yhat[have], hit[have])
             rows = np.arange(pr.shape[0])
             out["log_loss"] = _f(log_loss(pr[rows, yt]))
-            out["ece"] = _f(expected_calibration_error(pr[rows, yh], yt == yh))
+            out["ece"] = _f(expected_calibration_error(pr[rows, yh], same))
             if positive is not None:
                 out["roc_auc"] = _f(roc_auc(yt == positive, pr[:, positive]))
-            out["scored"] = int(have.sum())
+            out["scored"] = int(pr.shape[0])
     return out
 
 
