@@ -565,3 +565,70 @@ def test_joined_keys_keep_their_table_under_first_in_first_out(max_labels, batch
     last = [f"k{b}-{i}" for b in range(batches - max_labels // batch, batches)
             for i in range(batch)]
     assert list(buf.joined_ids) == join.id_hashes(last).tolist()
+
+
+def _label_line(rng, i: int, kind: str) -> bytes:
+    ev = {"model": "m", "event_id": f"id-{i}", "label": int(rng.integers(0, 2)),
+          "ts": float(rng.random() * 1e9)}
+    if kind == "bool":
+        ev["label"] = bool(rng.integers(0, 2))
+    elif kind == "float":
+        ev["label"] = float(rng.standard_cauchy())
+    elif kind == "string":
+        ev["label"] = rng.choice(["yes", "no", "ünïcode", "1"]).item()
+    elif kind == "int ts":
+        ev["ts"] = int(rng.integers(0, 2**40))
+    elif kind == "extra keys":
+        ev.update(position=12345, scores={"a": 1}, note=None)
+    elif kind == "int id":
+        ev["event_id"] = i
+    elif kind == "time string":
+        ev["ts"] = "2026-11-22T10:00:00Z"
+    elif kind == "no model":
+        del ev["model"]
+    elif kind == "null label":
+        ev["label"] = None
+    elif kind == "list label":
+        ev["label"] = [1]
+    elif kind == "empty id":
+        ev["event_id"] = ""
+    elif kind == "bad position":
+        ev["position"] = "x"
+    raw = orjson.dumps(ev)
+    if kind == "infinite ts":
+        raw = raw.replace(b'"ts":', b'"ts":1e999,"_":', 1)
+    elif kind == "not json":
+        raw = raw[:-1]
+    return raw
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_labels_decoded_straight_into_events_equal_the_message_by_message_path(seed):
+    """Batches of well-formed labels take the direct path (decoded into `LabelEvent` and
+    checked by msgspec); a batch with one message that needs converting or is malformed
+    takes the message-by-message path. Either way the events and rejects are those of
+    the message-by-message path: bool, float (Cauchy), string and integer labels, integer
+    times, extra keys (a `position` key too), integer ids, time strings, the default
+    model, nulls, lists, empty ids, infinite times, broken JSON."""
+    rng = np.random.default_rng(seed)
+    well = ["int", "bool", "float", "string", "int ts", "extra keys"]
+    odd = ["int id", "time string", "no model", "null label", "list label", "empty id",
+           "bad position", "infinite ts", "not json"]
+    for odd_kind in [None, *odd]:
+        kinds = [well[int(k)] for k in rng.integers(0, len(well), 300)]
+        if odd_kind is not None:
+            kinds[int(rng.integers(0, 300))] = odd_kind
+        lines = [_label_line(rng, i, k) for i, k in enumerate(kinds)]
+        pos = [int(p) for p in rng.permutation(10_000)[:300]]
+        direct = join._decode_direct(lines, pos)
+        assert (direct is not None) == (odd_kind is None)
+        got = decode_labels(lines, pos, FIELDS, default_model="dflt")
+        want = join._decode_labels_typed(lines, pos, FIELDS, "dflt")
+        assert got[0] == want[0] and len(got[0]) >= 299
+        assert [e.position for e in got[0]] == [p for p, e in zip(pos, kinds, strict=True)
+                                               if e in well or e in ("int id", "time string",
+                                                                     "no model",
+                                                                     "bad position")], odd_kind
+        assert [(r.position, r.reason, r.detail) for r in got[1]] == [
+            (r.position, r.reason, r.detail) for r in want[1]]
+    assert join._decode_direct([], []) == []

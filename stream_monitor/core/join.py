@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Sequence
 from itertools import islice
 from operator import attrgetter
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
@@ -50,14 +50,23 @@ _EVENT_ID, _TS = attrgetter("event_id"), attrgetter("ts")
 _POSITION, _LABEL = attrgetter("position"), attrgetter("label")
 
 
-class LabelEvent(msgspec.Struct, frozen=True, gc=False):
-    """One decoded label event (a C-level struct: labels can be a tenth of the traffic)."""
+_MAX = sys.float_info.max
+_Finite = Annotated[float, msgspec.Meta(ge=-_MAX, le=_MAX)]  # 1e999 decodes as inf
+_NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
-    model: str
-    event_id: str
-    label: Any
-    ts: float          # epoch seconds
-    position: int      # line number (replay) or offset (Kafka)
+
+class LabelEvent(msgspec.Struct, frozen=True, gc=False):
+    """One decoded label event (a C-level struct: labels can be a tenth of the traffic).
+
+    The types are what a well-formed label event holds, so that msgspec can decode one
+    straight into this struct and check it in C (`_decode_direct`); built in Python,
+    nothing is checked."""
+
+    model: _NonEmpty
+    event_id: _NonEmpty
+    label: str | bool | int | _Finite
+    ts: _Finite        # epoch seconds
+    position: int = -1  # line number (replay) or offset (Kafka); the default is never kept
 
 
 def event_key(value: Any) -> str | None:
@@ -94,10 +103,52 @@ def _label_decoder(fields: FieldMapping) -> Any:
     return dec
 
 
+_DEFAULT_NAMES = ("model", "event_id", "label", "ts")
+_DIRECT = msgspec.json.Decoder(LabelEvent).decode
+_MODEL_OF = attrgetter("model")
+_set_position = msgspec.structs.force_setattr
+_POSITIONS = ["position"] * 4096   # the attribute name, for a C-level map
+
+
+def _decode_direct(messages: Sequence[bytes], positions: Sequence[int]
+                   ) -> list[LabelEvent] | None:
+    """The label events of a batch decoded straight into `LabelEvent`s (fields under
+    their default names) and checked by msgspec in C (`LabelEvent`'s types: a non-empty
+    model and string id, a finite number, string or boolean label, a finite numeric
+    time), when every one is well formed; else None: the caller decodes the batch
+    message by message, which converts what can be (integer ids, time strings, the
+    default model) and names what is wrong. The positions are set by a C-level map:
+    no Python step per label (0.39 vs 0.21 ms per 1,000 labels, hot)."""
+    try:
+        events = list(map(_DIRECT, messages))
+    except _TYPED_ERRORS:
+        return None
+    n = len(events)
+    if len(positions) != n:
+        return None
+    names = _POSITIONS if n <= len(_POSITIONS) else ["position"] * n
+    for _ in map(_set_position, events, names, positions):
+        pass
+    return events
+
+
 def decode_labels(messages: Sequence[bytes], positions: Sequence[int], fields: FieldMapping,
                   default_model: str | None = None
                   ) -> tuple[list[LabelEvent], list[Reject]]:
     """Label events of a batch; malformed ones become `label_malformed` rejects."""
+    if (fields.model, fields.event_id, fields.label, fields.ts) == _DEFAULT_NAMES:
+        direct = _decode_direct(messages, positions)
+        if direct is not None:
+            return direct, []
+    return _decode_labels_typed(messages, positions, fields, default_model)
+
+
+def _decode_labels_typed(messages: Sequence[bytes], positions: Sequence[int],
+                         fields: FieldMapping, default_model: str | None
+                         ) -> tuple[list[LabelEvent], list[Reject]]:
+    """`decode_labels` message by message: a typed decoder per message, which converts
+    integer ids and time strings and takes the default model, and the per-event path for
+    what it cannot decode (which names what is wrong)."""
     out: list[LabelEvent] = []
     rejects: list[Reject] = []
     fast = _label_decoder(fields)
