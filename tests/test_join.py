@@ -467,6 +467,41 @@ def test_typed_outcomes_are_the_per_event_paths(seed):
     assert sorted(buf.chunks[0]["h"].tolist()) == sorted(want.tolist())
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_skipped_outcome_fields_are_none_and_the_others_unchanged(seed):
+    """A model whose segment and scores are not decoded (`outcome_skip`: no segments
+    configured, numeric predictions) gets no per-chunk lists of them: they come back as
+    None for every event, and every other outcome field is that of the decoder that
+    decodes them all (the same events, chunk sizes, rejects and several models)."""
+    from test_decode import make_decoder
+
+    from stream_monitor.io.decode import Decoder, outcome_lists
+
+    msgs = _outcome_events(4000, seed)
+    full = make_decoder()
+    full.outcomes = True
+    lean = Decoder({m: s for m, s in full.schemas.items()}, full.config)
+    lean.outcomes = True
+    for cut in (4000, 997):
+        for lo in range(0, len(msgs), cut):
+            part = msgs[lo:lo + cut]
+            a = full.decode(part, range(lo, lo + len(part)))
+            for schema in lean.schemas.values():
+                schema.outcome_skip = frozenset({"scores", "segment"})
+            b = lean.decode(part, range(lo, lo + len(part)))
+            for schema in lean.schemas.values():
+                schema.outcome_skip = frozenset()
+            assert set(a.models) == set(b.models)
+            assert [r.position for r in a.rejects] == [r.position for r in b.rejects]
+            for model, batch in a.models.items():
+                got, want = outcome_lists(b.models[model]), outcome_lists(batch)
+                for k in ("event_id", "prediction", "label", "model_version"):
+                    assert got[k] == want[k], k
+                for k in ("scores", "segment"):
+                    assert got[k] == [None] * len(want[k]), k
+                    assert any(v is not None for v in want[k]) or len(want[k]) < 100, k
+
+
 @pytest.mark.parametrize("odd", ["", "é-unicode", "x" * 90, "id-7"])
 def test_joined_ids_that_are_not_plain_join_as_their_list(odd):
     """Typed ids given as one `JoinedIds` whose text the fast hash cannot take (an empty
