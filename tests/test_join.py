@@ -502,14 +502,16 @@ def test_skipped_outcome_fields_are_none_and_the_others_unchanged(seed):
                     assert any(v is not None for v in want[k]) or len(want[k]) < 100, k
 
 
-@pytest.mark.parametrize("odd", ["", "é-unicode", "x" * 90, "id-7"])
+@pytest.mark.parametrize("odd", ["", "é-unicode", "x" * 90, "id-7", "fixed"])
 def test_joined_ids_that_are_not_plain_join_as_their_list(odd):
     """Typed ids given as one `JoinedIds` whose text the fast hash cannot take (an empty
     id, non-ASCII, longer than 64) buffer, join and count exactly as the same ids given
-    as a list; plain ids ("id-7") take the fast hash and agree too."""
+    as a list; plain ids ("id-7") take the fast hash and agree too, and so do ids of one
+    width ("fixed": the strided hash, whose NULs a `JoinedIds` does not count again)."""
     from stream_monitor.io.decode import JoinedIds
     n = 500
-    ids = [f"id-{i}" for i in range(n)]
+    ids = [f"id-{i}" for i in range(n)] if odd != "fixed" else [f"id-{i:05d}" for i in range(n)]
+    odd = ids[7] if odd == "fixed" else odd
     ids[7] = odd
     ts = 1.79e9 + np.arange(n, dtype=float)
     preds = np.linspace(0.0, 1.0, n)
