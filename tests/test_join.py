@@ -669,3 +669,51 @@ def test_labels_decoded_straight_into_events_equal_the_message_by_message_path(s
         assert [(r.position, r.reason, r.detail) for r in got[1]] == [
             (r.position, r.reason, r.detail) for r in want[1]]
     assert join._decode_direct([], []) == []
+
+
+def _expire_predictions_before(buf, cutoff):
+    """`JoinBuffer._expire_predictions` as it was before its early exit (the old path)."""
+    if cutoff == -math.inf:
+        return
+    for c in buf.chunks:
+        if not c["live"]:
+            continue
+        s = c["start"]
+        alive = c["alive"][s:]
+        blocked = alive & ~(c["ts"][s:] < cutoff)
+        stop = int(blocked.argmax()) if blocked.any() else int(alive.size)
+        gone = np.flatnonzero(alive[:stop]) + s
+        if gone.size:
+            buf._kill(c, gone)
+            buf.unjoined[join.PREDICTION_EXPIRED] += int(gone.size)
+        c["start"] = s + stop
+        if stop < alive.size:
+            break
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_prediction_expiry_with_its_early_exit_is_the_old_path(seed):
+    """Chunks with joined rows at their front, NaN times, times out of arrival order and
+    cutoffs before, inside and after them: the same rows expire, with the same starts,
+    counters and state as the path without the early exit."""
+    import copy
+    rng = np.random.default_rng(seed)
+    buf = JoinBuffer(JoinConfig(max_predictions=10**6, max_labels=10**6, max_age=1e12))
+    n, next_id = 300, 0
+    for b in range(6):
+        ids = [f"e{next_id + i}" for i in range(n)]
+        next_id += n
+        ts = 1000.0 * b + rng.permutation(n).astype(float) * (1 + (b % 2))
+        ts[rng.random(n) < 0.05] = np.nan
+        buf.add_predictions(range(n), ts, outcomes(ids), np.full(n, 0.5))
+        picked = [ids[i] for i in sorted(rng.choice(n, 40, replace=False))] + ids[:5]
+        buf.add_labels(labels(picked, [1e5] * len(picked)))
+    for cutoff in (-1.0, 0.0, 150.0, 999.0, 1500.0, 2600.0, 4000.0, 1e9, math.nan):
+        a, b = copy.deepcopy(buf), copy.deepcopy(buf)
+        for _ in range(2):  # twice: the second call starts where the first stopped
+            a._expire_predictions(cutoff)
+            _expire_predictions_before(b, cutoff)
+        assert dict(a.unjoined) == dict(b.unjoined), cutoff
+        for ca, cb in zip(a.chunks, b.chunks, strict=True):
+            assert (ca["start"], ca["live"]) == (cb["start"], cb["live"]), cutoff
+            assert np.array_equal(ca["alive"], cb["alive"]), cutoff

@@ -252,10 +252,25 @@ def _classification_metrics_before(y, yhat, proba, n_classes, positive):
     return out
 
 
+def _cbpe_before(proba, yhat, positive):
+    """perfstats.cbpe as it was before its copy-free path for fully scored windows."""
+    if proba is None or not proba.size:
+        return {}
+    have = ~np.isnan(proba).any(axis=1)
+    if not have.any():
+        return {}
+    pr, yh = proba[have], np.asarray(yhat, np.int64)[have]
+    out = {"accuracy": ps._f(pr[np.arange(pr.shape[0]), yh].mean()), "scored": int(have.sum())}
+    if positive is not None:
+        out["roc_auc"] = ps._f(ps.expected_roc_auc(pr[:, positive]))
+    return out
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_classification_metrics_keep_every_bit_of_the_old_path(seed):
     """Binary and multiclass windows, every row scored, some rows without scores, none
-    scored, one class only, tied scores: every figure equal to the last bit."""
+    scored, one class only, tied scores: every figure equal to the last bit (and CBPE's
+    estimate of the window too)."""
     rng = np.random.default_rng(seed)
     for n in (1, 5, 2000):
         for k, positive in ((2, 1), (2, 0), (4, None), (3, 1)):
@@ -272,3 +287,4 @@ def test_classification_metrics_keep_every_bit_of_the_old_path(seed):
                     assert got.keys() == want.keys()
                     for key, v in want.items():
                         assert got[key] == v or (v is None and got[key] is None), key
+                    assert ps.cbpe(pr, yhat, positive) == _cbpe_before(pr, yhat, positive)

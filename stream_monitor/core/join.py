@@ -940,12 +940,17 @@ class JoinBuffer:
         where_r = np.zeros(k, np.int64)
         byte, bit = keys >> 3, (1 << (keys & 7)).astype(np.uint8)  # in `_key_bits`
         bits: dict[int, tuple] = {}
+        masked: dict[int, np.ndarray] = {}
         for ci, c in enumerate(self.chunks):
             if not c["live"]:
                 continue
             table = self._key_bits(c, bits)
-            # methods, not numpy's Python wrappers: this runs for every chunk
-            cand = (table[byte & (table.size - 1)] & bit).nonzero()[0]
+            # the keys' bytes in a table of this size, once per size (chunks of one
+            # size share it); methods, not numpy's Python wrappers: this runs per chunk
+            at = masked.get(table.size)
+            if at is None:
+                at = masked[table.size] = byte & (table.size - 1)
+            cand = (table[at] & bit).nonzero()[0]
             if not cand.size:
                 continue
             sub = keys[cand]
@@ -1043,6 +1048,12 @@ class JoinBuffer:
                 continue
             s = c["start"]
             alive = c["alive"][s:]
+            # the usual case, nothing to expire: the first waiting row is not older than
+            # the cutoff (argmax stops at the first True; NaN times never expire)
+            first = int(alive.argmax())
+            if alive[first] and not c["ts"][s + first] < cutoff:
+                c["start"] = s + first
+                break
             blocked = alive & ~(c["ts"][s:] < cutoff)
             stop = int(blocked.argmax()) if blocked.any() else int(alive.size)
             gone = np.flatnonzero(alive[:stop]) + s

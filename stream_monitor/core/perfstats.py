@@ -172,8 +172,10 @@ def cbpe(proba: np.ndarray, yhat: np.ndarray, positive: int | None) -> dict[str,
     have = ~np.isnan(proba).any(axis=1)
     if not have.any():
         return {}
-    pr, yh = proba[have], np.asarray(yhat, np.int64)[have]
-    out = {"accuracy": _f(pr[np.arange(pr.shape[0]), yh].mean()), "scored": int(have.sum())}
+    yh = np.asarray(yhat, np.int64)
+    # every row scored (the usual case): the arrays as they are, not copies
+    pr, yh = (proba, yh) if have.all() else (proba[have], yh[have])
+    out = {"accuracy": _f(pr[np.arange(pr.shape[0]), yh].mean()), "scored": int(pr.shape[0])}
     if positive is not None:
         out["roc_auc"] = _f(expected_roc_auc(pr[:, positive]))
     return out
