@@ -7,8 +7,11 @@ labelled (each batch is followed by the label events of a tenth of its predictio
 a consumer of both topics sees them). The two monitors take each batch in turn (which
 one goes first alternates), over --rounds fresh runs; per batch the best of the rounds
 is kept and summed, as throughput.py does, so that a burst of load on a shared machine
-spoils one batch of one round, not the figure. Prints both rates and the join's cost as
-a share of the rate.
+spoils one batch of one round, not the figure. The whole measurement is repeated
+--repeats times (fresh monitors each time): each repeat prints both rates and the join's
+cost as a share of the rate (and in ms per batch), and the figure is their median,
+printed with their spread (a shared 2-core host moves one measurement by several points:
+one figure alone proves little).
 
 Checkpoint: the per-batch checkpoint of the Kafka edge (`Monitor.checkpoint`, taken
 before every batch so that a poison message can be rolled back) with the join buffer as
@@ -25,7 +28,7 @@ Memory (--memory N): N predictions through the join with 10% of them labelled an
 rest never labelled; prints RSS after 1M and after N predictions (the join buffer is
 bounded by count and age, so RSS stays flat).
 
-    python benchmarks/labels.py [--events 200000] [--rounds 3] [--parts]
+    python benchmarks/labels.py [--events 200000] [--rounds 3] [--repeats 3] [--parts]
     python benchmarks/labels.py --memory 10000000
 """
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import time
 
 import orjson
@@ -177,6 +181,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="independent measurements (fresh monitors, --rounds each): the "
+                         "join's cost is their median, printed with their spread")
     ap.add_argument("--memory", type=int, default=0, help="predictions for the RSS check")
     ap.add_argument("--pool", type=int, default=100_000, help="distinct generated events")
     ap.add_argument("--parts", action="store_true", help="time each part of the join")
@@ -188,30 +195,42 @@ def main() -> None:
     labels = label_events(msgs)
     base = monitor()
     print(f"workload: {len(msgs)} events, {sum(map(len, labels))} labels (10%), "
-          f"{args.rounds} rounds, per batch the best of the rounds")
-    rounds: dict[str, list[list[float]]] = {"engine": [], "join": []}
+          f"{args.repeats} repeats of {args.rounds} rounds, per batch the best of a "
+          f"repeat's rounds")
     parts: dict[str, list[list[float]]] = {label: [] for label, _, _ in PARTS}
-    for _ in range(args.rounds):
-        gc.collect()
-        mon, alone = with_labels(base), plain(base)
-        times: dict[str, list[float]] = {label: [] for label in parts}
-        if args.parts:
-            timed_parts(alone, mon, times)
-        engine, join = run([(alone, False), (mon, True)], msgs, labels,
-                           times if args.parts else None)
-        rounds["engine"].append(engine)
-        rounds["join"].append(join)
-        for label, per_batch in times.items():
-            parts[label].append(per_batch)
-    best = {k: sum(map(min, zip(*v, strict=True))) for k, v in rounds.items()}
-    rate = {k: len(msgs) / v for k, v in best.items()}
-    print(f"engine, no labels            : {rate['engine']:>10,.0f} events/s")
-    print(f"engine + join, 10% labelled  : {rate['join']:>10,.0f} events/s")
-    print(f"join cost: {1 - rate['join'] / rate['engine']:.1%} of the rate "
-          f"(ratio {rate['join'] / rate['engine']:.2f})")
+    costs, per_batch_ms = [], []
+    for repeat in range(args.repeats):
+        rounds: dict[str, list[list[float]]] = {"engine": [], "join": []}
+        for _ in range(args.rounds):
+            gc.collect()
+            mon, alone = with_labels(base), plain(base)
+            times: dict[str, list[float]] = {label: [] for label in parts}
+            if args.parts:
+                timed_parts(alone, mon, times)
+            engine, join = run([(alone, False), (mon, True)], msgs, labels,
+                               times if args.parts else None)
+            rounds["engine"].append(engine)
+            rounds["join"].append(join)
+            for label, per_batch in times.items():
+                parts[label].append(per_batch)
+        best = {k: sum(map(min, zip(*v, strict=True))) for k, v in rounds.items()}
+        rate = {k: len(msgs) / v for k, v in best.items()}
+        cost = 1 - rate["join"] / rate["engine"]
+        costs.append(cost)
+        batches = len(msgs) / BATCH
+        extra = (best["join"] - best["engine"]) / batches * 1e3
+        per_batch_ms.append(best["join"] / batches * 1e3)
+        print(f"repeat {repeat + 1}: engine, no labels {rate['engine']:>9,.0f} events/s; "
+              f"engine + join, 10% labelled {rate['join']:>9,.0f} events/s; join cost "
+              f"{cost:.1%} of the rate ({extra:.2f} ms per batch of {BATCH:,})", flush=True)
+    print(f"engine, no labels            : {rate['engine']:>10,.0f} events/s (last repeat)")
+    print(f"engine + join, 10% labelled  : {rate['join']:>10,.0f} events/s (last repeat)")
+    print(f"join cost: {statistics.median(costs):.1%} of the rate, the median of "
+          f"{len(costs)} repeats (spread {min(costs):.1%} to {max(costs):.1%}; ratio "
+          f"{1 - statistics.median(costs):.2f})")
     mp = mon.performance.models["churn"]
     waiting = len(mp.buffer.predictions)
-    per_batch = best["join"] / (len(msgs) / BATCH) * 1e3
+    per_batch = statistics.median(per_batch_ms)
     print(f"checkpoint with {waiting:,} predictions waiting: {checkpoint_cost(mon):.2f} ms "
           f"per batch (a batch of {BATCH:,} costs {per_batch:.1f} ms)")
     # labels for other predictions of the last batch: an open window half full, as a

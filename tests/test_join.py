@@ -467,14 +467,51 @@ def test_typed_outcomes_are_the_per_event_paths(seed):
     assert sorted(buf.chunks[0]["h"].tolist()) == sorted(want.tolist())
 
 
-@pytest.mark.parametrize("odd", ["", "é-unicode", "x" * 90, "id-7"])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_skipped_outcome_fields_are_none_and_the_others_unchanged(seed):
+    """A model whose segment and scores are not decoded (`outcome_skip`: no segments
+    configured, numeric predictions) gets no per-chunk lists of them: they come back as
+    None for every event, and every other outcome field is that of the decoder that
+    decodes them all (the same events, chunk sizes, rejects and several models)."""
+    from test_decode import make_decoder
+
+    from stream_monitor.io.decode import Decoder, outcome_lists
+
+    msgs = _outcome_events(4000, seed)
+    full = make_decoder()
+    full.outcomes = True
+    lean = Decoder({m: s for m, s in full.schemas.items()}, full.config)
+    lean.outcomes = True
+    for cut in (4000, 997):
+        for lo in range(0, len(msgs), cut):
+            part = msgs[lo:lo + cut]
+            a = full.decode(part, range(lo, lo + len(part)))
+            for schema in lean.schemas.values():
+                schema.outcome_skip = frozenset({"scores", "segment"})
+            b = lean.decode(part, range(lo, lo + len(part)))
+            for schema in lean.schemas.values():
+                schema.outcome_skip = frozenset()
+            assert set(a.models) == set(b.models)
+            assert [r.position for r in a.rejects] == [r.position for r in b.rejects]
+            for model, batch in a.models.items():
+                got, want = outcome_lists(b.models[model]), outcome_lists(batch)
+                for k in ("event_id", "prediction", "label", "model_version"):
+                    assert got[k] == want[k], k
+                for k in ("scores", "segment"):
+                    assert got[k] == [None] * len(want[k]), k
+                    assert any(v is not None for v in want[k]) or len(want[k]) < 100, k
+
+
+@pytest.mark.parametrize("odd", ["", "é-unicode", "x" * 90, "id-7", "fixed"])
 def test_joined_ids_that_are_not_plain_join_as_their_list(odd):
     """Typed ids given as one `JoinedIds` whose text the fast hash cannot take (an empty
     id, non-ASCII, longer than 64) buffer, join and count exactly as the same ids given
-    as a list; plain ids ("id-7") take the fast hash and agree too."""
+    as a list; plain ids ("id-7") take the fast hash and agree too, and so do ids of one
+    width ("fixed": the strided hash, whose NULs a `JoinedIds` does not count again)."""
     from stream_monitor.io.decode import JoinedIds
     n = 500
-    ids = [f"id-{i}" for i in range(n)]
+    ids = [f"id-{i}" for i in range(n)] if odd != "fixed" else [f"id-{i:05d}" for i in range(n)]
+    odd = ids[7] if odd == "fixed" else odd
     ids[7] = odd
     ts = 1.79e9 + np.arange(n, dtype=float)
     preds = np.linspace(0.0, 1.0, n)
@@ -565,3 +602,118 @@ def test_joined_keys_keep_their_table_under_first_in_first_out(max_labels, batch
     last = [f"k{b}-{i}" for b in range(batches - max_labels // batch, batches)
             for i in range(batch)]
     assert list(buf.joined_ids) == join.id_hashes(last).tolist()
+
+
+def _label_line(rng, i: int, kind: str) -> bytes:
+    ev = {"model": "m", "event_id": f"id-{i}", "label": int(rng.integers(0, 2)),
+          "ts": float(rng.random() * 1e9)}
+    if kind == "bool":
+        ev["label"] = bool(rng.integers(0, 2))
+    elif kind == "float":
+        ev["label"] = float(rng.standard_cauchy())
+    elif kind == "string":
+        ev["label"] = rng.choice(["yes", "no", "ünïcode", "1"]).item()
+    elif kind == "int ts":
+        ev["ts"] = int(rng.integers(0, 2**40))
+    elif kind == "extra keys":
+        ev.update(position=12345, scores={"a": 1}, note=None)
+    elif kind == "int id":
+        ev["event_id"] = i
+    elif kind == "time string":
+        ev["ts"] = "2026-11-22T10:00:00Z"
+    elif kind == "no model":
+        del ev["model"]
+    elif kind == "null label":
+        ev["label"] = None
+    elif kind == "list label":
+        ev["label"] = [1]
+    elif kind == "empty id":
+        ev["event_id"] = ""
+    elif kind == "bad position":
+        ev["position"] = "x"
+    raw = orjson.dumps(ev)
+    if kind == "infinite ts":
+        raw = raw.replace(b'"ts":', b'"ts":1e999,"_":', 1)
+    elif kind == "not json":
+        raw = raw[:-1]
+    return raw
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_labels_decoded_straight_into_events_equal_the_message_by_message_path(seed):
+    """Batches of well-formed labels take the direct path (decoded into `LabelEvent` and
+    checked by msgspec); a batch with one message that needs converting or is malformed
+    takes the message-by-message path. Either way the events and rejects are those of
+    the message-by-message path: bool, float (Cauchy), string and integer labels, integer
+    times, extra keys (a `position` key too), integer ids, time strings, the default
+    model, nulls, lists, empty ids, infinite times, broken JSON."""
+    rng = np.random.default_rng(seed)
+    well = ["int", "bool", "float", "string", "int ts", "extra keys"]
+    odd = ["int id", "time string", "no model", "null label", "list label", "empty id",
+           "bad position", "infinite ts", "not json"]
+    for odd_kind in [None, *odd]:
+        kinds = [well[int(k)] for k in rng.integers(0, len(well), 300)]
+        if odd_kind is not None:
+            kinds[int(rng.integers(0, 300))] = odd_kind
+        lines = [_label_line(rng, i, k) for i, k in enumerate(kinds)]
+        pos = [int(p) for p in rng.permutation(10_000)[:300]]
+        direct = join._decode_direct(lines, pos)
+        assert (direct is not None) == (odd_kind is None)
+        got = decode_labels(lines, pos, FIELDS, default_model="dflt")
+        want = join._decode_labels_typed(lines, pos, FIELDS, "dflt")
+        assert got[0] == want[0] and len(got[0]) >= 299
+        assert [e.position for e in got[0]] == [p for p, e in zip(pos, kinds, strict=True)
+                                               if e in well or e in ("int id", "time string",
+                                                                     "no model",
+                                                                     "bad position")], odd_kind
+        assert [(r.position, r.reason, r.detail) for r in got[1]] == [
+            (r.position, r.reason, r.detail) for r in want[1]]
+    assert join._decode_direct([], []) == []
+
+
+def _expire_predictions_before(buf, cutoff):
+    """`JoinBuffer._expire_predictions` as it was before its early exit (the old path)."""
+    if cutoff == -math.inf:
+        return
+    for c in buf.chunks:
+        if not c["live"]:
+            continue
+        s = c["start"]
+        alive = c["alive"][s:]
+        blocked = alive & ~(c["ts"][s:] < cutoff)
+        stop = int(blocked.argmax()) if blocked.any() else int(alive.size)
+        gone = np.flatnonzero(alive[:stop]) + s
+        if gone.size:
+            buf._kill(c, gone)
+            buf.unjoined[join.PREDICTION_EXPIRED] += int(gone.size)
+        c["start"] = s + stop
+        if stop < alive.size:
+            break
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_prediction_expiry_with_its_early_exit_is_the_old_path(seed):
+    """Chunks with joined rows at their front, NaN times, times out of arrival order and
+    cutoffs before, inside and after them: the same rows expire, with the same starts,
+    counters and state as the path without the early exit."""
+    import copy
+    rng = np.random.default_rng(seed)
+    buf = JoinBuffer(JoinConfig(max_predictions=10**6, max_labels=10**6, max_age=1e12))
+    n, next_id = 300, 0
+    for b in range(6):
+        ids = [f"e{next_id + i}" for i in range(n)]
+        next_id += n
+        ts = 1000.0 * b + rng.permutation(n).astype(float) * (1 + (b % 2))
+        ts[rng.random(n) < 0.05] = np.nan
+        buf.add_predictions(range(n), ts, outcomes(ids), np.full(n, 0.5))
+        picked = [ids[i] for i in sorted(rng.choice(n, 40, replace=False))] + ids[:5]
+        buf.add_labels(labels(picked, [1e5] * len(picked)))
+    for cutoff in (-1.0, 0.0, 150.0, 999.0, 1500.0, 2600.0, 4000.0, 1e9, math.nan):
+        a, b = copy.deepcopy(buf), copy.deepcopy(buf)
+        for _ in range(2):  # twice: the second call starts where the first stopped
+            a._expire_predictions(cutoff)
+            _expire_predictions_before(b, cutoff)
+        assert dict(a.unjoined) == dict(b.unjoined), cutoff
+        for ca, cb in zip(a.chunks, b.chunks, strict=True):
+            assert (ca["start"], ca["live"]) == (cb["start"], cb["live"]), cutoff
+            assert np.array_equal(ca["alive"], cb["alive"]), cutoff

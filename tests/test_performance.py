@@ -493,3 +493,58 @@ def test_first_window_classes_from_float_predictions_match_the_per_pair_loop(lab
     loop._settle_classes(pairs)
     assert list(fast.classes.items()) == list(loop.classes.items())
     assert fast.positive == loop.positive
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("whole", [False, True])
+def test_window_of_float_predictions_against_an_independent_computation(seed, whole):
+    """A window of float predictions: every one a score (the column path), or some of
+    them 0.0 / 1.0 that name a class (the per-row path); tied scores, NaN times. The
+    window's times and lines, and accuracy, precision, recall, log loss and ROC AUC,
+    against plain numpy and scipy (1e-12)."""
+    import math
+
+    from scipy.stats import mannwhitneyu
+
+    from stream_monitor.config import PerformanceConfig
+    from stream_monitor.core.evaluate import _iso
+    from stream_monitor.core.performance import ModelPerformance
+
+    rng = np.random.default_rng(seed)
+    n = 2000
+    p = np.round(rng.beta(2, 3, n), 2)                      # ties
+    p = np.where((p == 0.0) | (p == 1.0), 0.5, p)           # scores strictly inside
+    if whole:                                               # some predictions name a class
+        named = rng.random(n) < 0.05
+        p[named] = rng.integers(0, 2, int(named.sum())).astype(float)
+    y = (rng.random(n) < p).astype(int)
+    pts = 1.79e9 + rng.random(n) * 1e5
+    pts[rng.random(n) < 0.01] = np.nan
+    lts = pts + 3600.0
+    lines = rng.permutation(10 * n)[:n]
+    pairs = [(int(lines[i]), float(pts[i]), float(lts[i]), "v", float(p[i]), None, None,
+              int(y[i])) for i in range(n)]
+    mp = ModelPerformance("m", PerformanceConfig(window=n, task="classification"), None)
+    report, _ = mp.evaluate("v", pairs, 0)
+    assert mp.classes == {"0": 0, "1": 1} and mp.positive == 1
+    win = report["window"]
+    assert win["start"] == _iso(float(np.nanmin(pts))) and win["end"] == _iso(
+        float(np.nanmax(pts)))
+    assert win["label_start"] == _iso(float(np.nanmin(lts)))
+    assert win["label_end"] == _iso(float(np.nanmax(lts)))
+    assert (win["first_line"], win["last_line"]) == (int(lines.min()), int(lines.max()))
+    named = np.array([v.is_integer() for v in p.tolist()])   # 0.0 / 1.0: the class itself
+    assert named.any() == whole
+    yhat = np.where(named, p.astype(int), (p >= 0.5).astype(int))
+    m = report["metrics"]
+    tp = int(((yhat == 1) & (y == 1)).sum())
+    assert m["accuracy"] == pytest.approx(float((yhat == y).mean()), abs=1e-12)
+    assert m["precision"] == pytest.approx(tp / int((yhat == 1).sum()), abs=1e-12)
+    assert m["recall"] == pytest.approx(tp / int((y == 1).sum()), abs=1e-12)
+    s, ys = p[~named], y[~named]
+    assert m["scored"] == int((~named).sum())
+    want_ll = -np.mean(np.log(np.clip(np.where(ys == 1, s, 1 - s), 1e-15, 1.0)))
+    assert m["log_loss"] == pytest.approx(want_ll, abs=1e-12)
+    u = mannwhitneyu(s[ys == 1], s[ys == 0]).statistic
+    assert m["roc_auc"] == pytest.approx(u / ((ys == 1).sum() * (ys == 0).sum()), abs=1e-12)
+    assert not math.isnan(report["estimated"]["accuracy"])

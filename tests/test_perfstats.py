@@ -149,3 +149,142 @@ def test_expected_roc_auc_distinct_scores_take_the_same_sums(seed):
         fpr = np.concatenate([[0.0], np.cumsum(np.bincount(inverse, 1 - q)) / (1 - q).sum()])
         want = float(np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr))
         assert ps.expected_roc_auc(p) == want
+
+
+def _expected_roc_auc_by_full_sort(p):
+    """The figure as computed before the radix sort and the inlined trapezoid: np.sort,
+    concatenations and np.trapezoid (the independent spelling the new one must match)."""
+    p = np.clip(np.asarray(p, float), 0.0, 1.0)
+    pos, neg = p.sum(), (1 - p).sum()
+    if pos <= 0 or neg <= 0:
+        return math.nan
+    if np.isnan(p).any():
+        _, inverse = np.unique(-p, return_inverse=True)
+        tp, fp = np.bincount(inverse, p), np.bincount(inverse, 1 - p)
+    else:
+        s = np.sort(p)[::-1]
+        new = np.concatenate([[True], s[1:] != s[:-1]])
+        group = np.cumsum(new) - 1
+        tp, fp = np.bincount(group, s), np.bincount(group, 1 - s)
+    tpr = np.concatenate([[0.0], np.cumsum(tp) / pos])
+    fpr = np.concatenate([[0.0], np.cumsum(fp) / neg])
+    return float(np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr))
+
+
+def _awkward_unit_scores(rng, n):
+    """Scores in [0, 1] that a radix sort on the top 48 bits can get wrong or tie."""
+    base = rng.random(n)
+    twins = base.copy()  # equal in the top 48 bits, different below: the fallback
+    twins[1::2] = (base[::2][: twins[1::2].size].view(np.uint64) ^ np.uint64(0x3)).view(float)
+    return {
+        "uniform": base,
+        "rounded ties": np.round(base, 2),
+        "six decimals": np.round(base, 6),
+        "float32 scores": base.astype(np.float32).astype(float),
+        "low-bit twins": np.clip(twins, 0.0, 1.0),
+        "signed zeros": np.where(rng.random(n) < 0.1, -0.0, base),
+        "zeros and ones": np.where(rng.random(n) < 0.5, 0.0, 1.0),
+        "extreme beta": rng.beta(0.05, 0.05, n),
+        "subnormals": np.where(rng.random(n) < 0.3, 5e-324 * rng.integers(1, 9, n), base),
+        "descending": np.sort(base)[::-1].copy(),
+        "with NaN": np.where(rng.random(n) < 0.01, np.nan, base),
+        "out of range": base * 3 - 1,
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sorted_unit_is_np_sort_bit_for_bit(seed):
+    rng = np.random.default_rng(seed)
+    for n in (1, 100, 4095, 4096, 10_000, 25_001):
+        for name, p in _awkward_unit_scores(rng, n).items():
+            q = np.clip(p, 0.0, 1.0)
+            if np.isnan(q).any():
+                continue
+            got, want = ps.sorted_unit(q), np.sort(q)
+            assert got.tobytes() == want.tobytes() or (
+                # -0.0 and 0.0 compare equal: np.sort may order them either way
+                np.array_equal(got, want) and name == "signed zeros"), (name, n)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_expected_roc_auc_keeps_every_bit_of_the_full_sort(seed):
+    """The radix sort and the inlined trapezoid give the figure of the full sort and
+    np.trapezoid to the last bit, on scores that tie, collide in their top bits, carry
+    signed zeros, NaN, subnormals or values outside [0, 1]."""
+    rng = np.random.default_rng(seed)
+    for n in (3, 2000, 4096, 10_000):
+        for name, p in _awkward_unit_scores(rng, n).items():
+            got, want = ps.expected_roc_auc(p), _expected_roc_auc_by_full_sort(p)
+            assert (math.isnan(got) and math.isnan(want)) or got == want, (name, n)
+
+
+def _classification_metrics_before(y, yhat, proba, n_classes, positive):
+    """classification_metrics as it was before its one-pass confusion counts and its
+    copy-free path for fully scored windows (the old path, kept to compare bits)."""
+    y, yhat = np.asarray(y, np.int64), np.asarray(yhat, np.int64)
+    out = {"accuracy": ps._f((y == yhat).mean()) if y.size else None}
+    if positive is not None:
+        tp, fp, fn, tn = ps.binary_counts(y == positive, yhat == positive)
+        p, r, f = ps.prf(tp, fp, fn)
+        out.update(precision=ps._f(p), recall=ps._f(r), f1=ps._f(f), true_positive_rate=ps._f(r),
+                   false_positive_rate=ps._f(ps._ratio(fp, fp + tn)),
+                   label_positive_rate=ps._f((y == positive).mean()),
+                   predicted_positive_rate=ps._f((yhat == positive).mean()))
+    else:
+        pr_, rs, fs = [], [], []
+        for c in np.union1d(np.unique(y), np.unique(yhat)):
+            p, r, f = ps.prf(*ps.binary_counts(y == c, yhat == c)[:3])
+            pr_.append(0.0 if p != p else p)
+            rs.append(0.0 if r != r else r)
+            fs.append(0.0 if f != f else f)
+        out.update(precision=ps._f(np.mean(pr_)) if pr_ else None,
+                   recall=ps._f(np.mean(rs)) if rs else None, f1=ps._f(np.mean(fs)) if fs else None)
+    if proba is not None and proba.size:
+        have = ~np.isnan(proba).any(axis=1)
+        if have.any():
+            pr, yt, yh = proba[have], y[have], yhat[have]
+            rows = np.arange(pr.shape[0])
+            out["log_loss"] = ps._f(ps.log_loss(pr[rows, yt]))
+            out["ece"] = ps._f(ps.expected_calibration_error(pr[rows, yh], yt == yh))
+            if positive is not None:
+                out["roc_auc"] = ps._f(ps.roc_auc(yt == positive, pr[:, positive]))
+            out["scored"] = int(have.sum())
+    return out
+
+
+def _cbpe_before(proba, yhat, positive):
+    """perfstats.cbpe as it was before its copy-free path for fully scored windows."""
+    if proba is None or not proba.size:
+        return {}
+    have = ~np.isnan(proba).any(axis=1)
+    if not have.any():
+        return {}
+    pr, yh = proba[have], np.asarray(yhat, np.int64)[have]
+    out = {"accuracy": ps._f(pr[np.arange(pr.shape[0]), yh].mean()), "scored": int(have.sum())}
+    if positive is not None:
+        out["roc_auc"] = ps._f(ps.expected_roc_auc(pr[:, positive]))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_classification_metrics_keep_every_bit_of_the_old_path(seed):
+    """Binary and multiclass windows, every row scored, some rows without scores, none
+    scored, one class only, tied scores: every figure equal to the last bit (and CBPE's
+    estimate of the window too)."""
+    rng = np.random.default_rng(seed)
+    for n in (1, 5, 2000):
+        for k, positive in ((2, 1), (2, 0), (4, None), (3, 1)):
+            y = rng.integers(0, k, n)
+            yhat = np.where(rng.random(n) < 0.7, y, rng.integers(0, k, n))
+            proba = rng.dirichlet(np.ones(k), n)
+            proba[:, 0] = np.round(proba[:, 0], 1)  # ties
+            some = proba.copy()
+            some[rng.random(n) < 0.2] = np.nan
+            for pr in (proba, some, np.full((n, k), np.nan), None):
+                for yy in (y, np.zeros(n, np.int64)):
+                    got = ps.classification_metrics(yy, yhat, pr, k, positive)
+                    want = _classification_metrics_before(yy, yhat, pr, k, positive)
+                    assert got.keys() == want.keys()
+                    for key, v in want.items():
+                        assert got[key] == v or (v is None and got[key] is None), key
+                    assert ps.cbpe(pr, yhat, positive) == _cbpe_before(pr, yhat, positive)

@@ -21,9 +21,9 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from itertools import islice
+from itertools import islice, repeat
 from operator import attrgetter
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
@@ -50,14 +50,23 @@ _EVENT_ID, _TS = attrgetter("event_id"), attrgetter("ts")
 _POSITION, _LABEL = attrgetter("position"), attrgetter("label")
 
 
-class LabelEvent(msgspec.Struct, frozen=True, gc=False):
-    """One decoded label event (a C-level struct: labels can be a tenth of the traffic)."""
+_MAX = sys.float_info.max
+_Finite = Annotated[float, msgspec.Meta(ge=-_MAX, le=_MAX)]  # 1e999 decodes as inf
+_NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
-    model: str
-    event_id: str
-    label: Any
-    ts: float          # epoch seconds
-    position: int      # line number (replay) or offset (Kafka)
+
+class LabelEvent(msgspec.Struct, frozen=True, gc=False):
+    """One decoded label event (a C-level struct: labels can be a tenth of the traffic).
+
+    The types are what a well-formed label event holds, so that msgspec can decode one
+    straight into this struct and check it in C (`_decode_direct`); built in Python,
+    nothing is checked."""
+
+    model: _NonEmpty
+    event_id: _NonEmpty
+    label: str | bool | int | _Finite
+    ts: _Finite        # epoch seconds
+    position: int = -1  # line number (replay) or offset (Kafka); the default is never kept
 
 
 def event_key(value: Any) -> str | None:
@@ -94,10 +103,52 @@ def _label_decoder(fields: FieldMapping) -> Any:
     return dec
 
 
+_DEFAULT_NAMES = ("model", "event_id", "label", "ts")
+_DIRECT = msgspec.json.Decoder(LabelEvent).decode
+_MODEL_OF = attrgetter("model")
+_set_position = msgspec.structs.force_setattr
+_POSITIONS = ["position"] * 4096   # the attribute name, for a C-level map
+
+
+def _decode_direct(messages: Sequence[bytes], positions: Sequence[int]
+                   ) -> list[LabelEvent] | None:
+    """The label events of a batch decoded straight into `LabelEvent`s (fields under
+    their default names) and checked by msgspec in C (`LabelEvent`'s types: a non-empty
+    model and string id, a finite number, string or boolean label, a finite numeric
+    time), when every one is well formed; else None: the caller decodes the batch
+    message by message, which converts what can be (integer ids, time strings, the
+    default model) and names what is wrong. The positions are set by a C-level map:
+    no Python step per label (0.39 vs 0.21 ms per 1,000 labels, hot)."""
+    try:
+        events = list(map(_DIRECT, messages))
+    except _TYPED_ERRORS:
+        return None
+    n = len(events)
+    if len(positions) != n:
+        return None
+    names = _POSITIONS if n <= len(_POSITIONS) else ["position"] * n
+    for _ in map(_set_position, events, names, positions):
+        pass
+    return events
+
+
 def decode_labels(messages: Sequence[bytes], positions: Sequence[int], fields: FieldMapping,
                   default_model: str | None = None
                   ) -> tuple[list[LabelEvent], list[Reject]]:
     """Label events of a batch; malformed ones become `label_malformed` rejects."""
+    if (fields.model, fields.event_id, fields.label, fields.ts) == _DEFAULT_NAMES:
+        direct = _decode_direct(messages, positions)
+        if direct is not None:
+            return direct, []
+    return _decode_labels_typed(messages, positions, fields, default_model)
+
+
+def _decode_labels_typed(messages: Sequence[bytes], positions: Sequence[int],
+                         fields: FieldMapping, default_model: str | None
+                         ) -> tuple[list[LabelEvent], list[Reject]]:
+    """`decode_labels` message by message: a typed decoder per message, which converts
+    integer ids and time strings and takes the default model, and the per-event path for
+    what it cannot decode (which names what is wrong)."""
     out: list[LabelEvent] = []
     rejects: list[Reject] = []
     fast = _label_decoder(fields)
@@ -303,16 +354,18 @@ def _string_keys(ids: Sequence[Any]) -> np.ndarray | None:
     return id_hashes(ids, lens)
 
 
-def _joined_keys(joined: str, n: int) -> np.ndarray | None:
+def _joined_keys(joined: str, n: int, nul_free: bool = False) -> np.ndarray | None:
     """`id_hashes` of n ids given joined with a NUL between them, when they are ASCII,
     hold no NUL and none is longer than 64 (the usual ids); `_EMPTY_ID` when one is
-    empty (no key); None when the ids themselves are needed."""
+    empty (no key); None when the ids themselves are needed. `nul_free`: the ids are
+    known to hold no NUL (a `JoinedIds`, checked chunk by chunk when it was made), so
+    the NULs are not counted again."""
     if not n or not joined.isascii():
         return None
     flat = np.frombuffer(joined.encode("ascii"), np.uint8)
     w, extra = divmod(flat.size + 1, n)
-    if not extra and 0 < w - 1 <= _LONG_ID and joined.count("\x00") == n - 1 and (
-            flat[w - 1::w] == 0).all():
+    if not extra and 0 < w - 1 <= _LONG_ID and (
+            nul_free or joined.count("\x00") == n - 1) and (flat[w - 1::w] == 0).all():
         # every id of one length (counters of one magnitude, uuids, fixed-width ids):
         # the NULs are every w-th byte, so the ids are the rows of a strided view of
         # the joined bytes, no copy without the NULs (the same keys: 0.2 ms less)
@@ -650,7 +703,7 @@ class JoinBuffer:
         ids, inline_labels = outcomes["event_id"], outcomes["label"]
         versions = outcomes.get("model_version") or [None] * n
         if type(ids) is JoinedIds:  # the typed decoder's ids, joined already
-            h = _joined_keys(ids.text, n)
+            h = _joined_keys(ids.text, n, nul_free=True)
             if h is None or h is _EMPTY_ID:  # non-ASCII, long or empty ids: as a list
                 ids = ids.tolist()
                 h = None if h is _EMPTY_ID else _string_keys(ids)
@@ -887,12 +940,17 @@ class JoinBuffer:
         where_r = np.zeros(k, np.int64)
         byte, bit = keys >> 3, (1 << (keys & 7)).astype(np.uint8)  # in `_key_bits`
         bits: dict[int, tuple] = {}
+        masked: dict[int, np.ndarray] = {}
         for ci, c in enumerate(self.chunks):
             if not c["live"]:
                 continue
             table = self._key_bits(c, bits)
-            # methods, not numpy's Python wrappers: this runs for every chunk
-            cand = (table[byte & (table.size - 1)] & bit).nonzero()[0]
+            # the keys' bytes in a table of this size, once per size (chunks of one
+            # size share it); methods, not numpy's Python wrappers: this runs per chunk
+            at = masked.get(table.size)
+            if at is None:
+                at = masked[table.size] = byte & (table.size - 1)
+            cand = (table[at] & bit).nonzero()[0]
             if not cand.size:
                 continue
             sub = keys[cand]
@@ -939,7 +997,7 @@ class JoinBuffer:
                                      lts[fl[pick]].tolist(), [labels[i] for i in sl])
                 self._kill(c, rows)
             joined_keys = h[fl].tolist()
-            self.joined_ids.update(dict.fromkeys(joined_keys))
+            self.joined_ids.update(zip(joined_keys, repeat(None)))  # no dict in between
             f = self._filters.get("joined")
             if f is not None and f.source is self.joined_ids:
                 f.add(h[fl])
@@ -990,6 +1048,12 @@ class JoinBuffer:
                 continue
             s = c["start"]
             alive = c["alive"][s:]
+            # the usual case, nothing to expire: the first waiting row is not older than
+            # the cutoff (argmax stops at the first True; NaN times never expire)
+            first = int(alive.argmax())
+            if alive[first] and not c["ts"][s + first] < cutoff:
+                c["start"] = s + first
+                break
             blocked = alive & ~(c["ts"][s:] < cutoff)
             stop = int(blocked.argmax()) if blocked.any() else int(alive.size)
             gone = np.flatnonzero(alive[:stop]) + s

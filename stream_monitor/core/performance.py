@@ -203,7 +203,9 @@ class ModelPerformance:
             acc["ts"].append(t[sel])
             acc["n"] += int(p[sel].size)
             while acc["n"] >= size:
-                allp, allt = np.concatenate(acc["p"]), np.concatenate(acc["ts"])
+                # one part (a batch of the window's size, the usual case): no copy
+                allp, allt = ((acc["p"][0], acc["ts"][0]) if len(acc["p"]) == 1 else
+                              (np.concatenate(acc["p"]), np.concatenate(acc["ts"])))
                 w, rest = allp[:size], allp[size:]
                 wt, rt = allt[:size], allt[size:]
                 acc["p"], acc["ts"], acc["n"] = [rest], [rt], int(rest.size)
@@ -412,15 +414,22 @@ class ModelPerformance:
                 proba[rows] = sub
             proba[rows] = np.where(np.isnan(proba[rows]) & ~np.isnan(proba[rows]).all(
                 axis=1, keepdims=True), 0.0, proba[rows])
-        if is_prob.any():
-            q = q[is_prob] if all_floats else np.array(
-                [preds[i] for i in np.flatnonzero(is_prob)], float)
-            proba[is_prob, pos] = q
-            proba[is_prob, 1 - pos] = 1.0 - q
-        yhat = np.empty(n, np.int64)
-        if is_prob.any():
-            yhat[is_prob] = np.where(proba[is_prob, pos] >= self.s.threshold, pos, 1 - pos)
-        rest = np.flatnonzero(~is_prob)
+        if all_floats and is_prob.all():
+            # every prediction a score (the usual binary stream): columns, not masks
+            proba[:, pos] = q
+            proba[:, 1 - pos] = 1.0 - q
+            yhat = np.where(q >= self.s.threshold, pos, 1 - pos).astype(np.int64, copy=False)
+            rest = np.flatnonzero(~is_prob)
+        else:
+            if is_prob.any():
+                q = q[is_prob] if all_floats else np.array(
+                    [preds[i] for i in np.flatnonzero(is_prob)], float)
+                proba[is_prob, pos] = q
+                proba[is_prob, 1 - pos] = 1.0 - q
+            yhat = np.empty(n, np.int64)
+            if is_prob.any():
+                yhat[is_prob] = np.where(proba[is_prob, pos] >= self.s.threshold, pos, 1 - pos)
+            rest = np.flatnonzero(~is_prob)
         if rest.size:
             named = [preds[i] for i in rest]
             have = np.fromiter((v is not None for v in named), bool, rest.size)
@@ -496,9 +505,11 @@ class ModelPerformance:
                  ) -> tuple[dict[str, Any], list[tuple[str, Finding, dict]]]:
         """The report of one closed window and its findings (scope, finding, extra)."""
         self._settle_task(pairs)
-        cols = _columns(pairs)
-        pts = np.array(cols[1], float)
-        lts = np.array(cols[2], float)
+        n = len(pairs)
+        cols = _columns(pairs, _READ)
+        # the times straight into arrays (no lists): both are floats in every pair
+        pts = np.fromiter(map(_FIELDS[1], pairs), np.float64, n)
+        lts = np.fromiter(map(_FIELDS[2], pairs), np.float64, n)
         positions = cols[0]
         report: dict[str, Any] = {
             "model": self.model, "model_version": version, "task": self.task,
@@ -1116,10 +1127,16 @@ def _task_from(reference: Reference | None) -> str | None:
     return None
 
 
-def _columns(pairs: list) -> list[list]:
+def _columns(pairs: list, fields: tuple[int, ...] = tuple(range(8))) -> list[list | None]:
     """The pairs transposed: one list per field (position, prediction ts, label ts,
-    version, prediction, scores, segment, label), each by a C-level map."""
-    return [list(map(get, pairs)) for get in _FIELDS]
+    version, prediction, scores, segment, label), each by a C-level map; only `fields`
+    (the others None)."""
+    return [list(map(get, pairs)) if i in fields else None for i, get in enumerate(_FIELDS)]
+
+
+# the fields `evaluate` reads as lists (its times go straight to arrays; versions and
+# segments are read from the pairs where needed)
+_READ = (0, 4, 5, 7)
 
 
 def _class_codes(values: list, cls: Any) -> np.ndarray:
@@ -1153,11 +1170,21 @@ def _name(classes: dict[str, int], idx: int | None) -> str | None:
 
 
 def _nanmin(a: np.ndarray) -> float | None:
-    return float(np.nanmin(a)) if a.size and not np.isnan(a).all() else None
+    if not a.size:
+        return None
+    low = a.min()  # NaN-free (the usual case): the minimum, in one pass
+    if low == low:
+        return float(low)
+    return float(np.nanmin(a)) if not np.isnan(a).all() else None
 
 
 def _nanmax(a: np.ndarray) -> float | None:
-    return float(np.nanmax(a)) if a.size and not np.isnan(a).all() else None
+    if not a.size:
+        return None
+    high = a.max()
+    if high == high:
+        return float(high)
+    return float(np.nanmax(a)) if not np.isnan(a).all() else None
 
 
 def _f(x: float) -> float | None:

@@ -521,8 +521,8 @@ class _TypedColumns:
         if "prediction" in outcomes:
             self.outcomes["prediction"] += outcomes["prediction"]
         for k in _RARE_OUTCOMES:
-            values = outcomes[k]
-            if values.count(None) != n:
+            values = outcomes.get(k)   # absent: not decoded (`outcome_skip`), all None
+            if values is not None and values.count(None) != n:
                 self.rare[k].append((lo, values))
         ids = outcomes["event_id"]
         try:
@@ -920,9 +920,12 @@ class Decoder:
         if self.outcomes:  # event fields by position, as in `event_type`
             # no prediction list when the numeric column holds them (`outcome_lists`)
             column = schema.prediction is not None and schema.prediction.kind == "numeric"
+            # nor lists of the fields the event type does not decode (`outcome_skip`: their
+            # keys are renamed away, so every value is None; `add_outcomes` leaves them out)
+            unused = type(evs[0]).__struct_encode_fields__ if evs else ()
             outcomes = {k: top[i::nf] for i, k in enumerate(
                 ("prediction", "label", "model_version", *OUTCOME_EXTRAS), start=2)
-                if k != "prediction" or not column}
+                if (k != "prediction" or not column) and f"__unused_{k}__" not in unused}
         if bad.any():
             keep = ~bad
             if outcomes is not None:
