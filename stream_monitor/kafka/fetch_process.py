@@ -335,7 +335,10 @@ class FrameMessage:
         return None if self._f.keys is None else self._f.keys[self._i]
 
     def timestamp(self) -> tuple[int, int]:
-        return (self._f.list("ts_types")[self._i], self._f.list("timestamps")[self._i])
+        # read for a few messages a batch (the re-read fingerprint of each partition's
+        # first message): one element each, not a list of the whole batch's
+        f, i = self._f, self._i
+        return (int(f.ts_types[i]), int(f.timestamps[i]))
 
     def headers(self) -> None:
         return None
