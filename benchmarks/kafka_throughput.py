@@ -202,7 +202,9 @@ def main() -> None:
         engine = bare_engine_rate(msgs, base)
         engine_cpu: list[float] = []
         for r in range(args.rounds):
-            for mode in modes:
+            # the order of the modes reversed every other round: none always runs first
+            # (each end-to-end run reads the topic into a broker that keeps growing state)
+            for mode in (modes if r % 2 == 0 else modes[::-1]):
                 guarantee, ahead = variants[mode]
                 e2e, loop_cpu, fetch_cpu, all_cpu, committed, broker_cpu, others = \
                     sidecar_rate(broker, base, len(msgs), args.batch_size,
