@@ -21,6 +21,12 @@ the current one (`consumer.prefetch`): `process` (a child process owns the consu
 `thread` (a fetch thread), `none`, or several, comma-separated (`all`: the three), each
 measured in every round, side by side; the CPU per event of the loop's thread, of the
 fetch thread or child process, and of the whole process is printed beside the rates.
+`--pin` adds, beside each fetch-process mode, the same with the loop's thread alone on one
+CPU and the fetch process and the broker on the others (Linux affinity), side by side: on
+a 2-core host it shows how much of the gap is the scheduler placing them on one core.
+Each end-to-end run prints the cores other jobs of the host took meanwhile (the host's busy
+CPU, steal included, less this process, its child and the broker): `run` needs more than
+one core where the engine alone needs one, so other jobs slow it more.
 `--skip-scale-out` leaves out the last part (`run` processes sharing a 4-partition topic).
 """
 
@@ -77,6 +83,19 @@ def _host_busy() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def _pin(pid: int | None, cpus: set[int]) -> None:
+    """Every thread of a process onto `cpus` (Linux; `--pin`)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # ended meanwhile
+            pass
+
+
 def _fetch_cpu(sidecar: KafkaSidecar) -> float:
     """CPU seconds of the fetch thread or of the fetch process (whichever runs)."""
     child = getattr(sidecar, "fetch_process", None)
@@ -92,15 +111,16 @@ def _fetch_cpu(sidecar: KafkaSidecar) -> float:
 
 
 def sidecar_rate(broker: EmbeddedBroker, base: Monitor, n: int, batch_size: int,
-                 group: str, guarantee: str = "at_least_once", prefetch: str = "process"
-                 ) -> tuple[float, float, float, float, int, float, float]:
+                 group: str, guarantee: str = "at_least_once", prefetch: str = "process",
+                 pin: bool = False) -> tuple[float, float, float, float, int, float, float]:
     """`run`'s loop from the end of its first batch until all n events are applied;
     returns the rate per wall-clock second, the CPU seconds per event of the loop's
     thread, of the fetch thread or process, and of the whole process (librdkafka's
     threads too, the child process too; the broker is another process), the committed
     offset after shutdown, the broker's CPU seconds per event and the cores other jobs
     of the host took meanwhile (busy CPU of the host less this process, its child and
-    the broker, over the wall-clock time)."""
+    the broker, over the wall-clock time). `pin`: the loop's thread alone on the first
+    CPU of this process's, the fetch process and the broker on the others."""
     ref = next(iter(base.models.values())).reference
     cfg = parse_config({
         "kafka": {"bootstrap.servers": broker.bootstrap_servers, "group.id": group,
@@ -118,7 +138,14 @@ def sidecar_rate(broker: EmbeddedBroker, base: Monitor, n: int, batch_size: int,
     #  broker CPU, host busy CPU)
     marks: list[tuple[float, float, float, float, int, float, float]] = []
 
+    cpus = sorted(os.sched_getaffinity(0)) if pin else []
+    pin = pin and len(cpus) > 1 and prefetch == "process"
+    if pin:
+        _pin(broker.pid, set(cpus[1:]))
+
     def mark(_result) -> None:
+        if pin and not marks:  # the child's librdkafka threads exist by now
+            _pin(sidecar.fetch_process.pid, set(cpus[1:]))
         fetch = _fetch_cpu(sidecar)
         own = time.process_time()
         marks.append((time.perf_counter(), time.thread_time(), fetch,
@@ -126,12 +153,19 @@ def sidecar_rate(broker: EmbeddedBroker, base: Monitor, n: int, batch_size: int,
                       sum(sidecar.applied.values()), _pid_cpu(broker.pid), _host_busy()))
 
     sidecar.on_batch = mark
-    thread = threading.Thread(target=sidecar.run, daemon=True)
+    def loop() -> None:
+        if pin:  # this thread only (Linux: pid 0 is the calling thread)
+            os.sched_setaffinity(0, {cpus[0]})
+        sidecar.run()
+
+    thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     while sum(sidecar.applied.values()) < n:
         time.sleep(0.005)
     sidecar.stop()
     thread.join(60)
+    if pin:
+        _pin(broker.pid, set(cpus))
     c = Consumer({"bootstrap.servers": broker.bootstrap_servers, "group.id": group})
     committed = sum(tp.offset for tp in c.committed([TopicPartition("bench-in", 0)], 10))
     c.close()
@@ -159,6 +193,10 @@ def main() -> None:
                     help="where the next batch is consumed (consumer.prefetch): process, "
                          "thread, none, or several comma-separated, or all (default: "
                          "%(default)s)")
+    ap.add_argument("--pin", action="store_true",
+                    help="also measure each fetch-process mode with the loop's thread alone on "
+                         "one CPU and the fetch process and the broker on the others (Linux), "
+                         "side by side with the unpinned runs")
     ap.add_argument("--skip-scale-out", action="store_true",
                     help="leave out the last part (1 and 2 `run` processes, scale-out)")
     args = ap.parse_args()
@@ -168,7 +206,10 @@ def main() -> None:
                 else args.prefetch.split(","))
     if set(prefetch) - {"process", "thread", "none"}:
         ap.error(f"--prefetch: process, thread, none or all (got {args.prefetch!r})")
-    variants = {f"{g}, {p}": (g, p) for g in guarantees for p in prefetch}
+    variants = {f"{g}, {p}": (g, p, False) for g in guarantees for p in prefetch}
+    if args.pin:  # beside each fetch-process mode, the same pinned
+        variants.update({f"{g}, process, pinned": (g, "process", True) for g in guarantees
+                         if "process" in prefetch})
     modes = list(variants)
     msgs = workload(args.events)
     base = monitor()
@@ -205,11 +246,11 @@ def main() -> None:
             # the order of the modes reversed every other round: none always runs first
             # (each end-to-end run reads the topic into a broker that keeps growing state)
             for mode in (modes if r % 2 == 0 else modes[::-1]):
-                guarantee, ahead = variants[mode]
+                guarantee, ahead, pinned = variants[mode]
                 e2e, loop_cpu, fetch_cpu, all_cpu, committed, broker_cpu, others = \
                     sidecar_rate(broker, base, len(msgs), args.batch_size,
-                                 f"bench-{r}-{len(by_mode[mode])}-{guarantee}-{ahead}",
-                                 guarantee, ahead)
+                                 f"bench-{r}-{len(by_mode[mode])}-{guarantee}-{ahead}-{int(pinned)}",
+                                 guarantee, ahead, pinned)
                 after = bare_engine_rate(msgs, base)
                 wall, thread_rate, _ = ((x + y) / 2 for x, y in zip(engine, after, strict=True))
                 engine = after
@@ -227,7 +268,7 @@ def main() -> None:
     for mode in modes:
         rates = sorted(by_mode[mode])
         print(f"end to end, {mode}: median {rates[len(rates) // 2]:,.0f} events/s")
-    for p in prefetch:
+    for p in prefetch + (["process, pinned"] if args.pin else []):
         eo, al = f"exactly_once, {p}", f"at_least_once, {p}"
         if eo in by_mode and al in by_mode:
             print(f"ratio exactly-once/at-least-once ({p}): " + _median(
