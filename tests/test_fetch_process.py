@@ -288,8 +288,11 @@ def test_an_asynchronous_commit_is_sent_without_waiting_for_the_child(kafka_brok
 def _children(pid: int) -> list[int]:
     out = []
     for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as fh:
-            out += [int(c) for c in fh.read().split()]
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out += [int(c) for c in fh.read().split()]
+        except FileNotFoundError:  # a thread that ended since the listing
+            continue
     return out
 
 
