@@ -5,7 +5,7 @@ then starts the sidecar (`run`'s loop: consume, decode, update, evaluate, delive
 commit) and times it from its first consumed batch until every event is applied. The
 engine's bare rate on the same messages (no Kafka) is measured in the same run.
 
-    python benchmarks/kafka_throughput.py [--events 300000] [--rounds 3] [--guarantee both]
+    python benchmarks/kafka_throughput.py [--events 500000] [--rounds 5] [--guarantee both]
 
 With `--guarantee both` (the default) each round measures the sidecar end to end twice,
 in exactly-once mode (transactional checkpoints: state snapshot, offsets and outputs in
@@ -21,6 +21,12 @@ the current one (`consumer.prefetch`): `process` (a child process owns the consu
 `thread` (a fetch thread), `none`, or several, comma-separated (`all`: the three), each
 measured in every round, side by side; the CPU per event of the loop's thread, of the
 fetch thread or child process, and of the whole process is printed beside the rates.
+`--pin` adds, beside each fetch-process mode, the same with the loop's thread alone on one
+CPU and the fetch process and the broker on the others (Linux affinity), side by side: on
+a 2-core host it shows how much of the gap is the scheduler placing them on one core.
+Each end-to-end run prints the cores other jobs of the host took meanwhile (the host's busy
+CPU, steal included, less this process, its child and the broker): `run` needs more than
+one core where the engine alone needs one, so other jobs slow it more.
 `--skip-scale-out` leaves out the last part (`run` processes sharing a 4-partition topic).
 """
 
@@ -41,6 +47,7 @@ from stream_monitor.kafka.runtime import KafkaSidecar
 from stream_monitor.pipeline import Monitor
 
 BATCH = 10_000
+_QUIET = 0.25  # cores taken by other jobs under which a round counts as quiet
 
 
 def bare_engine_rate(msgs: list[bytes], base: Monitor) -> tuple[float, float, float]:
@@ -52,6 +59,41 @@ def bare_engine_rate(msgs: list[bytes], base: Monitor) -> tuple[float, float, fl
     n = len(msgs)
     return (n / (time.perf_counter() - t), n / (time.thread_time() - cpu),
             n / (time.process_time() - proc))
+
+
+def _pid_cpu(pid: int | None) -> float:
+    """CPU seconds of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, TypeError):
+        return 0.0
+
+
+def _host_busy() -> float:
+    """CPU seconds all cores of the host spent busy so far (Linux /proc/stat; 0
+    elsewhere): less what this benchmark's processes used, what other jobs took."""
+    try:
+        with open("/proc/stat") as fh:
+            f = [int(x) for x in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = f
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _pin(pid: int | None, cpus: set[int]) -> None:
+    """Every thread of a process onto `cpus` (Linux; `--pin`)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # ended meanwhile
+            pass
 
 
 def _fetch_cpu(sidecar: KafkaSidecar) -> float:
@@ -69,13 +111,16 @@ def _fetch_cpu(sidecar: KafkaSidecar) -> float:
 
 
 def sidecar_rate(broker: EmbeddedBroker, base: Monitor, n: int, batch_size: int,
-                 group: str, guarantee: str = "at_least_once", prefetch: str = "process"
-                 ) -> tuple[float, float, float, float, int]:
+                 group: str, guarantee: str = "at_least_once", prefetch: str = "process",
+                 pin: bool = False) -> tuple[float, float, float, float, int, float, float]:
     """`run`'s loop from the end of its first batch until all n events are applied;
     returns the rate per wall-clock second, the CPU seconds per event of the loop's
     thread, of the fetch thread or process, and of the whole process (librdkafka's
-    threads too, the child process too; the broker is another process), and the
-    committed offset after shutdown."""
+    threads too, the child process too; the broker is another process), the committed
+    offset after shutdown, the broker's CPU seconds per event and the cores other jobs
+    of the host took meanwhile (busy CPU of the host less this process, its child and
+    the broker, over the wall-clock time). `pin`: the loop's thread alone on the first
+    CPU of this process's, the fetch process and the broker on the others."""
     ref = next(iter(base.models.values())).reference
     cfg = parse_config({
         "kafka": {"bootstrap.servers": broker.bootstrap_servers, "group.id": group,
@@ -89,29 +134,46 @@ def sidecar_rate(broker: EmbeddedBroker, base: Monitor, n: int, batch_size: int,
         "http": {"host": "127.0.0.1", "port": 0},
         "models": {"churn": {"reference": "unused.json"}}})
     sidecar = KafkaSidecar(cfg, monitor=Monitor(cfg, {"churn": ref}))
-    # (wall, loop thread CPU, fetch thread/process CPU, process(es) CPU, events applied)
-    marks: list[tuple[float, float, float, float, int]] = []
+    # (wall, loop thread CPU, fetch thread/process CPU, process(es) CPU, events applied,
+    #  broker CPU, host busy CPU)
+    marks: list[tuple[float, float, float, float, int, float, float]] = []
+
+    cpus = sorted(os.sched_getaffinity(0)) if pin else []
+    pin = pin and len(cpus) > 1 and prefetch == "process"
+    if pin:
+        _pin(broker.pid, set(cpus[1:]))
 
     def mark(_result) -> None:
+        if pin and not marks:  # the child's librdkafka threads exist by now
+            _pin(sidecar.fetch_process.pid, set(cpus[1:]))
         fetch = _fetch_cpu(sidecar)
         own = time.process_time()
         marks.append((time.perf_counter(), time.thread_time(), fetch,
                       own + (fetch if prefetch == "process" else 0.0),
-                      sum(sidecar.applied.values())))
+                      sum(sidecar.applied.values()), _pid_cpu(broker.pid), _host_busy()))
 
     sidecar.on_batch = mark
-    thread = threading.Thread(target=sidecar.run, daemon=True)
+    def loop() -> None:
+        if pin:  # this thread only (Linux: pid 0 is the calling thread)
+            os.sched_setaffinity(0, {cpus[0]})
+        sidecar.run()
+
+    thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     while sum(sidecar.applied.values()) < n:
         time.sleep(0.005)
     sidecar.stop()
     thread.join(60)
+    if pin:
+        _pin(broker.pid, set(cpus))
     c = Consumer({"bootstrap.servers": broker.bootstrap_servers, "group.id": group})
     committed = sum(tp.offset for tp in c.committed([TopicPartition("bench-in", 0)], 10))
     c.close()
-    (w0, c0, f0, p0, e0), (w1, c1, f1, p1, e1) = marks[0], marks[-1]
+    (w0, c0, f0, p0, e0, b0, h0), (w1, c1, f1, p1, e1, b1, h1) = marks[0], marks[-1]
     k = e1 - e0
-    return k / (w1 - w0), (c1 - c0) / k, (f1 - f0) / k, (p1 - p0) / k, committed
+    others = max(0.0, (h1 - h0) - (p1 - p0) - (b1 - b0)) / (w1 - w0)
+    return (k / (w1 - w0), (c1 - c0) / k, (f1 - f0) / k, (p1 - p0) / k, committed,
+            (b1 - b0) / k, others)
 
 
 def _median(values: list[float]) -> str:
@@ -121,9 +183,9 @@ def _median(values: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--events", type=int, default=300_000)
+    ap.add_argument("--events", type=int, default=500_000)
     ap.add_argument("--batch-size", type=int, default=10_000)
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--rounds", type=int, default=5,
                     help="engine alone and end to end, alternated, this many times")
     ap.add_argument("--guarantee", choices=["both", "exactly_once", "at_least_once"],
                     default="both", help="processing guarantee(s) measured end to end")
@@ -131,6 +193,10 @@ def main() -> None:
                     help="where the next batch is consumed (consumer.prefetch): process, "
                          "thread, none, or several comma-separated, or all (default: "
                          "%(default)s)")
+    ap.add_argument("--pin", action="store_true",
+                    help="also measure each fetch-process mode with the loop's thread alone on "
+                         "one CPU and the fetch process and the broker on the others (Linux), "
+                         "side by side with the unpinned runs")
     ap.add_argument("--skip-scale-out", action="store_true",
                     help="leave out the last part (1 and 2 `run` processes, scale-out)")
     args = ap.parse_args()
@@ -140,7 +206,10 @@ def main() -> None:
                 else args.prefetch.split(","))
     if set(prefetch) - {"process", "thread", "none"}:
         ap.error(f"--prefetch: process, thread, none or all (got {args.prefetch!r})")
-    variants = {f"{g}, {p}": (g, p) for g in guarantees for p in prefetch}
+    variants = {f"{g}, {p}": (g, p, False) for g in guarantees for p in prefetch}
+    if args.pin:  # beside each fetch-process mode, the same pinned
+        variants.update({f"{g}, process, pinned": (g, "process", True) for g in guarantees
+                         if "process" in prefetch})
     modes = list(variants)
     msgs = workload(args.events)
     base = monitor()
@@ -169,31 +238,37 @@ def main() -> None:
               "process, all = the process (and its child)")
         by_mode: dict[str, list[float]] = {m: [] for m in modes}
         ratios: dict[str, list[float]] = {m: [] for m in modes}
-        cpu: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
+        cpu: dict[str, list[tuple[float, float, float, float]]] = {m: [] for m in modes}
+        busy: dict[str, list[float]] = {m: [] for m in modes}
         engine = bare_engine_rate(msgs, base)
         engine_cpu: list[float] = []
         for r in range(args.rounds):
-            for mode in modes:
-                guarantee, ahead = variants[mode]
-                e2e, loop_cpu, fetch_cpu, all_cpu, committed = sidecar_rate(
-                    broker, base, len(msgs), args.batch_size, f"bench-{r}-{len(by_mode[mode])}"
-                    f"-{guarantee}-{ahead}", guarantee, ahead)
+            # the order of the modes reversed every other round: none always runs first
+            # (each end-to-end run reads the topic into a broker that keeps growing state)
+            for mode in (modes if r % 2 == 0 else modes[::-1]):
+                guarantee, ahead, pinned = variants[mode]
+                e2e, loop_cpu, fetch_cpu, all_cpu, committed, broker_cpu, others = \
+                    sidecar_rate(broker, base, len(msgs), args.batch_size,
+                                 f"bench-{r}-{len(by_mode[mode])}-{guarantee}-{ahead}-{int(pinned)}",
+                                 guarantee, ahead, pinned)
                 after = bare_engine_rate(msgs, base)
                 wall, thread_rate, _ = ((x + y) / 2 for x, y in zip(engine, after, strict=True))
                 engine = after
                 by_mode[mode].append(e2e)
                 ratios[mode].append(e2e / wall)
-                cpu[mode].append((loop_cpu, fetch_cpu, all_cpu))
+                cpu[mode].append((loop_cpu, fetch_cpu, all_cpu, broker_cpu))
+                busy[mode].append(others)
                 engine_cpu.append(1 / thread_rate)
                 print(f"round {r + 1}: engine alone {wall:>9,.0f} events/s, end to end "
                       f"({mode}) {e2e:>9,.0f} events/s, ratio {e2e / wall:.2f}; CPU us/event: "
                       f"engine {1e6 / thread_rate:.2f}, loop {1e6 * loop_cpu:.2f}, fetch "
-                      f"{1e6 * fetch_cpu:.2f}, all {1e6 * all_cpu:.2f} (committed "
+                      f"{1e6 * fetch_cpu:.2f}, all {1e6 * all_cpu:.2f}, broker "
+                      f"{1e6 * broker_cpu:.2f}; other jobs {others:.2f} cores (committed "
                       f"{committed:,} of {len(msgs):,}; load {_load()})", flush=True)
     for mode in modes:
         rates = sorted(by_mode[mode])
         print(f"end to end, {mode}: median {rates[len(rates) // 2]:,.0f} events/s")
-    for p in prefetch:
+    for p in prefetch + (["process, pinned"] if args.pin else []):
         eo, al = f"exactly_once, {p}", f"at_least_once, {p}"
         if eo in by_mode and al in by_mode:
             print(f"ratio exactly-once/at-least-once ({p}): " + _median(
@@ -201,10 +276,18 @@ def main() -> None:
     print(f"engine alone: {1e6 * sorted(engine_cpu)[len(engine_cpu) // 2]:.2f} us CPU/event "
           f"(median)")
     for mode in modes:
-        loops, fetches, alls = zip(*cpu[mode], strict=True)
-        print(f"ratio end-to-end ({mode})/engine: {_median(ratios[mode])}; CPU us/event "
-              f"(median): loop {1e6 * _mid(loops):.2f}, fetch {1e6 * _mid(fetches):.2f}, "
-              f"all {1e6 * _mid(alls):.2f}")
+        loops, fetches, alls, brokers = zip(*cpu[mode], strict=True)
+        print(f"ratio end-to-end ({mode})/engine: {_median(ratios[mode])} over "
+              f"{len(ratios[mode])} rounds; CPU us/event (median): loop {1e6 * _mid(loops):.2f}, "
+              f"fetch {1e6 * _mid(fetches):.2f}, all {1e6 * _mid(alls):.2f}, broker "
+              f"{1e6 * _mid(brokers):.2f}; other jobs {_median(busy[mode])} cores")
+        # `run` needs more than one core (loop, fetch, broker) where the engine alone
+        # takes one: other jobs on a small host slow it more than the engine. Shown
+        # beside the headline figure above, never instead of it.
+        quiet = [q for q, o in zip(ratios[mode], busy[mode], strict=True) if o < _QUIET]
+        if quiet and len(quiet) < len(ratios[mode]):
+            print(f"    of which the {len(quiet)} round(s) with other jobs under {_QUIET} "
+                  f"cores: {_median(quiet)}")
     print(f"load average at the end: {_load()}")
 
 

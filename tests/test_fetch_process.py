@@ -288,8 +288,11 @@ def test_an_asynchronous_commit_is_sent_without_waiting_for_the_child(kafka_brok
 def _children(pid: int) -> list[int]:
     out = []
     for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as fh:
-            out += [int(c) for c in fh.read().split()]
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out += [int(c) for c in fh.read().split()]
+        except FileNotFoundError:  # a thread that ended since the listing
+            continue
     return out
 
 
@@ -419,3 +422,43 @@ def test_the_labels_topic_through_the_fetch_process(kafka_broker, tmp_path,
     from test_labels_kafka import test_late_out_of_order_labels_join_on_kafka
     test_late_out_of_order_labels_join_on_kafka(kafka_broker, tmp_path)
     assert through_the_fetch_process
+
+
+@pytest.mark.parametrize("values", [
+    [b"x"],                                   # one message: a format of one item
+    [b""],                                    # an empty (not null) value
+    [b"", b"a", b"", b"bc"],                  # empty values between others
+    [b"\n" * 1_500_000, b"{}", b"z" * 10],    # a length of 7 digits, newlines inside
+    [bytes([i % 256]) * (i % 700) for i in range(3_000)],  # many lengths, 0 included
+])
+def test_a_frame_round_trips_through_shared_memory(values):
+    """The child's `_write` and the parent's `Frame` (the values' `struct` format, the
+    arrays written straight from their buffers) give back every value, offset,
+    partition, topic and timestamp, whatever the lengths (no broker: messages built
+    in memory)."""
+    import mmap
+
+    from confluent_kafka import Message
+
+    from stream_monitor.kafka.fetch_process import _Child
+
+    topics = ["t-a", "t-b"]
+    msgs = [Message(topic=topics[i % 2] if len(values) > 2 else "t-a", partition=i % 3,
+                    offset=10 * i + 7, value=v, key=None,
+                    timestamp=(1 + i % 2, 1_700_000_000_000 + i))
+            for i, v in enumerate(values)]
+    child = _Child.__new__(_Child)
+    child.memfd = os.memfd_create("test-frame")
+    try:
+        child.size = 1 << 16  # small: a large batch makes it grow
+        os.ftruncate(child.memfd, child.size)
+        child.mm = mmap.mmap(child.memfd, child.size)
+        meta = child._write(msgs)
+        frame = Frame(meta, mmap.mmap(child.memfd, meta["size"]))
+        assert frame.values == values
+        assert [(m.topic(), m.partition(), m.offset(), m.value(), m.key(), m.timestamp())
+                for m in frame] == [
+            (m.topic(), m.partition(), m.offset(), m.value(), m.key(), m.timestamp())
+            for m in msgs]
+    finally:
+        os.close(child.memfd)

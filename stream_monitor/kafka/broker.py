@@ -248,6 +248,11 @@ class EmbeddedBroker:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (the benchmarks read its CPU time)."""
+        return self._proc.pid if self.is_running else None
+
+    @property
     def log_path(self) -> str | None:
         return self._log_path
 

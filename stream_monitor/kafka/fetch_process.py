@@ -42,7 +42,6 @@ from array import array
 from collections.abc import Callable
 from functools import partial
 from multiprocessing.connection import Connection
-from operator import itemgetter
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -227,17 +226,19 @@ class _Child:
             codes = array("h", bytes(2 * n))
         else:
             codes = array("h", map({t: i for i, t in enumerate(names)}.__getitem__, topics))
-        stamps = list(map(Message.timestamp, raw))
+        ts_types, stamps = zip(*map(Message.timestamp, raw), strict=True)
         blob = b"".join(values)
-        # the values' lengths as a `struct` format ("=650s677s..."): the parent unpacks
-        # every value as `bytes` in one C call (see `Frame`)
-        meta["format"] = "=" + "s".join(map(str, map(len, values))) + "s"
+        # the values' lengths as a `struct` format ("=650s 677s ..."; struct ignores the
+        # spaces): the parent unpacks every value as `bytes` in one C call (see `Frame`).
+        # Made by the list's C-level repr: 0.08 us a message vs 0.11 by joining str()s.
+        meta["format"] = "=" + str(list(map(len, values)))[1:-1].replace(",", "s") + "s"
+        # arrays from lists, not from iterators: 0.03-0.04 vs 0.04-0.05 us a message each
         parts: list[tuple[str, str, Any]] = [
-            ("offsets", "q", array("q", map(Message.offset, raw))),
-            ("timestamps", "q", array("q", map(itemgetter(1), stamps))),
-            ("partitions", "i", array("i", map(Message.partition, raw))),
+            ("offsets", "q", array("q", list(map(Message.offset, raw)))),
+            ("timestamps", "q", array("q", stamps)),
+            ("partitions", "i", array("i", list(map(Message.partition, raw)))),
             ("codes", "h", codes),
-            ("ts_types", "b", array("b", map(itemgetter(0), stamps)))]
+            ("ts_types", "b", array("b", ts_types))]
         need = len(blob) + sum(len(a) * a.itemsize for _, _, a in parts)
         if need > self.size:
             self.size = max(need, 2 * self.size)
@@ -251,7 +252,7 @@ class _Child:
         layout = {}
         for name, code, arr in parts:
             end = pos + len(arr) * arr.itemsize
-            mm[pos:end] = arr.tobytes()
+            mm[pos:end] = arr  # (no copy by tobytes: an array is a buffer)
             layout[name] = (pos, end, code)
             pos = end
         meta["layout"] = layout
@@ -334,7 +335,10 @@ class FrameMessage:
         return None if self._f.keys is None else self._f.keys[self._i]
 
     def timestamp(self) -> tuple[int, int]:
-        return (self._f.list("ts_types")[self._i], self._f.list("timestamps")[self._i])
+        # read for a few messages a batch (the re-read fingerprint of each partition's
+        # first message): one element each, not a list of the whole batch's
+        f, i = self._f, self._i
+        return (int(f.ts_types[i]), int(f.timestamps[i]))
 
     def headers(self) -> None:
         return None
