@@ -717,3 +717,49 @@ def test_prediction_expiry_with_its_early_exit_is_the_old_path(seed):
         for ca, cb in zip(a.chunks, b.chunks, strict=True):
             assert (ca["start"], ca["live"]) == (cb["start"], cb["live"]), cutoff
             assert np.array_equal(ca["alive"], cb["alive"]), cutoff
+
+
+def _reference_key(event_id: str) -> int:
+    """The join key of one id, in plain Python integers (independent of numpy): the
+    polynomial over the code points modulo 2^64, the length, the splitmix64 finaliser."""
+    m = 1 << 64
+    poly, h, p = 0x9E3779B97F4A7C15, 0, 1
+    for ch in event_id:
+        p = p * poly % m
+        h = (h + ord(ch) * p) % m
+    h ^= len(event_id)
+    h ^= h >> 30
+    h = h * 0xBF58476D1CE4E5B9 % m
+    h ^= h >> 27
+    h = h * 0x94D049BB133111EB % m
+    h ^= h >> 31
+    return h - m if h >= 1 << 63 else h
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_keys_are_the_plain_python_polynomial_of_each_id(seed):
+    """Every hashing path (`id_hashes`, `_string_keys`, `_joined_keys`: equal-length ids
+    as strided rows, mixed lengths from the NULs, non-ASCII, longer than 64) gives each
+    id the key of the plain-Python reference: checkpointed buffers are matched by them."""
+    rng = np.random.default_rng(seed)
+    alphabet = [chr(c) for c in range(32, 127)]
+    batches = {
+        "equal length": [f"churn-{i}" for i in rng.integers(100_000, 999_999, 3_000)],
+        "uuid hex": [f"{i:032x}" for i in rng.integers(0, 2**63, 2_000)],
+        "mixed lengths": ["".join(rng.choice(alphabet, int(k)))
+                          for k in rng.integers(1, 65, 1_500)],
+        "full width": ["".join(rng.choice(alphabet, 64)) for _ in range(300)],
+        "with long": ["".join(rng.choice(alphabet, int(k)))
+                      for k in rng.integers(1, 200, 500)],
+        "non-ASCII": [f"é-{i}-ß" if i % 3 else f"{i}" for i in range(700)],
+        "one": ["x"],
+    }
+    for name, ids in batches.items():
+        want = [_reference_key(i) for i in ids]
+        assert join.id_hashes(ids).tolist() == want, name
+        assert join._string_keys(ids).tolist() == want, name
+        got = join._joined_keys("\x00".join(ids), len(ids))
+        assert got is None or got.tolist() == want, name
+        if name in ("equal length", "uuid hex", "mixed lengths", "full width", "one"):
+            assert got is not None, name  # the numpy paths themselves were compared
+            assert join._joined_keys("\x00".join(ids), len(ids), nul_free=True).tolist() == want

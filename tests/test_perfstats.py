@@ -288,3 +288,32 @@ def test_classification_metrics_keep_every_bit_of_the_old_path(seed):
                     for key, v in want.items():
                         assert got[key] == v or (v is None and got[key] is None), key
                     assert ps.cbpe(pr, yhat, positive) == _cbpe_before(pr, yhat, positive)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sorted_unit_is_np_sort_when_the_top_32_bits_collide(seed):
+    """The radix passes order the top 32 bits only: scores equal there and different
+    below (full-precision scores a few ulps apart, values whose bits differ only in the
+    low word, subnormals, signed zeros among them) are put in order by the fallback,
+    value for value that of np.sort, and so is the expected ROC AUC."""
+    rng = np.random.default_rng(seed)
+    n = 10_000
+    base = rng.random(n)
+    low = base.view(np.uint64) ^ rng.integers(0, 2**32, n, dtype=np.uint64)
+    near = base[rng.integers(0, 50, n)] + rng.integers(-40, 40, n) * np.spacing(0.5)
+    cases = {
+        "low word differs": np.clip(low.view(float), 0.0, 1.0),
+        "few distinct tops": np.clip(near, 0.0, 1.0),
+        "full precision": rng.random(n),
+        "subnormals and zeros": np.where(rng.random(n) < 0.5, 5e-324 * rng.integers(0, 1 << 30, n),
+                                         np.where(rng.random(n) < 0.5, -0.0, base)),
+        "sorted descending": np.sort(low.view(float).clip(0, 1))[::-1].copy(),
+    }
+    for name, q in cases.items():
+        got, want = ps.sorted_unit(q), np.sort(q)
+        assert np.array_equal(got, want), name
+        if not (q == 0).any():
+            assert got.tobytes() == want.tobytes(), name
+        want_auc = _expected_roc_auc_by_full_sort(q)
+        got_auc = ps.expected_roc_auc(q)
+        assert got_auc == want_auc or (np.isnan(got_auc) and np.isnan(want_auc)), name

@@ -225,24 +225,26 @@ _RADIX_MIN = 4096  # below it np.sort is as fast
 def sorted_unit(p: np.ndarray) -> np.ndarray:
     """`np.sort(p)` of NaN-free float64 values in [0, 1], by radix when there are many.
 
-    Non-negative floats order as their bits do, so three stable 16-bit radix passes on
-    the top 48 bits (numpy sorts 16-bit integers by counting, in linear time) order them;
-    one comparison confirms it, and when it does not (two values equal in their top 48
-    bits but not below, or a -0.0, whose bits sort last) `np.sort` decides. The values
-    are then those of `np.sort`, in the same order (values that compare equal are equal
-    bits once -0.0 is ruled out). Measured 0.18 vs 0.28 ms for 10,000 scores.
+    Non-negative floats order as their bits do, so two stable 16-bit radix passes on the
+    top 32 bits (numpy sorts 16-bit integers by counting, in linear time) order them up
+    to their low 32 bits; one comparison confirms it. When it does not (two values equal
+    in their top 32 bits but not below: full-precision scores within ~1e-6 of each
+    other, or a -0.0, whose bits sort last), the nearly sorted values are sorted again
+    by timsort, which finds the long runs and fixes the few inversions in linear time.
+    The values are then those of `np.sort`, in the same order (values that compare equal
+    are equal bits once -0.0 is put in its place, and -0.0 == 0.0 compares equal).
+    Measured 0.12-0.16 ms for 10,000 scores (three 16-bit passes: 0.16-0.26, np.sort:
+    0.26).
     """
     if p.size < _RADIX_MIN:
         return np.sort(p)
     u = p.view(np.uint64)
-    order = np.argsort((u >> np.uint64(16)).astype(np.uint16), kind="stable")
-    for shift in (32, 48):
-        order = order[np.argsort((u[order] >> np.uint64(shift)).astype(np.uint16),
-                                 kind="stable")]
+    order = np.argsort((u >> np.uint64(32)).astype(np.uint16), kind="stable")
+    order = order[np.argsort((u[order] >> np.uint64(48)).astype(np.uint16), kind="stable")]
     s = p[order]
     if (s[1:] >= s[:-1]).all():
         return s
-    return np.sort(p)
+    return np.sort(s, kind="stable")
 
 
 def mean_test_p(n1: int, m1: float, v1: float, n0: int, m0: float, v0: float) -> float:
