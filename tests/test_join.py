@@ -763,3 +763,36 @@ def test_keys_are_the_plain_python_polynomial_of_each_id(seed):
         if name in ("equal length", "uuid hex", "mixed lengths", "full width", "one"):
             assert got is not None, name  # the numpy paths themselves were compared
             assert join._joined_keys("\x00".join(ids), len(ids), nul_free=True).tolist() == want
+
+
+@pytest.mark.parametrize("layout", ["one per chunk", "one per batch", "mixed in a chunk"])
+def test_typed_model_versions_are_the_per_event_paths_chunk_by_chunk(layout):
+    """The typed decoder keeps a chunk's versions as one object when the chunk has one
+    and makes the batch's list once: whether every chunk has its own version (a string,
+    an integer, null), the batch has one, or a chunk mixes them, the list is that of
+    the per-event path, value and type, event by event, and so is the set of versions."""
+    from test_decode import enc, event, feats
+
+    from stream_monitor.io.decode import _CHUNK, Decoder, outcome_lists
+
+    n = 3 * _CHUNK + 300
+    if layout == "one per chunk":
+        versions = [("v1", 7, None, "v1")[i // _CHUNK] for i in range(n)]
+    elif layout == "one per batch":
+        versions = ["2026-11-é"] * n
+    else:
+        versions = ["v1" if i % 5 else 2 for i in range(n)]
+    msgs = [enc({**event(feats(x=float(i % 7)), event_id=f"e{i}", prediction=0.25,
+                         ts=1.79e9 + i), "model_version": v})
+            for i, v in enumerate(versions)]
+    from test_decode import make_decoder
+    fast = make_decoder()
+    fast.outcomes = True
+    slow = Decoder(fast.schemas, fast.config)
+    slow.typed, slow.outcomes = False, True
+    a = fast.decode(msgs, range(n)).models["m"]
+    b = slow.decode(msgs, range(n)).models["m"]
+    got, want = outcome_lists(a)["model_version"], b.outcomes["model_version"]
+    assert got == want == versions
+    assert list(map(type, got)) == list(map(type, versions))
+    assert a.outcome_facts[0] == set(versions)

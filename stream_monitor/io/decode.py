@@ -487,6 +487,10 @@ class _TypedColumns:
         # the outcomes kept compact, so that the chunk's per-event objects are freed while
         # in the CPU cache (`add_outcomes`): event ids per chunk, rare fields' values
         self.id_parts: list[str | list] = []
+        # per chunk, (rows, its one version or the list of its versions): the batch's
+        # list is made once by `_outcomes` (a list grown chunk by chunk is reallocated
+        # and copied at every chunk)
+        self.version_parts: list[tuple[int, Any]] = []
         self.rare: dict[str, list[tuple[int, list]]] = {k: [] for k in _RARE_OUTCOMES}
         self.fill = 0
 
@@ -514,10 +518,10 @@ class _TypedColumns:
         first = versions[0]
         if versions.count(first) == n:  # one version (the usual case): one object
             self.versions.add(first)
-            self.outcomes["model_version"] += [first] * n
+            self.version_parts.append((n, first))
         else:
             self.versions.update(versions)
-            self.outcomes["model_version"] += versions
+            self.version_parts.append((n, versions))
         if "prediction" in outcomes:
             self.outcomes["prediction"] += outcomes["prediction"]
         for k in _RARE_OUTCOMES:
@@ -537,6 +541,11 @@ class _TypedColumns:
         pred = self.schema.prediction
         if pred is not None and pred.kind == "numeric":
             del out["prediction"]   # the column holds them (`outcome_lists`)
+        if len(self.versions) == 1:    # one version in the batch: one list, made at once
+            out["model_version"] = [next(iter(self.versions))] * n
+        else:
+            out["model_version"] = list(chain.from_iterable(
+                repeat(v, k) if type(v) is not list else v for k, v in self.version_parts))
         for k, parts in self.rare.items():
             col = [None] * n
             for at, values in parts:
