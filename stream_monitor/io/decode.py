@@ -290,17 +290,20 @@ class ModelSchema:
              ("label", column_type(self.label), None),
              ("model_version", str | int | None, None)]
             # scores and segment stay raw JSON (parsed only for the few events that get
-            # a label), which keeps the join's decoding cost to a few slices per event
-            + ([("event_id", str | int | None, None), ("scores", msgspec.Raw, None),
-                ("segment", msgspec.Raw, None)] if outcomes else []),
+            # a label), which keeps the join's decoding cost to a few slices per event;
+            # the fields of `outcome_skip` are left out (their keys are skipped like any
+            # unknown key): two fewer values per event to make, flatten and free
+            + ([f for f in (("event_id", str | int | None, None), ("scores", msgspec.Raw, None),
+                            ("segment", msgspec.Raw, None)) if f[0] not in self.outcome_skip]
+               if outcomes else []),
             rename={"features": fields.features, "ts": fields.ts,
                     "prediction": fields.prediction, "label": fields.label,
                     # without the label join only the last event's version is used,
                     # read from its message (`Decoder._version_of`): no string per event
                     "model_version": fields.model_version if outcomes
                     else "__unused_model_version__",
-                    **({k: getattr(fields, k) if k not in self.outcome_skip else f"__unused_{k}__"
-                        for k in OUTCOME_EXTRAS} if outcomes else {})},
+                    **({k: getattr(fields, k) for k in OUTCOME_EXTRAS
+                        if k not in self.outcome_skip} if outcomes else {})},
             tag_field=fields.model, tag=self.model, gc=False)
         self._n_fields = len(spec)
         return event
@@ -868,7 +871,10 @@ class Decoder:
         astuple = msgspec.structs.astuple
         # event fields by position, as in `event_type` (one pass: three attribute getters
         # cost 25 ns an event each, a slice of this list 2)
-        nf = 5 + len(OUTCOME_EXTRAS) if self.outcomes else 5
+        # the event type's fields: the five of the columns, then the outcome fields it
+        # decodes (`ModelSchema.event_type`: those of `outcome_skip` are left out)
+        names = type(evs[0]).__struct_fields__ if evs else ()
+        nf = len(names) or 5
         top = list(chain.from_iterable(map(astuple, evs)))
         flat = list(chain.from_iterable(map(astuple, top[0::nf])))
         width = schema._n_fields
@@ -929,12 +935,10 @@ class Decoder:
         if self.outcomes:  # event fields by position, as in `event_type`
             # no prediction list when the numeric column holds them (`outcome_lists`)
             column = schema.prediction is not None and schema.prediction.kind == "numeric"
-            # nor lists of the fields the event type does not decode (`outcome_skip`: their
-            # keys are renamed away, so every value is None; `add_outcomes` leaves them out)
-            unused = type(evs[0]).__struct_encode_fields__ if evs else ()
-            outcomes = {k: top[i::nf] for i, k in enumerate(
-                ("prediction", "label", "model_version", *OUTCOME_EXTRAS), start=2)
-                if (k != "prediction" or not column) and f"__unused_{k}__" not in unused}
+            # nor lists of the fields the event type does not decode (`outcome_skip`:
+            # every value None; `add_outcomes` leaves them out)
+            outcomes = {k: top[i::nf] for i, k in enumerate(names[2:], start=2)
+                        if k != "prediction" or not column}
         if bad.any():
             keep = ~bad
             if outcomes is not None:
