@@ -225,3 +225,51 @@ def test_snapshot_of_the_older_window_format_restores_and_continues(tmp_path):
     # and the restored window, snapshotted again, is in the new format
     again = state.decode(state.snapshot(twin, "churn"))["performance"]["attrs"]["windows"]
     assert all("pairs" not in vars(w) for w in again.values())
+
+
+def _label_line(rng, i: int) -> bytes:
+    ev = {"model": "m", "event_id": f"id{i}", "label": [1, 0, "yes", True, 2.5][i % 5],
+          "ts": 1e9 + i}
+    if rng.random() < 0.3:
+        ev["extra"] = {"note": "a}\n{b", "list": [{"x": 1}, {}]}  # escaped newline, braces
+    return orjson.dumps(ev)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_label_batch_decoded_in_one_call_is_the_message_by_message_decode(seed):
+    """`decode_labels` decodes a batch of well-formed labels in one `decode_lines` call
+    (`join._label_lines`); batches built to misalign it (two values in one message beside
+    an empty one, an object split over two messages, raw newlines, padding, non-UTF-8
+    bytes, a message that is not an object) give exactly the events and rejects of the
+    message-by-message path."""
+    from stream_monitor.config import FieldMapping
+    from stream_monitor.core.join import _decode_labels_typed, _label_lines, decode_labels
+    rng = np.random.default_rng(seed)
+    fields = FieldMapping()
+    good = [_label_line(rng, i) for i in range(200)]
+    assert _label_lines(good) is not None
+    events, rejects = decode_labels(good, list(range(200)), fields)
+    expect = _decode_labels_typed(good, list(range(200)), fields, None)
+    assert (events, rejects) == expect and not rejects and len(events) == 200
+    a, b = good[0], good[1]
+    traps = [
+        [a + b" " + b, b""],                      # two values in one message, an empty one
+        [a + b + b, b"   ", b"\t"], [a + b" " + b], [a + b"\n" + b, b"  \r\n "],
+        [a + b + b, b"   ", b"    "],              # 3 values in 3 messages, misaligned
+        [a[:20], a[20:]],                          # one object split over two messages
+        [a[:-1] + b"\n}"],                         # a raw newline inside
+        [a.replace(b'"m"', b'"m\n"')],             # a raw newline in a string
+        [b" " + a + b" "],                         # padding (decoded one by one)
+        [b"\xff" + a[1:]], [a[:-1] + b',"x":"\xff"}'],
+        [b"[" + a + b"]"], [b"{}"], [b"}{"], [b"{"], [b"}"],
+        [b'{"model":"m","event_id":"x","label":1,"ts":1} {"model":"m","event_id":"y","labe',
+         b'l":1,"ts":2}'],
+    ]
+    for trap in traps:
+        for _ in range(3):
+            batch = list(good[:30])
+            for t in trap:
+                batch.insert(int(rng.integers(0, len(batch) + 1)), t)
+            pos = list(range(500, 500 + len(batch)))
+            got = decode_labels(batch, pos, fields)
+            assert got == _decode_labels_typed(batch, pos, fields, None), trap
