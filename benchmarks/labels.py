@@ -107,7 +107,7 @@ PARTS = [
     ("  buffering (keys, sort, merges)", "mp.buffer", "add_predictions"),
     ("labels (decode, join, windows)", "mon", "process_labels"),
     ("  label events' decode", "stream_monitor.pipeline", "decode_labels"),
-    ("  label lookups and pairs", "mp.buffer", "add_labels"),
+    ("  label lookups and pairs", "mp.buffer", "add_label_columns"),
     ("  performance windows", "mon.performance", "close"),
 ]
 

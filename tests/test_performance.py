@@ -428,7 +428,10 @@ def test_checkpoint_copies_the_open_window_list_not_its_pairs(tmp_path, ref_path
     kept = cp[0][3].models["churn"]
     (copied,) = kept.windows.values()
     assert copied.pairs == pairs and copied.pairs is not window.pairs
-    assert all(a is b for a, b in zip(copied.pairs, window.pairs, strict=True))
+    # the window keeps its pairs as blocks of columns: the list of blocks is copied, the
+    # blocks (never changed once made) are shared
+    assert copied.blocks is not window.blocks
+    assert all(a is b for a, b in zip(copied.blocks, window.blocks, strict=True))
     assert all(type(x) is np.ndarray for x in kept.lags)
     closed = mon.process_labels(labs[3000:], list(range(3000, len(labs))))
     assert closed.performance and len(window.pairs) != len(pairs)

@@ -34,7 +34,7 @@ from stream_monitor.config import (
 )
 from stream_monitor.core import perfstats as ps
 from stream_monitor.core.evaluate import SEVERITY_NAMES, _iso
-from stream_monitor.core.join import JoinBuffer, LabelEvent, Pair, as_json
+from stream_monitor.core.join import JoinBuffer, LabelEvent, Pair, PairColumns, as_json
 from stream_monitor.core.reference import (
     CategoricalProfile,
     NumericProfile,
@@ -116,16 +116,36 @@ class _RefStats:
         return max(self.loss_s2 / self.loss_n - m * m, 0.0)
 
 
-@dataclass
 class _Window:
-    pairs: list = field(default_factory=list)
-    index: int = 0
+    """An open performance window: its pairs as blocks of columns (`PairColumns`, one
+    per batch of labels), `n` pairs in all."""
+
+    def __init__(self, blocks: list[PairColumns] | None = None, index: int = 0):
+        self.blocks: list[PairColumns] = blocks or []
+        self.n = sum(map(len, self.blocks))
+        self.index = index
+
+    def __getattr__(self, name: str) -> Any:
+        # a snapshot of the older format (kafka/state.py restores attributes as they were
+        # saved): the pairs as a list of tuples, made blocks at the first use
+        legacy = self.__dict__.get("pairs")
+        if name in ("blocks", "n") and legacy is not None:
+            del self.__dict__["pairs"]
+            self.blocks = [PairColumns.from_pairs(legacy)] if legacy else []
+            self.n = len(legacy)
+            return getattr(self, name)
+        raise AttributeError(name)
+
+    @property
+    def pairs(self) -> list[Pair]:
+        """The window's pairs as tuples (to read; the window keeps columns)."""
+        return PairColumns.concat(self.blocks).pairs()
 
     def __deepcopy__(self, memo: dict) -> _Window:
-        # the per-batch checkpoint: pairs are tuples never changed once made (their
-        # parsed scores and segment dicts are only read), so the list is copied, not
-        # each of its up to `window` pairs (2,000 tuples of 8 fields: ~2 ms per batch)
-        return _Window(list(self.pairs), self.index)
+        # the per-batch checkpoint: blocks are never changed once made (their parsed
+        # scores and segment dicts are only read), so the list of blocks is copied, not
+        # the up to `window` pairs in them
+        return _Window(list(self.blocks), self.index)
 
 
 class ModelPerformance:
@@ -225,58 +245,76 @@ class ModelPerformance:
 
     # -- joining ------------------------------------------------------------------
 
-    def add_pairs(self, pairs: list[Pair]) -> list[tuple[str | None, list]]:
-        """Route joined pairs to their version's window; return the windows that filled."""
-        if not pairs:
+    def add_pairs(self, pairs: list[Pair] | PairColumns
+                  ) -> list[tuple[str | None, PairColumns, int]]:
+        """Route joined pairs (tuples, or columns) to their version's window; return the
+        windows that filled: (version, pairs as `PairColumns`, window index)."""
+        if not len(pairs):
             return []
+        pc = pairs if type(pairs) is PairColumns else PairColumns.from_pairs(pairs)
+        n = len(pc)
         # raw JSON of scores and segment (see join.py), parsed for joined pairs only
-        n = len(pairs)
-        if (list(map(_FIELDS[5], pairs)).count(None) != n
-                or list(map(_FIELDS[6], pairs)).count(None) != n):
-            pairs = [p if (p[5] is None or type(p[5]) is dict) and (p[6] is None or type(p[6])
-                                                                     is dict)
-                     else (*p[:5], as_json(p[5]), as_json(p[6]), p[7]) for p in pairs]
-        pairs = sorted(pairs, key=_FIELDS[0])
-        closed = []
-        size = self.s.window
-        self.labels_total += len(pairs)
-        lag = (np.fromiter(map(_FIELDS[2], pairs), np.float64, len(pairs))
-               - np.fromiter(map(_FIELDS[1], pairs), np.float64, len(pairs)))
+        if pc.scores is not None or pc.segment is not None:
+            pc = PairColumns(pc.position, pc.pred_ts, pc.label_ts, pc.version, pc.prediction,
+                             None if pc.scores is None else list(map(as_json, pc.scores)),
+                             None if pc.segment is None else list(map(as_json, pc.segment)),
+                             pc.label)
+        pos = pc.position
+        if n > 1 and (pos[1:] < pos[:-1]).any():  # in input order (a stable sort)
+            pc = pc.take(np.argsort(pos, kind="stable"))
+        self.labels_total += n
+        lag = pc.label_ts - pc.pred_ts
         lag = lag[~np.isnan(lag)]
         if lag.size:  # arrays, not floats: a checkpoint copies them as buffers
             self.lags.append(lag)
         if self.fresh_lag_count < 100_000:  # drained per batch by the metrics
             self.fresh_lags.append(lag)
             self.fresh_lag_count += int(lag.size)
-        versions = set(map(_FIELDS[3], pairs))
+        versions = dict.fromkeys(pc.version)
         if len(versions) == 1:  # one model version (the common case): whole slices
             (version,) = versions
-            w = self.windows.get(version)
-            if w is None:
-                w = self.windows[version] = _Window()
-            w.pairs.extend(pairs)
-            while len(w.pairs) >= size:
-                closed.append((version, w.pairs[:size], w.index))
-                w.pairs = w.pairs[size:]
-                w.index += 1
-            return closed
-        for p in pairs:
-            w = self.windows.get(p[3])
-            if w is None:
-                w = self.windows[p[3]] = _Window()
-            w.pairs.append(p)
-            if len(w.pairs) >= size:
-                closed.append((p[3], w.pairs, w.index))
-                w.pairs = []
-                w.index += 1
-        return closed
+            return [(version, part, index) for _, part, index in self._fill(version, pc)]
+        # several versions: the windows close in the order of the pairs that fill them
+        rows: dict[Any, list[int]] = {}
+        for i, v in enumerate(pc.version):
+            rows.setdefault(v, []).append(i)
+        filled = []
+        for version, at in rows.items():
+            idx = np.array(at, np.int64)
+            for last, part, index in self._fill(version, pc.take(idx)):
+                filled.append((int(idx[last]), version, part, index))
+        filled.sort(key=itemgetter(0))
+        return [(version, part, index) for _, version, part, index in filled]
 
-    def flush(self) -> list[tuple[str | None, list, int]]:
+    def _fill(self, version: Any, pc: PairColumns) -> list[tuple[int, PairColumns, int]]:
+        """Add one version's pairs to its window; the windows that filled, each with the
+        index in `pc` of the pair that filled it."""
+        w = self.windows.get(version)
+        if w is None:
+            w = self.windows[version] = _Window()
+        size = self.s.window
+        before = w.n
+        w.blocks.append(pc)
+        w.n += len(pc)
+        if w.n < size:
+            return []
+        allc = PairColumns.concat(w.blocks)
+        out, start = [], 0
+        while w.n - start >= size:
+            out.append((start + size - 1 - before, allc.take(slice(start, start + size)),
+                        w.index))
+            start += size
+            w.index += 1
+        w.blocks = [allc.take(slice(start, None))] if start < w.n else []
+        w.n -= start
+        return out
+
+    def flush(self) -> list[tuple[str | None, PairColumns, int]]:
         out = []
         for version, w in self.windows.items():
-            if len(w.pairs) >= self.s.min_labels:
-                out.append((version, w.pairs, w.index))
-                w.pairs = []
+            if w.n >= self.s.min_labels:
+                out.append((version, PairColumns.concat(w.blocks), w.index))
+                w.blocks, w.n = [], 0
                 w.index += 1
         return out
 
@@ -293,11 +331,16 @@ class ModelPerformance:
             idx = self.classes[key] = len(self.classes)
         return idx
 
-    def _settle_task(self, pairs: list) -> None:
+    def _settle_task(self, pairs: list | PairColumns) -> None:
         if self.task is None:
-            labels = [p[7] for p in pairs[:200]]
-            preds = [p[4] for p in pairs[:200]]
-            scored = any(isinstance(p[5], dict) for p in pairs[:200])
+            if type(pairs) is PairColumns:
+                labels, preds = pairs.label[:200], pairs.prediction[:200]
+                scored = pairs.scores is not None and any(
+                    isinstance(s, dict) for s in pairs.scores[:200])
+            else:
+                labels = [p[7] for p in pairs[:200]]
+                preds = [p[4] for p in pairs[:200]]
+                scored = any(isinstance(p[5], dict) for p in pairs[:200])
             cat = any(isinstance(v, str | bool) for v in labels + preds)
             ints = all(isinstance(v, int) or (isinstance(v, float) and v.is_integer())
                        for v in labels)
@@ -336,10 +379,11 @@ class ModelPerformance:
             for _, v in distinct:
                 known.setdefault(category_key(v), 0)
         else:
-            for p in pairs:
-                known.setdefault(category_key(p[7]), 0)
-                if not _is_probability(p[4]) and p[4] is not None and type(p[4]) is not float:
-                    known.setdefault(category_key(p[4]), 0)
+            for lab, pred in (zip(cols[7], cols[4], strict=True) if cols is not None else
+                              ((p[7], p[4]) for p in pairs)):
+                known.setdefault(category_key(lab), 0)
+                if not _is_probability(pred) and pred is not None and type(pred) is not float:
+                    known.setdefault(category_key(pred), 0)
         positive = self.s.positive
         if positive is None and len(known) <= 2:
             named = [c for c in _POSITIVE_NAMES if c in known]
@@ -448,8 +492,10 @@ class ModelPerformance:
 
     # -- one window -----------------------------------------------------------------
 
-    def _compute(self, pairs: list, cols: list | None = None) -> tuple:
+    def _compute(self, pairs: list | PairColumns, cols: list | None = None) -> tuple:
         """(metrics, per-event loss of the alert metric, per-event error, y, yhat, proba)."""
+        if cols is None:
+            cols = _columns(pairs)
         if self.task == "classification":
             self._settle_classes(pairs, cols)
             arr = self._classification_arrays(pairs, cols)
@@ -464,8 +510,8 @@ class ModelPerformance:
             else:
                 loss = (y != yhat).astype(float)
             return metrics, loss, (y != yhat).astype(float), y, yhat, proba
-        y = np.array([_number(p[7]) for p in pairs], float)
-        yhat = np.array([_number(p[4]) for p in pairs], float)
+        y = np.array([_number(v) for v in cols[7]], float)
+        yhat = np.array([_number(v) for v in cols[4]], float)
         metrics = ps.regression_metrics(y, yhat)
         ok = ~(np.isnan(y) | np.isnan(yhat))
         err = np.abs(yhat - y)[ok]
@@ -501,22 +547,22 @@ class ModelPerformance:
             self.ref_error_scale = fr.get("error_q99") or 1.0
         self._start_detector()
 
-    def evaluate(self, version: str | None, pairs: list, index: int
+    def evaluate(self, version: str | None, pairs: list | PairColumns, index: int
                  ) -> tuple[dict[str, Any], list[tuple[str, Finding, dict]]]:
-        """The report of one closed window and its findings (scope, finding, extra)."""
+        """The report of one closed window and its findings (scope, finding, extra).
+        `pairs`: the window's pairs, as columns (`add_pairs`) or tuples."""
+        if type(pairs) is not PairColumns:
+            pairs = PairColumns.from_pairs(pairs)
         self._settle_task(pairs)
-        n = len(pairs)
-        cols = _columns(pairs, _READ)
-        # the times straight into arrays (no lists): both are floats in every pair
-        pts = np.fromiter(map(_FIELDS[1], pairs), np.float64, n)
-        lts = np.fromiter(map(_FIELDS[2], pairs), np.float64, n)
-        positions = cols[0]
+        cols = _columns(pairs)
+        pts, lts, positions = pairs.pred_ts, pairs.label_ts, pairs.position
         report: dict[str, Any] = {
             "model": self.model, "model_version": version, "task": self.task,
             "window": {"index": index, "start": _iso(_nanmin(pts)), "end": _iso(_nanmax(pts)),
                        "labels": len(pairs), "label_start": _iso(_nanmin(lts)),
-                       "label_end": _iso(_nanmax(lts)), "first_line": min(positions),
-                       "last_line": max(positions)},
+                       "label_end": _iso(_nanmax(lts)),
+                       "first_line": int(positions.min()) if positions.size else None,
+                       "last_line": int(positions.max()) if positions.size else None},
         }
         metrics, loss, errors, y, yhat, proba = self._compute(pairs, cols)
         if proba is not None and self.s.estimate:
@@ -781,15 +827,16 @@ class ModelPerformance:
 
     # -- segments --------------------------------------------------------------------
 
-    def _segments(self, pairs: list, y: np.ndarray, yhat: np.ndarray) -> dict[str, Any]:
+    def _segments(self, pairs: PairColumns, y: np.ndarray, yhat: np.ndarray
+                  ) -> dict[str, Any]:
         """Per (field, value): n, correct, tp, fn, fp, tn, predicted positives."""
         cells: dict[tuple[str, str], list[int]] = {}
         pos = self.positive
         correct = (y == yhat) if self.task == "classification" else None
+        segments = [None] * len(pairs) if pairs.segment is None else pairs.segment
         for fname, seen in self.segment_values.items():
             keys = []
-            for p in pairs:
-                seg = p[6]
+            for seg in segments:
                 v = seg.get(fname) if isinstance(seg, dict) else None
                 key = MISSING_SEGMENT if v is None or isinstance(v, dict | list) else \
                     category_key(v)[:100]
@@ -934,7 +981,7 @@ class PerformanceStage:
         closed = {}
         for model, evs in by_model.items():
             mp = self.models[model]
-            closed[model] = mp.add_pairs(mp.buffer.add_labels(evs))
+            closed[model] = mp.add_pairs(mp.buffer.add_label_columns(evs))
         return closed, unknown
 
     def close(self, model: str, closed: list) -> tuple[list[dict], list[dict], list[dict]]:
@@ -1042,9 +1089,10 @@ def reference_performance(predictions: list, labels: list, label_profile: Any = 
         return None
     ref = SimpleNamespace(label=label_profile, prediction=None)
     mp = ModelPerformance("reference", PerformanceConfig(), ref)
+    pc = PairColumns.from_pairs(pairs)
     try:
-        mp._settle_task(pairs)
-        metrics, loss, errors, y, yhat, _ = mp._compute(pairs)
+        mp._settle_task(pc)
+        metrics, loss, errors, y, yhat, _ = mp._compute(pc)
     except (ConfigError, ValueError, TypeError):
         return None
     out: dict[str, Any] = {"task": mp.task, "metric": mp.metric, "metrics": metrics,
@@ -1127,16 +1175,19 @@ def _task_from(reference: Reference | None) -> str | None:
     return None
 
 
-def _columns(pairs: list, fields: tuple[int, ...] = tuple(range(8))) -> list[list | None]:
+def _columns(pairs: list | PairColumns, fields: tuple[int, ...] = tuple(range(8))
+             ) -> list[list | None]:
     """The pairs transposed: one list per field (position, prediction ts, label ts,
     version, prediction, scores, segment, label), each by a C-level map; only `fields`
-    (the others None)."""
+    (the others None). From `PairColumns`: its lists (scores and segment as lists of
+    None when it has none; the times and positions, arrays, are read from it)."""
+    if type(pairs) is PairColumns:
+        none = [None] * len(pairs)
+        return [None, None, None, pairs.version, pairs.prediction,
+                none if pairs.scores is None else pairs.scores,
+                none if pairs.segment is None else pairs.segment, pairs.label]
     return [list(map(get, pairs)) if i in fields else None for i, get in enumerate(_FIELDS)]
 
-
-# the fields `evaluate` reads as lists (its times go straight to arrays; versions and
-# segments are read from the pairs where needed)
-_READ = (0, 4, 5, 7)
 
 
 def _class_codes(values: list, cls: Any) -> np.ndarray:
