@@ -462,3 +462,38 @@ def test_a_frame_round_trips_through_shared_memory(values):
             for m in msgs]
     finally:
         os.close(child.memfd)
+
+
+def test_error_events_in_a_batch_are_carried_whole_beside_its_messages():
+    """A consume() batch holding error events (a broker outage: no topic, partition or
+    offset) goes through the frame: each error comes back at its place, the messages
+    around it unchanged. (The blank written in an error's place once had the offset
+    None, and the whole batch failed with a TypeError.)"""
+    import mmap
+
+    from confluent_kafka import KafkaError, Message
+
+    from stream_monitor.kafka.fetch_process import _Child
+
+    down = KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down")
+    eof = KafkaError(KafkaError._PARTITION_EOF, "end of partition")
+    msgs = [Message(error=down),
+            Message(topic="t", partition=1, offset=41, value=b'{"a": 1}', key=b"k",
+                    timestamp=(1, 1_700_000_000_000)),
+            Message(topic="t", partition=2, offset=9, error=eof),
+            Message(topic="t", partition=1, offset=42, value=None, timestamp=(1, 5))]
+    child = _Child.__new__(_Child)
+    child.memfd = os.memfd_create("test-frame-errors")
+    try:
+        child.size = 1 << 12
+        os.ftruncate(child.memfd, child.size)
+        child.mm = mmap.mmap(child.memfd, child.size)
+        meta = child._write(msgs)
+        frame = Frame(meta, mmap.mmap(child.memfd, meta["size"]))
+        got = [(m.topic(), m.partition(), m.offset(), m.value(), m.error()) for m in frame]
+        assert got == [(m.topic(), m.partition(), m.offset(), m.value(), m.error())
+                       for m in msgs]
+        assert got[0][4].code() == KafkaError._ALL_BROKERS_DOWN and got[0][2] is None
+        assert [m.timestamp() for m in list(frame)[1::2]] == [(1, 1_700_000_000_000), (1, 5)]
+    finally:
+        os.close(child.memfd)

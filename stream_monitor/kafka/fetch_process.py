@@ -209,7 +209,9 @@ class _Child:
                 if m.error() is not None:
                     errors[i] = (m.topic(), m.partition(), m.offset(), m.value(), m.key(),
                                  m.error())
-            blank = Message(topic="", partition=0, offset=-1, value=b"", timestamp=(0, 0))
+            # offset 0, not -1: confluent-kafka gives a Message made with -1 the offset
+            # None, which no integer array takes (a broker outage crashed `run`)
+            blank = Message(topic="", partition=0, offset=0, value=b"", timestamp=(0, 0))
             raw = [blank if i in errors else m for i, m in enumerate(raw)]
         meta["errors"] = errors
         values = list(map(Message.value, raw))
