@@ -1037,20 +1037,13 @@ class JoinBuffer:
 
     def _pairs(self, c: dict[str, Any], rows: np.ndarray, positions: list, label_ts: list,
                labels: list) -> list[Pair]:
-        k = int(rows.size)
-        versions = self.versions
-        vers = [versions[0]] * k if len(versions) == 1 else list(
-            map(versions.__getitem__, c["ver"][rows].tolist()))
-        pred = (c["po"] if c["po"] is not None else c["pf"])[rows].tolist()
-        none = [None] * k
-        sc = none if c["sc"] is None else c["sc"][rows].tolist()
-        sg = none if c["sg"] is None else c["sg"][rows].tolist()
-        return list(zip(positions, c["ts"][rows].tolist(), label_ts, vers, pred, sc, sg,
-                        labels, strict=True))
+        """`_pair_columns` as tuples (labels that came before their prediction: few)."""
+        return self._pair_columns(c, rows, np.array(positions, np.int64),
+                                  np.array(label_ts, np.float64), labels).pairs()
 
     def _pair_columns(self, c: dict[str, Any], rows: np.ndarray, positions: np.ndarray,
                       label_ts: np.ndarray, labels: list) -> PairColumns:
-        """`_pairs` as columns (the same values)."""
+        """The pairs of the waiting predictions at `rows` of chunk `c` with their labels."""
         k = int(rows.size)
         versions = self.versions
         vers = [versions[0]] * k if len(versions) == 1 else list(
@@ -1061,20 +1054,17 @@ class JoinBuffer:
         return PairColumns(positions, c["ts"][rows], label_ts, vers, pred, sc, sg, labels)
 
     def add_labels(self, events: Sequence[LabelEvent]) -> list[Pair]:
-        """Join labels to waiting predictions; the others wait (bounded) or are counted."""
-        return self._add_labels(events, False)
+        """`add_label_columns`, the joined pairs as `Pair` tuples."""
+        return self.add_label_columns(events).pairs()
 
     def add_label_columns(self, events: Sequence[LabelEvent]) -> PairColumns:
-        """`add_labels`, the joined pairs as one `PairColumns` (the same pairs in the same
-        order): what the performance windows keep, without a tuple per pair."""
-        return self._add_labels(events, True)
-
-    def _add_labels(self, events: Sequence[LabelEvent], columns: bool
-                    ) -> list[Pair] | PairColumns:
+        """Join labels to waiting predictions; the others wait (bounded) or are counted.
+        The joined pairs as one `PairColumns`, in label order: what the performance
+        windows keep, without a tuple per pair."""
         m = len(events)
         if m == 0:
             self._bound()
-            return PairColumns.from_pairs([]) if columns else []
+            return PairColumns.from_pairs([])
         ids = list(map(_EVENT_ID, events))
         h = _string_keys(ids)   # the ids of label events are non-empty strings
         if h is None:
@@ -1128,7 +1118,6 @@ class JoinBuffer:
                 where_r[at] = rows[hit]
         self._bits = bits  # the live chunks' tables only
         found = where_c >= 0
-        pairs: list[Pair] = []
         blocks: list[PairColumns] = []
         if found.any():
             # back in label order: pairs per chunk, each in the order of its labels
@@ -1136,17 +1125,11 @@ class JoinBuffer:
             fl = first[found][at]
             fc, fr = where_c[found][at], where_r[found][at]
             labels = list(map(_LABEL, events))
-            if columns:
-                positions = np.fromiter(map(_POSITION, events), np.int64, m)
-            else:
-                positions = list(map(_POSITION, events))
+            positions = np.fromiter(map(_POSITION, events), np.int64, m)
             hit = np.unique(fc).tolist()
             if len(hit) == 1 and fl.size == m:  # every label joins, in one chunk (the
                 c = self.chunks[hit[0]]          # usual case): the labels as they came
-                if columns:
-                    blocks.append(self._pair_columns(c, fr, positions, lts, labels))
-                else:
-                    pairs = self._pairs(c, fr, positions, lts.tolist(), labels)
+                blocks.append(self._pair_columns(c, fr, positions, lts, labels))
                 self._kill(c, fr)
                 hit = []
             for ci in hit:
@@ -1154,12 +1137,8 @@ class JoinBuffer:
                 sl = fl[pick].tolist()
                 rows = fr[pick]
                 c = self.chunks[ci]
-                if columns:
-                    blocks.append(self._pair_columns(c, rows, positions[fl[pick]],
-                                                     lts[fl[pick]], [labels[i] for i in sl]))
-                else:
-                    pairs += self._pairs(c, rows, [positions[i] for i in sl],
-                                         lts[fl[pick]].tolist(), [labels[i] for i in sl])
+                blocks.append(self._pair_columns(c, rows, positions[fl[pick]],
+                                                 lts[fl[pick]], [labels[i] for i in sl]))
                 self._kill(c, rows)
             joined_keys = h[fl].tolist()
             self.joined_ids.update(zip(joined_keys, repeat(None)))  # no dict in between
@@ -1179,14 +1158,10 @@ class JoinBuffer:
                 else:
                     ev = events[i]
                     self._set(waiting, key, (ev.ts, ev.label, ev.position, self._seqs(1)[0]))
-        if columns:
-            out = PairColumns.concat(blocks)
-            self.joined += len(out)
-            self._bound()
-            return out
-        self.joined += len(pairs)
+        out = PairColumns.concat(blocks)
+        self.joined += len(out)
         self._bound()
-        return pairs
+        return out
 
     # -- bounds ---------------------------------------------------------------------
 
