@@ -84,10 +84,8 @@ def pack(v: Any) -> Any:
         return [pack(x) for x in v]
     if isinstance(v, tuple):
         return _tag(_T_TUPLE, [pack(x) for x in v])
-    if isinstance(v, frozenset):
-        return _tag(_T_FROZENSET, [pack(x) for x in v])
-    if isinstance(v, set):
-        return _tag(_T_SET, [pack(x) for x in v])
+    if isinstance(v, (set, frozenset)):
+        return _tag(_T_FROZENSET if isinstance(v, frozenset) else _T_SET, _canonical(v))
     if isinstance(v, msgspec.Struct):
         return _tag(_T_STRUCT, [_class_name(v), {f: pack(getattr(v, f))
                                                   for f in v.__struct_fields__}])
@@ -96,6 +94,13 @@ def pack(v: Any) -> Any:
     if dataclasses.is_dataclass(v) or hasattr(v, "__dict__"):
         return _tag(_T_OBJECT, [_class_name(v), {k: pack(x) for k, x in vars(v).items()}])
     raise TypeError(f"no snapshot encoding for {type(v).__name__}")
+
+
+def _canonical(items: set | frozenset) -> list:
+    # a set's iteration order depends on how it was built, not only on what it holds:
+    # equal states must give equal bytes (rollback checks, changelog compaction)
+    packed = [pack(x) for x in items]
+    return sorted(packed, key=msgspec.msgpack.encode)
 
 
 def unpack(v: Any) -> Any:
