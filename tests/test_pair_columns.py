@@ -70,16 +70,19 @@ def _outcomes(ids, preds, scores, segs, versions):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_label_columns_are_the_label_tuples(seed):
-    """Twin buffers fed the same awkward stream, one joined by `add_labels` (tuples), the
-    other by `add_label_columns`: the same pairs in the same order, the same state and
-    counters after every batch, through small bounds, predictions re-sent in a later
-    batch (two chunks hold the key), duplicate, early and unknown labels, several
-    versions, object predictions, raw scores and segments, NaN times and a rollback."""
+def test_label_columns_are_the_sent_pairs_and_a_rollback_leaves_no_trace(seed):
+    """Twin buffers fed the same awkward stream, through small bounds, predictions
+    re-sent in a later batch (two chunks hold the key), duplicate, early and unknown
+    labels, several versions, object predictions, raw scores and segments, NaN times.
+    One (`b`, joined by `add_label_columns`) also applies some label batches and rolls
+    them back first: after every batch it has the state, counters and pairs of the other
+    (`a`, joined by `add_labels`, the tuples). Every joined pair is its label event's
+    label, time and position with one of the predictions sent under that event id."""
     rng = np.random.default_rng(seed)
     bounds = JoinConfig(max_predictions=900, max_labels=400, max_age=5000.0)
     a, b = JoinBuffer(bounds), JoinBuffer(bounds)
     next_id, sent = 0, []
+    predictions: dict[str, list] = {}   # event id -> (ts, version, prediction, scores, segment)
     for step in range(40):
         n = int(rng.integers(1, 160))
         ids = list(range(next_id, next_id + n))
@@ -95,6 +98,8 @@ def test_label_columns_are_the_label_tuples(seed):
         segs = [None if rng.random() < 0.5 else {"region": "eu"} for _ in ids]
         versions = [["v1", "v2", None][int(rng.integers(0, 3))] for _ in ids]
         out = _outcomes([f"id{i}" for i in ids], preds, scores, segs, versions)
+        for i, row in zip(ids, zip(ts, versions, preds, scores, segs, strict=True), strict=True):
+            predictions.setdefault(f"id{i}", []).append(_norm([row])[0])
         pa = a.add_predictions(list(range(n)), ts, out)
         pb = b.add_predictions(list(range(n)), ts, out)
         assert _norm(pa) == _norm(pb)
@@ -104,11 +109,9 @@ def test_label_columns_are_the_label_tuples(seed):
         values = [[1, 0, "yes", True, 2.5][int(rng.integers(0, 5))] for _ in lab_ids]
         events = [LabelEvent("m", f"id{i}", v, float(step * 100 + 60 + k % 7), 10_000 * step + k)
                   for k, (i, v) in enumerate(zip(lab_ids, values, strict=True))]
-        if step % 7 == 3:  # a batch rolled back on both, then applied again
-            ta, tb = a.begin(), b.begin()
-            a.add_labels(events)
-            b.add_label_columns(events)
-            a.rollback(ta)
+        if step % 7 == 3:  # a batch applied and rolled back on one twin only
+            tb = b.begin()
+            assert len(b.add_label_columns(events))
             b.rollback(tb)
             assert a.state() == b.state()
         tuples = a.add_labels(events)
@@ -116,6 +119,12 @@ def test_label_columns_are_the_label_tuples(seed):
         assert type(cols) is PairColumns
         assert _norm(cols.pairs()) == _norm(tuples)
         assert a.state() == b.state() and a.joined == b.joined and a.unjoined == b.unjoined
+        by_position = {ev.position: ev for ev in events}
+        assert np.unique(cols.position).size == len(cols)  # a label event joins once
+        for pos, pts, lts, ver, pred, sc, sg, lab in cols.pairs():
+            ev = by_position[pos]
+            assert _norm([(lts, lab)]) == _norm([(ev.ts, ev.label)])
+            assert _norm([(pts, ver, pred, sc, sg)])[0] in predictions[ev.event_id]
     assert a.joined and a.unjoined["prediction_duplicate"] and a.unjoined["label_duplicate"]
 
 

@@ -159,7 +159,7 @@ def _label_lines(messages: Sequence[bytes]) -> bytes | None:
         buf = b"\n".join(messages)
     except TypeError:
         return None
-    if buf.count(b"\n") != n - 1:  # implied by the test below; a cheap second guard
+    if buf.count(b"\n") != n - 1:  # a message holds a newline
         return None
     lens = np.fromiter(map(len, messages), np.int64, n)
     if lens.min() < 2:
@@ -1059,8 +1059,9 @@ class JoinBuffer:
 
     def add_label_columns(self, events: Sequence[LabelEvent]) -> PairColumns:
         """Join labels to waiting predictions; the others wait (bounded) or are counted.
-        The joined pairs as one `PairColumns`, in label order: what the performance
-        windows keep, without a tuple per pair."""
+        The joined pairs as one `PairColumns` (what the performance windows keep, without
+        a tuple per pair), grouped by the chunk that held their prediction, each group in
+        label order (`ModelPerformance.add_pairs` puts them in input order)."""
         m = len(events)
         if m == 0:
             self._bound()

@@ -331,16 +331,11 @@ class ModelPerformance:
             idx = self.classes[key] = len(self.classes)
         return idx
 
-    def _settle_task(self, pairs: list | PairColumns) -> None:
+    def _settle_task(self, pairs: PairColumns) -> None:
         if self.task is None:
-            if type(pairs) is PairColumns:
-                labels, preds = pairs.label[:200], pairs.prediction[:200]
-                scored = pairs.scores is not None and any(
-                    isinstance(s, dict) for s in pairs.scores[:200])
-            else:
-                labels = [p[7] for p in pairs[:200]]
-                preds = [p[4] for p in pairs[:200]]
-                scored = any(isinstance(p[5], dict) for p in pairs[:200])
+            labels, preds = pairs.label[:200], pairs.prediction[:200]
+            scored = pairs.scores is not None and any(
+                isinstance(s, dict) for s in pairs.scores[:200])
             cat = any(isinstance(v, str | bool) for v in labels + preds)
             ints = all(isinstance(v, int) or (isinstance(v, float) and v.is_integer())
                        for v in labels)
@@ -1187,7 +1182,6 @@ def _columns(pairs: list | PairColumns, fields: tuple[int, ...] = tuple(range(8)
                 none if pairs.scores is None else pairs.scores,
                 none if pairs.segment is None else pairs.segment, pairs.label]
     return [list(map(get, pairs)) if i in fields else None for i, get in enumerate(_FIELDS)]
-
 
 
 def _class_codes(values: list, cls: Any) -> np.ndarray:

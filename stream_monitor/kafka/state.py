@@ -98,7 +98,7 @@ def pack(v: Any) -> Any:
 
 def _canonical(items: set | frozenset) -> list:
     # a set's iteration order depends on how it was built, not only on what it holds:
-    # equal states must give equal bytes (rollback checks, changelog compaction)
+    # equal states must give equal bytes (a rollback is checked by comparing them)
     packed = [pack(x) for x in items]
     return sorted(packed, key=msgspec.msgpack.encode)
 
