@@ -24,11 +24,18 @@ decoders of both monitors, the join's steps), printed in ms per batch of 10,000 
 batch the best of the rounds): where the join's cost goes. The timers add a few
 microseconds per call; read the parts, not the rates, of that run.
 
+Steps (--steps): single steps of the join, hot, each beside the plain numpy or msgspec
+call it replaces, on the workload's first batch (same outputs, checked): the event ids'
+keys (a cast-multiply-sum vs numpy's integer matmul, 10,000 ids), CBPE's score sort
+(two radix passes vs `np.sort`, 10,000 scores); ms per call, the best of
+--step-calls calls, and their ratio.
+
 Memory (--memory N): N predictions through the join with 10% of them labelled and the
 rest never labelled; prints RSS after 1M and after N predictions (the join buffer is
 bounded by count and age, so RSS stays flat).
 
     python benchmarks/labels.py [--events 200000] [--rounds 3] [--repeats 3] [--parts]
+    python benchmarks/labels.py --steps
     python benchmarks/labels.py --memory 10000000
 """
 
@@ -177,6 +184,42 @@ def memory(n: int, pool_size: int) -> None:
     print(f"difference: {marks['end'] - marks.get('1M', float('nan')):+.1f} MB")
 
 
+def best_ms(call, calls: int) -> float:
+    """The fastest of `calls` calls, in ms (hot: the first call warms the caches)."""
+    call()
+    best = float("inf")
+    for _ in range(calls):
+        t = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def steps(msgs: list[bytes], calls: int) -> None:
+    import numpy as np
+
+    from stream_monitor.core import join
+    from stream_monitor.core.perfstats import sorted_unit
+
+    events = [orjson.loads(m) for m in msgs[:BATCH]]
+    codes = np.array([e["event_id"].encode() for e in events])   # fixed-width bytes
+    codes = codes.view(np.uint8).reshape(len(events), -1)
+    powers = join._POWERS[:codes.shape[1]]
+    assert np.array_equal(join._weighted(codes), codes @ powers)
+    scores = np.array([e["prediction"] for e in events], np.float64)
+    assert np.array_equal(sorted_unit(scores), np.sort(scores))
+    rows = [
+        (f"join keys of {len(events):,} ids", lambda: join._weighted(codes),
+         lambda: codes @ powers, "integer matmul"),
+        (f"CBPE sort of {scores.size:,} scores", lambda: sorted_unit(scores),
+         lambda: np.sort(scores), "np.sort"),
+    ]
+    print(f"steps, ms per call (best of {calls:,} calls, hot):")
+    for label, new, old, old_name in rows:
+        a, b = best_ms(new, calls), best_ms(old, calls)
+        print(f"  {label:28s} {a:6.3f}  vs {old_name:>14s} {b:6.3f}  ({a / b:.2f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=200_000)
@@ -187,11 +230,17 @@ def main() -> None:
     ap.add_argument("--memory", type=int, default=0, help="predictions for the RSS check")
     ap.add_argument("--pool", type=int, default=100_000, help="distinct generated events")
     ap.add_argument("--parts", action="store_true", help="time each part of the join")
+    ap.add_argument("--steps", action="store_true",
+                    help="time single steps of the join beside the calls they replace")
+    ap.add_argument("--step-calls", type=int, default=500)
     args = ap.parse_args()
     if args.memory:
         memory(args.memory, args.pool)
         return
     msgs = workload(args.events)
+    if args.steps:
+        steps(msgs, args.step_calls)
+        return
     labels = label_events(msgs)
     base = monitor()
     print(f"workload: {len(msgs)} events, {sum(map(len, labels))} labels (10%), "
@@ -235,12 +284,12 @@ def main() -> None:
           f"per batch (a batch of {BATCH:,} costs {per_batch:.1f} ms)")
     # labels for other predictions of the last batch: an open window half full, as a
     # checkpoint taken between two window closes sees it
-    pending = sum(len(w.pairs) for w in mp.windows.values())
+    pending = sum(w.n for w in mp.windows.values())
     need = (mp.s.window // 2 - pending) % mp.s.window
     unlabelled = [m for j, m in enumerate(msgs[-BATCH:]) if j % 10][:need]
     more = label_events(unlabelled, every=1)[0] if unlabelled else []
     mon.process_labels(more, range(len(more)))
-    pending = sum(len(w.pairs) for w in mp.windows.values())
+    pending = sum(w.n for w in mp.windows.values())
     print(f"checkpoint with {len(mp.buffer.predictions):,} predictions waiting and {pending:,} "
           f"joined pairs in the open window: {checkpoint_cost(mon):.2f} ms per batch")
     if args.parts:

@@ -245,18 +245,18 @@ def _label_line(rng, i: int) -> bytes:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_label_batch_decoded_in_one_call_is_the_message_by_message_decode(seed):
-    """`decode_labels` decodes a batch of well-formed labels in one `decode_lines` call
-    (`join._label_lines`); batches built to misalign it (two values in one message beside
-    an empty one, an object split over two messages, raw newlines, padding, non-UTF-8
-    bytes, a message that is not an object) give exactly the events and rejects of the
+def test_label_batches_decoded_straight_are_the_message_by_message_decode(seed):
+    """`decode_labels` decodes a batch of well-formed labels straight into `LabelEvent`s;
+    batches with awkward messages among them (two values in one message beside an empty
+    one, an object split over two messages, raw newlines, padding, non-UTF-8 bytes, a
+    message that is not an object) give exactly the events and rejects of the
     message-by-message path."""
     from stream_monitor.config import FieldMapping
-    from stream_monitor.core.join import _decode_labels_typed, _label_lines, decode_labels
+    from stream_monitor.core.join import _decode_direct, _decode_labels_typed, decode_labels
     rng = np.random.default_rng(seed)
     fields = FieldMapping()
     good = [_label_line(rng, i) for i in range(200)]
-    assert _label_lines(good) is not None
+    assert _decode_direct(good, list(range(200))) is not None  # the straight path taken
     events, rejects = decode_labels(good, list(range(200)), fields)
     expect = _decode_labels_typed(good, list(range(200)), fields, None)
     assert (events, rejects) == expect and not rejects and len(events) == 200
